@@ -1,0 +1,137 @@
+"""The arithmetic of folding, in float64, with no knowledge of ONNX, torch or graphs.
+
+At inference a BatchNorm is a per-channel affine map ``y = scale * x + shift`` with
+``scale = gamma / sqrt(var + eps)`` and ``shift = beta - mean * scale``. A linear layer followed by
+that map is the same linear layer with its output channels scaled and its bias ``b`` replaced by
+``b * scale + shift``. Every value here is computed in float64 from the stored values and rounded
+once, at the end, into the weight's dtype — so the folded model is at least as close to the exact
+function as the original.
+
+Both backends (``bnfold.onnx`` and the PyTorch path) call these functions, so a fix here fixes both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+__all__ = [
+    "Affine",
+    "WeightLayout",
+    "batchnorm_affine",
+    "statistics_problem",
+    "output_channel_count",
+    "scale_output_channels",
+    "fold_bias",
+    "round_to_dtype",
+]
+
+
+@dataclass(frozen=True)
+class Affine:
+    """A per-channel affine map ``y = scale * x + shift`` (both 1-D float64)."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+
+
+class WeightLayout(Enum):
+    """Where the output channels sit in a layer's weight.
+
+    - ``CONV``: ``[C_out, C_in/groups, k...]`` — output channels on axis 0.
+    - ``CONV_TRANSPOSE``: ``[C_in, C_out/groups, k...]`` — input channels first; output channel
+      ``o`` of group ``g`` lives at ``[g*C_in/groups : (g+1)*C_in/groups, o - g*C_out/groups]``.
+      Scaling axis 1 alone is only right for ``groups == 1``.
+    - ``MATRIX_IN_OUT``: ``[K, N]`` (MatMul right-hand side, Gemm with ``transB=0``) — axis 1.
+    - ``MATRIX_OUT_IN``: ``[N, K]`` (Gemm with ``transB=1``, torch Linear) — axis 0.
+    """
+
+    CONV = "conv"
+    CONV_TRANSPOSE = "conv_transpose"
+    MATRIX_IN_OUT = "matrix_in_out"
+    MATRIX_OUT_IN = "matrix_out_in"
+
+
+def batchnorm_affine(
+    gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, epsilon: float
+) -> Affine:
+    """The inference-time affine map of a BatchNorm, computed in float64."""
+    gamma64, beta64, mean64, var64 = (np.asarray(a, dtype=np.float64) for a in (gamma, beta, mean, var))
+    scale = gamma64 / np.sqrt(var64 + np.float64(epsilon))
+    shift = beta64 - mean64 * scale
+    return Affine(scale=scale, shift=shift)
+
+
+def statistics_problem(
+    gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, epsilon: float
+) -> tuple[str, list[int]] | None:
+    """Why these statistics cannot be folded, or None.
+
+    Returns ``("nonfinite", channels)`` when any value is NaN/inf, ``("nonpositive", channels)``
+    when ``var + eps <= 0`` (the BN itself would produce NaN/inf there, and a fold would bake that
+    into the weights of every channel it touches).
+    """
+    arrays = [np.asarray(a, dtype=np.float64).reshape(-1) for a in (gamma, beta, mean, var)]
+    nonfinite = ~np.isfinite(np.stack(arrays)).all(axis=0) | (not np.isfinite(epsilon))
+    if nonfinite.any():
+        return "nonfinite", np.flatnonzero(nonfinite).tolist()
+    nonpositive = arrays[3] + np.float64(epsilon) <= 0
+    if nonpositive.any():
+        return "nonpositive", np.flatnonzero(nonpositive).tolist()
+    return None
+
+
+def output_channel_count(weight_shape: tuple[int, ...], layout: WeightLayout, groups: int = 1) -> int:
+    """How many output channels a weight of this shape and layout produces."""
+    if layout is WeightLayout.CONV:
+        return weight_shape[0]
+    if layout is WeightLayout.CONV_TRANSPOSE:
+        return weight_shape[1] * groups
+    if layout is WeightLayout.MATRIX_IN_OUT:
+        return weight_shape[1]
+    return weight_shape[0]
+
+
+def scale_output_channels(
+    weight: np.ndarray, scale: np.ndarray, layout: WeightLayout, groups: int = 1
+) -> np.ndarray:
+    """``weight`` with output channel ``c`` multiplied by ``scale[c]``, as float64."""
+    weight64 = np.asarray(weight, dtype=np.float64)
+    scale64 = np.asarray(scale, dtype=np.float64)
+    if layout is WeightLayout.CONV or layout is WeightLayout.MATRIX_OUT_IN:
+        return weight64 * scale64.reshape((-1,) + (1,) * (weight64.ndim - 1))
+    if layout is WeightLayout.MATRIX_IN_OUT:
+        return weight64 * scale64.reshape(1, -1)
+    # ConvTranspose: view [C_in, C_out/g, k...] as [g, C_in/g, C_out/g, k...] so that group g's
+    # input rows meet exactly group g's output channels.
+    in_channels, out_per_group, *kernel = weight64.shape
+    grouped = weight64.reshape(groups, in_channels // groups, out_per_group, *kernel)
+    grouped_scale = scale64.reshape(groups, 1, out_per_group, *([1] * len(kernel)))
+    return (grouped * grouped_scale).reshape(weight64.shape)
+
+
+def fold_bias(
+    bias: np.ndarray | None, affine: Affine, bias_multiplier: float = 1.0
+) -> np.ndarray:
+    """The bias after the affine map: ``bias_multiplier * bias * scale + shift`` in float64.
+
+    ``bias`` may be absent (zero) or any shape that broadcasts against ``[..., C]`` (Gemm's ``C``);
+    ``bias_multiplier`` carries Gemm's ``beta``, which the folded node then sets to 1.
+    """
+    if bias is None:
+        return affine.shift.copy()
+    bias64 = np.asarray(bias, dtype=np.float64) * np.float64(bias_multiplier)
+    return bias64 * affine.scale + affine.shift
+
+
+def round_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
+    """Round float64 ``values`` once into ``dtype``; None when the result is not all finite.
+
+    Returning None (instead of inf/NaN weights) lets the caller keep the BN and say why.
+    """
+    rounded = np.asarray(values, dtype=np.float64).astype(dtype)
+    if not np.isfinite(rounded.astype(np.float64)).all():
+        return None
+    return rounded

@@ -1,0 +1,229 @@
+"""The ``bnfold`` command: a thin click layer over the Python API.
+
+``bnfold MODEL -o OUT`` folds (the ``fold`` subcommand is implied), ``bnfold verify A B`` compares
+two models, ``bnfold inspect MODEL`` reports what would fold. Exit codes: 0 success, 1 verification
+mismatch, 2 bad input or usage, 3 internal error (a bug: set BNFOLD_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from bnfold.errors import BnfoldError, MissingDependencyError
+from bnfold.onnx import RULES, fold_onnx, load_model, rule_names, save_model
+from bnfold.onnx.io import check_output_path, write_atomically
+from bnfold.report import Report
+from bnfold.verify import PROVIDERS, VerificationResult, parse_input_shapes, verify
+
+__all__ = ["cli", "main"]
+
+EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class _FoldByDefault(click.Group):
+    """A group whose first argument, when it is not a subcommand, is a model to fold."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["fold", *args]
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BnfoldError as error:
+            click.echo(f"bnfold: error: {error}", err=True)
+            ctx.exit(EXIT_USAGE)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("bnfold: interrupted; nothing was written", err=True)
+            ctx.exit(130)
+        except Exception as error:
+            if os.environ.get("BNFOLD_DEBUG"):
+                raise
+            click.echo(
+                f"bnfold: internal error: {type(error).__name__}: {error} "
+                "(a bug in bnfold; rerun with BNFOLD_DEBUG=1 for the traceback and report it)",
+                err=True,
+            )
+            ctx.exit(EXIT_INTERNAL)
+
+
+def _verification_options(function):
+    options = [
+        click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
+                     help="ONNX Runtime execution provider; auto = CUDA when usable, else CPU."),
+        click.option("--atol", type=float, default=None,
+                     help="Absolute tolerance (default by dtype, scaled to each output's magnitude)."),
+        click.option("--rtol", type=float, default=None, help="Relative tolerance (default by dtype)."),
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
+                     help="Shape for an input with dynamic dimensions (repeatable); default 1."),
+        click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), default=None,
+                     help="Real input data: an .npz file with one array per model input."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed for random inputs (input i uses seed + i)."),
+        click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+                     help="Also write the report as JSON to this file."),
+        click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@click.group(cls=_FoldByDefault, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bnfold")
+def cli() -> None:
+    """Fold BatchNorm into neighbouring layers of an ONNX model and verify the result.
+
+    \b
+    bnfold MODEL.onnx -o FOLDED.onnx    fold, verify, write, print the report
+    bnfold verify ORIGINAL FOLDED       compare two models in ONNX Runtime
+    bnfold inspect MODEL.onnx           report what would fold; write nothing
+    """
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", type=click.Path(), default=None, help="Where to write the folded model.")
+@click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime equivalence check.")
+@click.option("--force", is_flag=True, help="Write the output even when verification fails (exit 1).")
+@click.option("--dry-run", is_flag=True, help="Fold and verify in memory; write no model.")
+@click.option("--simplify", is_flag=True, help="Run onnxsim after folding (pip install 'bnfold[simplify]').")
+@click.option("--skip-rule", "skip_rules", multiple=True, type=click.Choice(rule_names(RULES)),
+              help="Do not apply this rule (repeatable).")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Store weights in OUTPUT.data (default: as the input did, or when over 2 GB).")
+@_verification_options
+def fold(model, output, no_verify, force, dry_run, simplify, skip_rules, external_data, provider, atol,
+         rtol, input_shapes, inputs_path, seed, report_path, quiet) -> None:
+    """Fold BatchNormalization nodes of MODEL into Conv/ConvTranspose/Gemm/MatMul."""
+    if output is None and not dry_run:
+        raise click.UsageError("missing -o/--output (or pass --dry-run to write nothing)")
+    if output is not None and not dry_run:
+        check_output_path(output)
+    if report_path:
+        check_output_path(report_path)
+    shapes = parse_input_shapes(input_shapes)
+    if simplify:
+        _require_onnxsim()
+
+    loaded = load_model(model)
+    original_bytes = None if no_verify else loaded.model.SerializeToString()
+    result = fold_onnx(loaded.model, skip_rules=skip_rules, inplace=True)
+    result.report.source = str(model)
+    folded_model = _simplify(result.model) if simplify else result.model
+
+    verification = None
+    if not no_verify:
+        verification = verify(original_bytes, folded_model, provider=provider, input_shapes=shapes,
+                              inputs=inputs_path, seed=seed, atol=atol, rtol=rtol)
+        del original_bytes
+        result.report.extras["verification"] = verification.to_dict()
+    _show(result.report, verification, quiet)
+
+    passed = verification is None or verification.passed
+    if output is not None and not dry_run:
+        if passed or force:
+            use_external = loaded.used_external_data if external_data is None else external_data
+            save_model(folded_model, output, external_data=use_external or None)
+            if not quiet:
+                click.echo(f"wrote {output}")
+        result.report.extras["output"] = str(output) if (passed or force) else None
+    if report_path:
+        write_atomically(report_path, result.report.to_json().encode())
+    if not passed:
+        written = "written anyway (--force)" if force and output and not dry_run else "not written"
+        click.echo(f"bnfold: verification FAILED: {_worst(verification)}; output {written}", err=True)
+        sys.exit(EXIT_MISMATCH)
+
+
+@cli.command(name="verify")
+@click.argument("original", type=click.Path(dir_okay=True))
+@click.argument("folded", type=click.Path(dir_okay=True))
+@_verification_options
+def verify_command(original, folded, provider, atol, rtol, input_shapes, inputs_path, seed, report_path,
+                   quiet) -> None:
+    """Compare two existing models in ONNX Runtime; exit 1 when any output differs."""
+    shapes = parse_input_shapes(input_shapes)
+    if report_path:
+        check_output_path(report_path)
+    original_model = load_model(original).model
+    folded_model = load_model(folded).model
+    result = verify(original_model, folded_model, provider=provider, input_shapes=shapes,
+                    inputs=inputs_path, seed=seed, atol=atol, rtol=rtol)
+    if not quiet:
+        click.echo(result.to_text())
+    if report_path:
+        write_atomically(report_path, Report(source=str(original), extras={"verification": result.to_dict()})
+                         .to_json().encode())
+    if not result.passed:
+        click.echo(f"bnfold: verification FAILED: {_worst(result)}", err=True)
+        sys.exit(EXIT_MISMATCH)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--skip-rule", "skip_rules", multiple=True, type=click.Choice(rule_names(RULES)))
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the report as JSON to this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+def inspect(model, skip_rules, report_path, as_json) -> None:
+    """Report what would happen to every normalization node of MODEL; write no model."""
+    if report_path:
+        check_output_path(report_path)
+    result = fold_onnx(load_model(model).model, skip_rules=skip_rules, inplace=True)
+    result.report.source = str(model)
+    click.echo(result.report.to_json() if as_json else result.report.to_text())
+    if report_path:
+        write_atomically(report_path, result.report.to_json().encode())
+
+
+def _show(report: Report, verification: VerificationResult | None, quiet: bool) -> None:
+    if quiet:
+        return
+    click.echo(report.to_text())
+    if verification is not None:
+        click.echo("")
+        click.echo(verification.to_text())
+
+
+def _worst(result: VerificationResult) -> str:
+    failing = [output for output in result.outputs if not output.passed]
+    names = ", ".join(output.name for output in failing)
+    worst = max(failing, key=lambda output: output.max_abs_error)
+    return (f"{len(failing)} output(s) differ ({names}); worst max abs error {worst.max_abs_error:.3g} "
+            f"> atol {worst.atol:.3g} + rtol {worst.rtol:.3g}")
+
+
+def _require_onnxsim() -> None:
+    try:
+        import onnxsim  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError(
+            "--simplify needs onnxsim: pip install 'bnfold[simplify]'"
+        ) from None
+
+
+def _simplify(model):
+    import onnxsim
+
+    simplified, ok = onnxsim.simplify(model)
+    if not ok:
+        raise BnfoldError("onnxsim could not validate its simplified model; rerun without --simplify")
+    return simplified
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="bnfold: %(levelname)s: %(message)s")
+    cli.main(args=argv, prog_name="bnfold")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

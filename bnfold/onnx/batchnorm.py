@@ -1,0 +1,97 @@
+"""Reading a BatchNormalization node into an affine map, across every opset, or saying why not.
+
+Opset differences that matter (see the ONNX operator changelog):
+- 1 and 6: ``is_test`` (default 0 = training mode) and ``spatial``;
+- 7 to 8: ``spatial`` (default 1); ``spatial=0`` keeps statistics per activation (``C x D1 x ...``),
+  which cannot become a per-channel weight scale;
+- 7 to 13: extra outputs (running/saved mean and variance) mean training mode;
+- 14 on: ``training_mode`` attribute; 15 on: statistics may have another float type than the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import NodeProto, helper
+
+from bnfold.affine import Affine, batchnorm_affine, statistics_problem
+from bnfold.onnx.graph import GraphIndex
+from bnfold.report import Reason
+
+__all__ = ["BatchNormParams", "Refusal", "read_batchnorm", "BATCHNORM", "PER_SAMPLE_NORMS"]
+
+BATCHNORM = "BatchNormalization"
+PER_SAMPLE_NORMS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization")
+PARAM_NAMES = ("scale", "B", "input_mean", "input_var")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A rule's "no", with a stable reason code and the specifics a person needs."""
+
+    reason: Reason
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class BatchNormParams:
+    node: NodeProto
+    affine: Affine
+    channels: int
+
+
+def _attribute(node: NodeProto, name: str, default):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+def read_batchnorm(graph: GraphIndex, node: NodeProto) -> BatchNormParams | Refusal:
+    """The BN's inference-time affine map, or the first reason it cannot be folded."""
+    opset = graph.context.opset or 0
+    extra_outputs = [name for name in node.output[1:] if name]
+    if opset < 7 and _attribute(node, "is_test", 0) == 0:
+        return Refusal(Reason.TRAINING_MODE, f"opset {opset} BatchNormalization without is_test=1")
+    if opset >= 14 and _attribute(node, "training_mode", 0) != 0:
+        return Refusal(Reason.TRAINING_MODE, "training_mode=1")
+    if 7 <= opset < 14 and extra_outputs:
+        return Refusal(
+            Reason.TRAINING_MODE,
+            f"before opset 14, the extra outputs {extra_outputs} mean training mode",
+        )
+    if opset < 9 and _attribute(node, "spatial", 1) == 0:
+        return Refusal(Reason.PER_ACTIVATION_STATISTICS, "spatial=0")
+    used_extras = [
+        name for name in extra_outputs if graph.consumers.get(name) or graph.is_graph_output(name)
+    ]
+    if used_extras:
+        return Refusal(Reason.EXTRA_OUTPUTS_USED, f"{used_extras} are read")
+    if len(node.input) < 5:
+        return Refusal(Reason.PARAM_SHAPE_MISMATCH, f"expected 5 inputs, found {len(node.input)}")
+
+    values = []
+    for param_name, tensor_name in zip(PARAM_NAMES, node.input[1:5], strict=True):
+        lookup = graph.constant(tensor_name)
+        if not lookup.is_constant:
+            return Refusal(lookup.reason or Reason.PARAM_NOT_CONSTANT, f"{param_name}: {lookup.detail}")
+        values.append(lookup.value)
+    gamma, beta, mean, var = values
+    if any(value.dtype.kind != "f" for value in values):
+        return Refusal(Reason.UNSUPPORTED_DTYPE, "BatchNormalization parameters are not floats")
+    shapes = {value.shape for value in values}
+    if len(shapes) != 1 or gamma.ndim != 1:
+        return Refusal(Reason.PARAM_SHAPE_MISMATCH, f"parameter shapes {sorted(shapes)}")
+    epsilon = float(_attribute(node, "epsilon", 1e-5))
+    problem = statistics_problem(gamma, beta, mean, var, epsilon)
+    if problem is not None:
+        kind, channels = problem
+        shown = ", ".join(map(str, channels[:8])) + (", ..." if len(channels) > 8 else "")
+        reason = Reason.NONFINITE_STATISTICS if kind == "nonfinite" else Reason.NONPOSITIVE_VARIANCE
+        return Refusal(reason, f"channels {shown}")
+    return BatchNormParams(
+        node=node,
+        affine=batchnorm_affine(gamma, beta, mean, var, epsilon),
+        channels=int(np.asarray(gamma).shape[0]),
+    )

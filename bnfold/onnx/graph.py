@@ -1,0 +1,395 @@
+"""An index over one ONNX graph: who produces and who consumes each tensor, and what is constant.
+
+Rules ask the index questions ("is this a constant?", "who else reads this tensor?") and ask it to
+make changes ("give this node this weight"), so that the bookkeeping — shared initializers copied not
+edited, fresh names checked against the whole model, dead tensors pruned — lives in one place.
+
+Node removal is deferred: removed nodes are only marked, and :meth:`ModelContext.finalize` rewrites
+the node lists and prunes what the folds left unused, once, at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
+
+from bnfold.report import Reason
+
+__all__ = ["ModelContext", "GraphIndex", "ConstantLookup", "subgraphs_of", "default_opset"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def default_opset(model: ModelProto) -> int | None:
+    """The opset version of the default ONNX domain, or None when the model does not import it."""
+    for entry in model.opset_import:
+        if entry.domain in DEFAULT_DOMAINS:
+            return entry.version
+    return None
+
+
+def subgraphs_of(node: NodeProto) -> Iterator[tuple[str, GraphProto]]:
+    """The (attribute name, graph) pairs of a control-flow node (If, Loop, Scan, ...)."""
+    for attribute in node.attribute:
+        if attribute.type == AttributeProto.GRAPH:
+            yield attribute.name, attribute.g
+        elif attribute.type == AttributeProto.GRAPHS:
+            for position, graph in enumerate(attribute.graphs):
+                yield f"{attribute.name}[{position}]", graph
+
+
+def names_used_by_subgraphs(node: NodeProto) -> set[str]:
+    """Every tensor name read anywhere inside the node's subgraphs (a superset of outer-scope reads)."""
+    used: set[str] = set()
+    for _, graph in subgraphs_of(node):
+        for inner in graph.node:
+            used.update(name for name in inner.input if name)
+            used.update(names_used_by_subgraphs(inner))
+        used.update(output.name for output in graph.output)
+    return used
+
+
+def _all_names(graph: GraphProto, into: set[str]) -> None:
+    into.update(tensor.name for tensor in graph.initializer)
+    into.update(info.name for info in graph.input)
+    into.update(info.name for info in graph.output)
+    into.update(info.name for info in graph.value_info)
+    for node in graph.node:
+        into.update(node.input)
+        into.update(node.output)
+        if node.name:
+            into.add(node.name)
+        for _, subgraph in subgraphs_of(node):
+            _all_names(subgraph, into)
+
+
+@dataclass(frozen=True)
+class ConstantLookup:
+    """The answer to "is tensor X a constant?": its value, or the reason it is not."""
+
+    value: np.ndarray | None
+    reason: Reason | None = None
+    detail: str = ""
+
+    @property
+    def is_constant(self) -> bool:
+        return self.value is not None
+
+
+class ModelContext:
+    """Model-wide state shared by the indices of the main graph and all its subgraphs."""
+
+    def __init__(self, model: ModelProto) -> None:
+        self.model = model
+        self.opset = default_opset(model)
+        self._names: set[str] = set()
+        _all_names(model.graph, self._names)
+        self._ranks: dict[str, int] | None = None
+        self.graphs: list[GraphIndex] = []
+        # (graph index, tensor name) pairs that a fold may have left unused; pruned in finalize().
+        self.prune_candidates: list[tuple[GraphIndex, str]] = []
+
+    def fresh_name(self, base: str) -> str:
+        """A tensor or node name that no graph of the model uses yet (subgraphs included)."""
+        base = base or "bnfold"
+        candidate, suffix = base, 0
+        while candidate in self._names:
+            suffix += 1
+            candidate = f"{base}_{suffix}"
+        self._names.add(candidate)
+        return candidate
+
+    def inferred_rank(self, name: str) -> int | None:
+        """The rank ONNX shape inference gives ``name``, or None when it cannot tell.
+
+        Inference runs once, lazily, on a skeleton of the model whose large initializers are
+        replaced by typed graph inputs, so it never copies the weights.
+        """
+        if self._ranks is None:
+            self._ranks = _infer_ranks(self.model)
+        return self._ranks.get(name)
+
+    def finalize(self) -> None:
+        """Drop removed nodes, then initializers, Constant nodes and value_info the folds orphaned."""
+        for index in self.graphs:
+            index.drop_removed_nodes()
+        used: set[str] = set()
+        _used_names(self.model.graph, used)
+        by_graph: dict[int, tuple[GraphIndex, set[str]]] = {}
+        for index, name in self.prune_candidates:
+            if name and name not in used:
+                by_graph.setdefault(id(index), (index, set()))[1].add(name)
+        for index, names in by_graph.values():
+            index.prune(names)
+        self.prune_candidates.clear()
+
+
+def _used_names(graph: GraphProto, into: set[str]) -> None:
+    into.update(info.name for info in graph.output)
+    for node in graph.node:
+        into.update(node.input)
+        for _, subgraph in subgraphs_of(node):
+            _used_names(subgraph, into)
+
+
+def _infer_ranks(model: ModelProto) -> dict[str, int]:
+    skeleton = ModelProto()
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    graph = skeleton.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    declared_inputs = {info.name for info in model.graph.input}
+    for tensor in model.graph.initializer:
+        if int(np.prod(tensor.dims, dtype=np.int64)) <= 64:
+            graph.initializer.append(tensor)
+        elif tensor.name not in declared_inputs:
+            graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+            )
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton)
+    except Exception as error:  # shape inference is best effort; rules refuse on unknown ranks
+        logger.debug("shape inference failed: %s", error)
+        return {}
+    ranks: dict[str, int] = {}
+    _collect_ranks(inferred.graph, ranks)
+    return ranks
+
+
+def _collect_ranks(graph: GraphProto, ranks: dict[str, int]) -> None:
+    for info in (*graph.input, *graph.output, *graph.value_info):
+        tensor_type = info.type.tensor_type
+        if tensor_type.HasField("shape"):
+            ranks[info.name] = len(tensor_type.shape.dim)
+    for node in graph.node:
+        for _, subgraph in subgraphs_of(node):
+            _collect_ranks(subgraph, ranks)
+
+
+class GraphIndex:
+    """Producers, consumers and constants of one graph; parent index for outer-scope lookups."""
+
+    def __init__(
+        self, graph: GraphProto, context: ModelContext, path: str = "main",
+        parent: GraphIndex | None = None,
+    ) -> None:
+        self.graph = graph
+        self.context = context
+        self.path = path
+        self.parent = parent
+        self.nodes: list[NodeProto] = list(graph.node)
+        self.position = {id(node): position for position, node in enumerate(self.nodes)}
+        self.removed: set[int] = set()
+        self.producer: dict[str, NodeProto] = {}
+        self.consumers: dict[str, list[NodeProto]] = defaultdict(list)
+        for node in self.nodes:
+            self._register(node)
+        self.initializers: dict[str, TensorProto] = {t.name: t for t in graph.initializer}
+        self.graph_inputs = {info.name for info in graph.input}
+        self.graph_outputs = {info.name for info in graph.output}
+        context.graphs.append(self)
+
+    # -- structure -------------------------------------------------------------------------------
+    def _register(self, node: NodeProto) -> None:
+        for name in node.output:
+            if name:
+                self.producer[name] = node
+        for name in node.input:
+            if name:
+                self.consumers[name].append(node)
+        for name in names_used_by_subgraphs(node) - set(node.input):
+            self.consumers[name].append(node)
+
+    def live_nodes(self) -> list[NodeProto]:
+        return [node for node in self.nodes if id(node) not in self.removed]
+
+    def other_consumers(self, name: str, expected: NodeProto) -> list[NodeProto]:
+        """Consumers of ``name`` besides one use by ``expected`` (a node reading it twice counts)."""
+        others = [node for node in self.consumers.get(name, []) if id(node) not in self.removed]
+        for position, node in enumerate(others):
+            if node is expected:
+                del others[position]
+                break
+        return others
+
+    def is_graph_output(self, name: str) -> bool:
+        return name in self.graph_outputs
+
+    def node_label(self, node: NodeProto) -> str:
+        return node.name or f"<{node.op_type} -> {node.output[0] if node.output else '?'}>"
+
+    def rank(self, name: str) -> int | None:
+        """The rank of a tensor from declared types, initializers, or (lazily) shape inference."""
+        for info in (*self.graph.value_info, *self.graph.input, *self.graph.output):
+            if info.name == name and info.type.tensor_type.HasField("shape"):
+                return len(info.type.tensor_type.shape.dim)
+        constant = self.constant(name)
+        if constant.is_constant:
+            return constant.value.ndim
+        return self.context.inferred_rank(name)
+
+    # -- constants -------------------------------------------------------------------------------
+    def constant(self, name: str) -> ConstantLookup:
+        """The value of ``name`` if it is fixed at export time, else why it is not.
+
+        Looks at this graph's initializers and ``Constant`` nodes, then outer scopes. An initializer
+        that is also a graph input is not constant: a caller may feed a different value.
+        """
+        if name in self.producer:
+            node = self.producer[name]
+            if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
+                value = _constant_node_value(node)
+                if value is not None:
+                    return ConstantLookup(value)
+            return ConstantLookup(
+                None, Reason.PARAM_NOT_CONSTANT, f"`{name}` is computed by {node.op_type}"
+            )
+        if name in self.initializers:
+            if name in self.graph_inputs:
+                return ConstantLookup(
+                    None, Reason.PARAM_IS_GRAPH_INPUT, f"`{name}` is an initializer and a graph input"
+                )
+            return ConstantLookup(numpy_helper.to_array(self.initializers[name]))
+        if name in self.graph_inputs:
+            return ConstantLookup(None, Reason.PARAM_NOT_CONSTANT, f"`{name}` is a graph input")
+        if self.parent is not None:
+            return self.parent.constant(name)
+        return ConstantLookup(None, Reason.PARAM_NOT_CONSTANT, f"`{name}` is not defined")
+
+    def set_constant_input(self, node: NodeProto, slot: int, value: np.ndarray, base_name: str) -> None:
+        """Make ``node.input[slot]`` read ``value``.
+
+        The tensor is replaced in place only when it lives in this graph and ``node`` is its only
+        reader; otherwise the node gets its own fresh initializer and every other reader keeps the
+        original (a shared weight is copied, never edited).
+        """
+        old_name = node.input[slot] if slot < len(node.input) else ""
+        if old_name and not self.other_consumers(old_name, node) and not self.is_graph_output(old_name):
+            if old_name in self.initializers and old_name not in self.graph_inputs:
+                self.initializers[old_name].CopyFrom(numpy_helper.from_array(value, old_name))
+                return
+            producer = self.producer.get(old_name)
+            if producer is not None and producer.op_type == "Constant" and _has_value_tensor(producer):
+                for attribute in producer.attribute:
+                    if attribute.name == "value":
+                        attribute.t.CopyFrom(numpy_helper.from_array(value, old_name))
+                return
+        new_name = self.context.fresh_name(base_name)
+        tensor = numpy_helper.from_array(value, new_name)
+        self.graph.initializer.append(tensor)
+        self.initializers[new_name] = self.graph.initializer[-1]
+        while len(node.input) <= slot:
+            node.input.append("")
+        self.replace_input(node, slot, new_name)
+
+    def replace_input(self, node: NodeProto, slot: int, new_name: str) -> None:
+        old_name = node.input[slot]
+        if old_name:
+            readers = self.consumers[old_name]
+            for position, reader in enumerate(readers):
+                if reader is node:
+                    del readers[position]
+                    break
+            self.context.prune_candidates.append((self, old_name))
+        node.input[slot] = new_name
+        self.consumers[new_name].append(node)
+
+    # -- rewiring --------------------------------------------------------------------------------
+    def remove_node(self, node: NodeProto) -> None:
+        """Mark ``node`` removed; its inputs become prune candidates (they may now be unused)."""
+        self.removed.add(id(node))
+        for name in node.input:
+            if not name:
+                continue
+            readers = self.consumers[name]
+            for position, reader in enumerate(readers):
+                if reader is node:
+                    del readers[position]
+                    break
+            self.context.prune_candidates.append((self, name))
+        for name in node.output:
+            if name and self.producer.get(name) is node:
+                del self.producer[name]
+
+    def take_over_output(self, node: NodeProto, slot: int, new_name: str) -> None:
+        """Rename ``node.output[slot]`` to ``new_name`` (the removed BN's output), keeping names
+        downstream unchanged. The old tensor's value_info is pruned."""
+        old_name = node.output[slot]
+        if self.producer.get(old_name) is node:
+            del self.producer[old_name]
+        self.context.prune_candidates.append((self, old_name))
+        node.output[slot] = new_name
+        self.producer[new_name] = node
+
+    def insert_node_at(self, node: NodeProto, replacing: NodeProto) -> NodeProto:
+        """Put a new node where ``replacing`` sits (which is then removed), keeping topological order."""
+        position = self.position[id(replacing)]
+        self.remove_node(replacing)
+        self.graph.node.insert(position, node)
+        # The repeated field holds a copy: index the live message, not the argument.
+        inserted = self.graph.node[position]
+        self.nodes.insert(position, inserted)
+        self.position = {id(n): index for index, n in enumerate(self.nodes)}
+        self._register(inserted)
+        return inserted
+
+    # -- finalize --------------------------------------------------------------------------------
+    def drop_removed_nodes(self) -> None:
+        if not self.removed:
+            return
+        for position in range(len(self.nodes) - 1, -1, -1):
+            if id(self.nodes[position]) in self.removed:
+                del self.graph.node[position]
+        self.nodes = [node for node in self.nodes if id(node) not in self.removed]
+        self.position = {id(node): index for index, node in enumerate(self.nodes)}
+        self.removed.clear()
+
+    def prune(self, unused: set[str]) -> None:
+        """Delete initializers, Constant nodes and value_info for names no graph reads any more."""
+        for position in range(len(self.graph.initializer) - 1, -1, -1):
+            name = self.graph.initializer[position].name
+            if name in unused and name not in self.graph_inputs:
+                del self.graph.initializer[position]
+                self.initializers.pop(name, None)
+        for position in range(len(self.graph.node) - 1, -1, -1):
+            node = self.graph.node[position]
+            if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS and node.output[0] in unused:
+                del self.graph.node[position]
+        self.nodes = list(self.graph.node)
+        self.position = {id(node): index for index, node in enumerate(self.nodes)}
+        for position in range(len(self.graph.value_info) - 1, -1, -1):
+            if self.graph.value_info[position].name in unused:
+                del self.graph.value_info[position]
+
+
+def _has_value_tensor(node: NodeProto) -> bool:
+    return any(attribute.name == "value" for attribute in node.attribute)
+
+
+def _constant_node_value(node: NodeProto) -> np.ndarray | None:
+    """The value of a ``Constant`` node in any of its attribute forms (sparse: not supported)."""
+    for attribute in node.attribute:
+        if attribute.name == "value":
+            return numpy_helper.to_array(attribute.t)
+        if attribute.name == "value_float":
+            return np.array(attribute.f, dtype=np.float32)
+        if attribute.name == "value_floats":
+            return np.array(list(attribute.floats), dtype=np.float32)
+        if attribute.name == "value_int":
+            return np.array(attribute.i, dtype=np.int64)
+        if attribute.name == "value_ints":
+            return np.array(list(attribute.ints), dtype=np.int64)
+    return None

@@ -1,0 +1,323 @@
+"""Fold rules for ONNX graphs: a BatchNormalization absorbed by the linear layer that feeds it.
+
+Each rule answers ``accepts(graph, producer)`` (is this the kind of layer I handle?), then
+``match(graph, bn, params)`` with either a :class:`Match` — the new weights, already computed and
+rounded, so applying cannot fail — or a :class:`Refusal` the report shows. Checks read top to bottom
+as refusals; the happy path is last. ``RULES`` is the registry, in the order rules are tried.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from onnx import NodeProto, helper, numpy_helper
+
+from bnfold.affine import (
+    WeightLayout,
+    fold_bias,
+    output_channel_count,
+    round_to_dtype,
+    scale_output_channels,
+)
+from bnfold.onnx.batchnorm import BatchNormParams, Refusal
+from bnfold.onnx.graph import DEFAULT_DOMAINS, GraphIndex
+from bnfold.report import Reason
+
+__all__ = ["Match", "Rule", "ConvThenBN", "ConvTransposeThenBN", "GemmThenBN", "MatMulThenBN", "RULES"]
+
+FLOAT_KINDS = ("float16", "bfloat16", "float32", "float64")
+
+
+@dataclass
+class Match:
+    """Everything a fold writes: the layer, its new constant inputs by slot, attribute updates."""
+
+    producer: NodeProto
+    new_inputs: dict[int, np.ndarray]
+    attributes: dict[str, float | int] = field(default_factory=dict)
+    # MatMul -> Add -> BN: the Add, and its constant inputs by slot (the folded bias).
+    bias_add: NodeProto | None = None
+    bias_add_inputs: dict[int, np.ndarray] = field(default_factory=dict)
+    # MatMul without a bias gets one: an Add node of this value takes over the BN's output.
+    new_bias: np.ndarray | None = None
+
+
+def _attribute(node: NodeProto, name: str, default):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+def _set_attribute(node: NodeProto, name: str, value) -> None:
+    for position, attribute in enumerate(node.attribute):
+        if attribute.name == name:
+            del node.attribute[position]
+            break
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def _sole_consumer_refusal(graph: GraphIndex, tensor: str, reader: NodeProto) -> Refusal | None:
+    """Refuse when anything besides ``reader`` sees ``tensor``: it would see the folded values."""
+    if graph.is_graph_output(tensor):
+        return Refusal(Reason.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT, f"`{tensor}` is a graph output")
+    others = graph.other_consumers(tensor, reader)
+    if others:
+        labels = ", ".join(graph.node_label(node) for node in others[:3])
+        return Refusal(Reason.PRODUCER_HAS_OTHER_CONSUMERS, f"`{tensor}` also feeds {labels}")
+    return None
+
+
+def _constant_input(
+    graph: GraphIndex, node: NodeProto, slot: int, role: str
+) -> np.ndarray | Refusal | None:
+    """The constant at ``node.input[slot]``; None when the optional input is absent."""
+    if slot >= len(node.input) or not node.input[slot]:
+        return None
+    lookup = graph.constant(node.input[slot])
+    if not lookup.is_constant:
+        reason = (
+            Reason.PARAM_IS_GRAPH_INPUT
+            if lookup.reason is Reason.PARAM_IS_GRAPH_INPUT
+            else Reason.WEIGHT_NOT_CONSTANT
+        )
+        return Refusal(reason, f"{role} of {graph.node_label(node)}: {lookup.detail}")
+    if lookup.value.dtype.name not in FLOAT_KINDS:
+        return Refusal(Reason.UNSUPPORTED_DTYPE, f"{role} is {lookup.value.dtype.name}")
+    return lookup.value
+
+
+def _rounded(values: np.ndarray, dtype: np.dtype, role: str) -> np.ndarray | Refusal:
+    rounded = round_to_dtype(values, dtype)
+    if rounded is None:
+        return Refusal(Reason.FOLD_OVERFLOWS_DTYPE, f"folded {role} overflows {dtype.name}")
+    return rounded
+
+
+class Rule:
+    """Base of the fold rules; subclasses set ``name``, ``op_types`` and implement ``match``."""
+
+    name: str = ""
+    op_types: tuple[str, ...] = ()
+    description: str = ""
+
+    def producer_of(self, graph: GraphIndex, bn: NodeProto) -> NodeProto | None:
+        return graph.producer.get(bn.input[0]) if bn.input else None
+
+    def accepts(self, graph: GraphIndex, producer: NodeProto) -> bool:
+        return producer.op_type in self.op_types and producer.domain in DEFAULT_DOMAINS
+
+    def match(self, graph: GraphIndex, bn: NodeProto, params: BatchNormParams) -> Match | Refusal:
+        raise NotImplementedError
+
+    def apply(self, graph: GraphIndex, bn: NodeProto, match: Match) -> NodeProto:
+        """Write the folded constants, then let the layer take over the BN's output name."""
+        producer = match.producer
+        label = producer.name or producer.op_type
+        for slot, value in match.new_inputs.items():
+            graph.set_constant_input(producer, slot, value, f"{label}_folded_{slot}")
+        for name, value in match.attributes.items():
+            _set_attribute(producer, name, value)
+        graph.remove_node(bn)
+        graph.take_over_output(producer, 0, bn.output[0])
+        return producer
+
+
+class _OutputChannelRule(Rule):
+    """Conv and ConvTranspose: scale output channels of ``W``, fold into bias ``B`` (slot 2)."""
+
+    layout: WeightLayout
+
+    def match(self, graph: GraphIndex, bn: NodeProto, params: BatchNormParams) -> Match | Refusal:
+        producer = self.producer_of(graph, bn)
+        refusal = _sole_consumer_refusal(graph, producer.output[0], bn)
+        if refusal:
+            return refusal
+        weight = _constant_input(graph, producer, 1, "weight")
+        if weight is None or isinstance(weight, Refusal):
+            return weight or Refusal(Reason.WEIGHT_NOT_CONSTANT, "layer has no weight input")
+        bias = _constant_input(graph, producer, 2, "bias")
+        if isinstance(bias, Refusal):
+            return bias
+        groups = int(_attribute(producer, "group", 1))
+        channels = output_channel_count(weight.shape, self.layout, groups)
+        if weight.ndim < 3 or channels != params.channels:
+            return Refusal(
+                Reason.PARAM_SHAPE_MISMATCH,
+                f"layer has {channels} output channels, BatchNormalization has {params.channels}",
+            )
+        new_weight = _rounded(
+            scale_output_channels(weight, params.affine.scale, self.layout, groups), weight.dtype,
+            "weight",
+        )
+        new_bias = _rounded(fold_bias(bias, params.affine), weight.dtype, "bias")
+        for value in (new_weight, new_bias):
+            if isinstance(value, Refusal):
+                return value
+        return Match(producer, {1: new_weight, 2: new_bias})
+
+
+class ConvThenBN(_OutputChannelRule):
+    """Conv (any rank, groups, strides, dilations, pads, bias or not) followed by BN.
+
+    Before:  x -Conv(W, b)-> c -BN-> y      After:  x -Conv(W*s, b*s + t)-> y
+    """
+
+    name = "conv-bn"
+    op_types = ("Conv",)
+    layout = WeightLayout.CONV
+    description = "Conv -> BatchNormalization: scale output channels, fold into bias"
+
+
+class ConvTransposeThenBN(_OutputChannelRule):
+    """ConvTranspose followed by BN; the weight is ``[C_in, C_out/group, k...]``, groups respected."""
+
+    name = "convtranspose-bn"
+    op_types = ("ConvTranspose",)
+    layout = WeightLayout.CONV_TRANSPOSE
+    description = "ConvTranspose -> BatchNormalization: scale output channels per group"
+
+
+class GemmThenBN(Rule):
+    """Gemm ``alpha * A' B' + beta * C`` followed by BN over its 2-D output's channel axis 1.
+
+    After:  B' scaled per output column, ``C = beta * C * s + t`` and ``beta = 1``; ``alpha``,
+    ``transA`` and ``transB`` are respected, any broadcastable ``C`` or none.
+    """
+
+    name = "gemm-bn"
+    op_types = ("Gemm",)
+    description = "Gemm -> BatchNormalization: scale B's output columns, fold beta*C into bias"
+
+    def match(self, graph: GraphIndex, bn: NodeProto, params: BatchNormParams) -> Match | Refusal:
+        producer = self.producer_of(graph, bn)
+        refusal = _sole_consumer_refusal(graph, producer.output[0], bn)
+        if refusal:
+            return refusal
+        weight = _constant_input(graph, producer, 1, "B")
+        if weight is None or isinstance(weight, Refusal):
+            return weight or Refusal(Reason.WEIGHT_NOT_CONSTANT, "Gemm has no B input")
+        bias = _constant_input(graph, producer, 2, "C")
+        if isinstance(bias, Refusal):
+            return bias
+        layout = WeightLayout.MATRIX_OUT_IN if _attribute(producer, "transB", 0) else WeightLayout.MATRIX_IN_OUT
+        channels = output_channel_count(weight.shape, layout)
+        if weight.ndim != 2 or channels != params.channels:
+            return Refusal(
+                Reason.PARAM_SHAPE_MISMATCH,
+                f"Gemm has {channels} output columns, BatchNormalization has {params.channels}",
+            )
+        if bias is not None and bias.ndim > 2:
+            return Refusal(Reason.PARAM_SHAPE_MISMATCH, f"Gemm C has rank {bias.ndim}")
+        beta = float(_attribute(producer, "beta", 1.0))
+        new_weight = _rounded(scale_output_channels(weight, params.affine.scale, layout), weight.dtype, "B")
+        new_bias = _rounded(fold_bias(bias, params.affine, beta), weight.dtype, "C")
+        for value in (new_weight, new_bias):
+            if isinstance(value, Refusal):
+                return value
+        attributes: dict[str, float | int] = {"beta": 1.0}
+        if (graph.context.opset or 0) < 7:
+            attributes["broadcast"] = 1  # Gemm-6 and older broadcast C only when asked
+        return Match(producer, {1: new_weight, 2: new_bias}, attributes)
+
+
+class MatMulThenBN(Rule):
+    """MatMul with a constant 2-D right-hand side (optionally then Add of a constant bias), then BN.
+
+    Exact only when the BN's channel axis (axis 1) is the MatMul output's last axis, i.e. the output
+    is 2-D; higher ranks are refused. Without a bias, the BN becomes an ``Add`` of the folded shift.
+    """
+
+    name = "matmul-bn"
+    op_types = ("MatMul", "Add")
+    description = "MatMul [-> Add] -> BatchNormalization on 2-D outputs: scale columns, fold bias"
+
+    def accepts(self, graph: GraphIndex, producer: NodeProto) -> bool:
+        if producer.domain not in DEFAULT_DOMAINS:
+            return False
+        if producer.op_type == "MatMul":
+            return True
+        return producer.op_type == "Add" and self._matmul_behind_add(graph, producer) is not None
+
+    @staticmethod
+    def _matmul_behind_add(graph: GraphIndex, add: NodeProto) -> tuple[NodeProto, int] | None:
+        """(MatMul, slot of the bias in the Add) when one Add input is a MatMul, the other constant."""
+        for matmul_slot, bias_slot in ((0, 1), (1, 0)):
+            if len(add.input) != 2:
+                return None
+            matmul = graph.producer.get(add.input[matmul_slot])
+            if matmul is not None and matmul.op_type == "MatMul" and matmul.domain in DEFAULT_DOMAINS:
+                if graph.constant(add.input[bias_slot]).is_constant:
+                    return matmul, bias_slot
+        return None
+
+    def match(self, graph: GraphIndex, bn: NodeProto, params: BatchNormParams) -> Match | Refusal:
+        head = self.producer_of(graph, bn)
+        refusal = _sole_consumer_refusal(graph, head.output[0], bn)
+        if refusal:
+            return refusal
+        bias_add, bias, bias_slot = None, None, None
+        matmul = head
+        if head.op_type == "Add":
+            matmul, bias_slot = self._matmul_behind_add(graph, head)
+            bias_add = head
+            refusal = _sole_consumer_refusal(graph, matmul.output[0], head)
+            if refusal:
+                return refusal
+            bias = _constant_input(graph, head, bias_slot, "bias")
+            if isinstance(bias, Refusal):
+                return bias
+        weight = _constant_input(graph, matmul, 1, "right-hand side")
+        if weight is None or isinstance(weight, Refusal):
+            return weight or Refusal(Reason.WEIGHT_NOT_CONSTANT, "MatMul has no right-hand side")
+        if weight.ndim != 2:
+            return Refusal(Reason.CHANNEL_AXIS_MISMATCH, f"MatMul right-hand side has rank {weight.ndim}")
+        left_rank = graph.rank(matmul.input[0])
+        if left_rank != 2:
+            shown = "unknown" if left_rank is None else str(left_rank)
+            return Refusal(
+                Reason.CHANNEL_AXIS_MISMATCH,
+                f"MatMul output rank is {shown}, not 2: BN axis 1 is not its column axis",
+            )
+        if weight.shape[1] != params.channels:
+            return Refusal(
+                Reason.PARAM_SHAPE_MISMATCH,
+                f"MatMul has {weight.shape[1]} output columns, BatchNormalization has {params.channels}",
+            )
+        if bias is not None and (bias.ndim > 2 or bias.dtype != weight.dtype):
+            return Refusal(Reason.PARAM_SHAPE_MISMATCH, f"bias shape {bias.shape} / dtype {bias.dtype}")
+        new_weight = _rounded(
+            scale_output_channels(weight, params.affine.scale, WeightLayout.MATRIX_IN_OUT),
+            weight.dtype, "right-hand side",
+        )
+        new_bias = _rounded(fold_bias(bias, params.affine), weight.dtype, "bias")
+        for value in (new_weight, new_bias):
+            if isinstance(value, Refusal):
+                return value
+        if bias_add is None:
+            return Match(matmul, {1: new_weight}, new_bias=new_bias)
+        return Match(matmul, {1: new_weight}, bias_add=bias_add, bias_add_inputs={bias_slot: new_bias})
+
+    def apply(self, graph: GraphIndex, bn: NodeProto, match: Match) -> NodeProto:
+        matmul = match.producer
+        label = matmul.name or "MatMul"
+        graph.set_constant_input(matmul, 1, match.new_inputs[1], f"{label}_folded_weight")
+        if match.bias_add is not None:
+            for slot, value in match.bias_add_inputs.items():
+                graph.set_constant_input(match.bias_add, slot, value, f"{label}_folded_bias")
+            graph.remove_node(bn)
+            graph.take_over_output(match.bias_add, 0, bn.output[0])
+            return matmul
+        bias_name = graph.context.fresh_name(f"{label}_folded_bias")
+        graph.graph.initializer.append(numpy_helper.from_array(match.new_bias, bias_name))
+        graph.initializers[bias_name] = graph.graph.initializer[-1]
+        add = helper.make_node(
+            "Add", [matmul.output[0], bias_name], [bn.output[0]],
+            name=graph.context.fresh_name(f"{label}_bias_add"),
+        )
+        graph.insert_node_at(add, replacing=bn)
+        return matmul
+
+
+RULES: tuple[Rule, ...] = (ConvThenBN(), ConvTransposeThenBN(), GemmThenBN(), MatMulThenBN())

@@ -1,0 +1,183 @@
+"""What happened to every normalization node: one :class:`Decision` each, gathered in a :class:`Report`.
+
+Pipelines match on stable codes (:class:`Reason`, rule names); people read the messages. The report
+knows nothing of how decisions were made: the ONNX and PyTorch backends both fill it in.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+__all__ = ["Reason", "Outcome", "Decision", "Report"]
+
+
+class Reason(StrEnum):
+    """Why a normalization node was kept. The value is the stable code; :attr:`explanation` is prose."""
+
+    NO_FOLDABLE_PRODUCER = "no-foldable-producer"
+    PRODUCER_HAS_OTHER_CONSUMERS = "producer-has-other-consumers"
+    PRODUCER_OUTPUT_IS_GRAPH_OUTPUT = "producer-output-is-graph-output"
+    PARAM_NOT_CONSTANT = "param-not-constant"
+    PARAM_IS_GRAPH_INPUT = "param-is-graph-input"
+    PARAM_SHAPE_MISMATCH = "param-shape-mismatch"
+    TRAINING_MODE = "training-mode"
+    PER_ACTIVATION_STATISTICS = "per-activation-statistics"
+    EXTRA_OUTPUTS_USED = "extra-outputs-used"
+    NONPOSITIVE_VARIANCE = "nonpositive-variance"
+    NONFINITE_STATISTICS = "nonfinite-statistics"
+    WEIGHT_NOT_CONSTANT = "weight-not-constant"
+    UNSUPPORTED_DTYPE = "unsupported-dtype"
+    CHANNEL_AXIS_MISMATCH = "channel-axis-mismatch"
+    FOLD_OVERFLOWS_DTYPE = "fold-overflows-dtype"
+    RULE_DISABLED = "rule-disabled"
+    PER_SAMPLE_STATISTICS = "per-sample-statistics"
+
+    @property
+    def explanation(self) -> str:
+        return _EXPLANATIONS[self]
+
+
+_EXPLANATIONS: dict[Reason, str] = {
+    Reason.NO_FOLDABLE_PRODUCER: "its input does not come from a layer a rule can fold into",
+    Reason.PRODUCER_HAS_OTHER_CONSUMERS: "the producer's output is also used elsewhere, which would "
+    "then see normalized values",
+    Reason.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT: "the producer's output is a graph output, which would "
+    "then be normalized",
+    Reason.PARAM_NOT_CONSTANT: "a BatchNormalization parameter is computed at run time",
+    Reason.PARAM_IS_GRAPH_INPUT: "a parameter is a graph input (an initializer listed as an input "
+    "can be overridden at run time)",
+    Reason.PARAM_SHAPE_MISMATCH: "parameter shapes do not match the layer's channel count",
+    Reason.TRAINING_MODE: "training mode normalizes with batch statistics, not running ones",
+    Reason.PER_ACTIVATION_STATISTICS: "spatial=0 keeps statistics per activation, not per channel",
+    Reason.EXTRA_OUTPUTS_USED: "its running mean/variance outputs are used",
+    Reason.NONPOSITIVE_VARIANCE: "var + epsilon is not positive in some channel",
+    Reason.NONFINITE_STATISTICS: "a statistic or affine parameter is NaN or infinite",
+    Reason.WEIGHT_NOT_CONSTANT: "the layer's weight or bias is computed at run time",
+    Reason.UNSUPPORTED_DTYPE: "the layer's weight is not float16, bfloat16, float32 or float64",
+    Reason.CHANNEL_AXIS_MISMATCH: "the normalized axis is not the layer's output-channel axis",
+    Reason.FOLD_OVERFLOWS_DTYPE: "the folded weights do not fit the weight's dtype (inf or NaN)",
+    Reason.RULE_DISABLED: "the rule that would fold it was disabled",
+    Reason.PER_SAMPLE_STATISTICS: "it normalizes with statistics of each sample, computed at run "
+    "time; never foldable",
+}
+
+
+class Outcome(StrEnum):
+    FOLDED = "folded"
+    KEPT = "kept"
+    NEVER_FOLDABLE = "never-foldable"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What happened to one normalization node.
+
+    ``node`` is the node's name (may be empty in ONNX); ``output`` its first output tensor, which
+    identifies it even when unnamed. ``graph`` is ``"main"`` or the path of a subgraph
+    (``"loop_node/body"``). ``into`` names the node it was folded into; ``detail`` adds the specifics
+    of a refusal (which tensor, which consumer).
+    """
+
+    node: str
+    op_type: str
+    output: str
+    outcome: Outcome
+    rule: str | None = None
+    into: str | None = None
+    reason: Reason | None = None
+    detail: str = ""
+    graph: str = "main"
+
+    @property
+    def label(self) -> str:
+        return self.node or f"<{self.op_type} -> {self.output}>"
+
+    @property
+    def message(self) -> str:
+        """One line a person reads: the rule and target, or the reason and its specifics."""
+        if self.outcome is Outcome.FOLDED:
+            return f"folded into {self.into} by {self.rule}"
+        text = f"{self.reason}: {self.reason.explanation}" if self.reason else "kept"
+        return f"{text} ({self.detail})" if self.detail else text
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["outcome"] = str(self.outcome)
+        data["reason"] = str(self.reason) if self.reason else None
+        data["message"] = self.message
+        return data
+
+
+@dataclass
+class Report:
+    """All decisions for one model, in graph order, plus free-form extras (e.g. verification)."""
+
+    decisions: list[Decision] = field(default_factory=list)
+    source: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, decision: Decision) -> None:
+        self.decisions.append(decision)
+
+    def count(self, outcome: Outcome, op_type: str | None = None) -> int:
+        return sum(
+            1
+            for decision in self.decisions
+            if decision.outcome is outcome and (op_type is None or decision.op_type == op_type)
+        )
+
+    @property
+    def folded(self) -> list[Decision]:
+        return [d for d in self.decisions if d.outcome is Outcome.FOLDED]
+
+    @property
+    def kept(self) -> list[Decision]:
+        return [d for d in self.decisions if d.outcome is Outcome.KEPT]
+
+    @property
+    def never_foldable(self) -> list[Decision]:
+        return [d for d in self.decisions if d.outcome is Outcome.NEVER_FOLDABLE]
+
+    def summary(self) -> str:
+        total = len(self.decisions) - len(self.never_foldable)
+        text = (
+            f"{total} BatchNormalization: {len(self.folded)} folded, {len(self.kept)} kept"
+        )
+        if self.never_foldable:
+            text += f"; {len(self.never_foldable)} per-sample normalization never foldable"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "summary": {
+                "batchnorm": len(self.decisions) - len(self.never_foldable),
+                "folded": len(self.folded),
+                "kept": len(self.kept),
+                "never_foldable": len(self.never_foldable),
+            },
+            "decisions": [decision.to_dict() for decision in self.decisions],
+            **self.extras,
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_text(self) -> str:
+        """A table for the terminal: one row per normalization node, then the summary."""
+        rows = [("node", "op", "decision", "rule / reason")]
+        for decision in self.decisions:
+            name = decision.label if decision.graph == "main" else f"{decision.graph}:{decision.label}"
+            rows.append((name, decision.op_type, str(decision.outcome), decision.message))
+        widths = [min(max(len(row[i]) for row in rows), 40) for i in range(3)]
+        lines = []
+        for index, row in enumerate(rows):
+            cells = [cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)]
+            lines.append("  ".join([*cells, row[3]]).rstrip())
+            if index == 0:
+                lines.append("  ".join("-" * width for width in widths) + "  " + "-" * 13)
+        lines.append(self.summary())
+        return "\n".join(lines)
