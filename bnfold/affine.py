@@ -26,7 +26,16 @@ __all__ = [
     "scale_output_channels",
     "fold_bias",
     "round_to_dtype",
+    "is_supported_float",
 ]
+
+# ml_dtypes' bfloat16 has numpy kind "V", so dtypes are recognised by name, not by kind.
+SUPPORTED_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def is_supported_float(dtype: np.dtype) -> bool:
+    """Whether a fold can read and write weights or statistics of this dtype."""
+    return np.dtype(dtype).name in SUPPORTED_FLOATS
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import NodeProto, helper
 
-from bnfold.affine import Affine, batchnorm_affine, statistics_problem
+from bnfold.affine import Affine, batchnorm_affine, is_supported_float, statistics_problem
 from bnfold.onnx.graph import GraphIndex
 from bnfold.report import Reason
 
@@ -78,12 +78,14 @@ def read_batchnorm(graph: GraphIndex, node: NodeProto) -> BatchNormParams | Refu
             return Refusal(lookup.reason or Reason.PARAM_NOT_CONSTANT, f"{param_name}: {lookup.detail}")
         values.append(lookup.value)
     gamma, beta, mean, var = values
-    if any(value.dtype.kind != "f" for value in values):
+    if not all(is_supported_float(value.dtype) for value in values):
         return Refusal(Reason.UNSUPPORTED_DTYPE, "BatchNormalization parameters are not floats")
     shapes = {value.shape for value in values}
     if len(shapes) != 1 or gamma.ndim != 1:
         return Refusal(Reason.PARAM_SHAPE_MISMATCH, f"parameter shapes {sorted(shapes)}")
-    epsilon = float(_attribute(node, "epsilon", 1e-5))
+    # Attributes are float32; the default must be too, or the fold uses a different epsilon than
+    # the runtime (1e-5 vs float32(1e-5) differ in the 9th digit).
+    epsilon = float(np.float32(_attribute(node, "epsilon", 1e-5)))
     problem = statistics_problem(gamma, beta, mean, var, epsilon)
     if problem is not None:
         kind, channels = problem

@@ -16,6 +16,7 @@ from onnx import NodeProto, helper, numpy_helper
 from bnfold.affine import (
     WeightLayout,
     fold_bias,
+    is_supported_float,
     output_channel_count,
     round_to_dtype,
     scale_output_channels,
@@ -25,8 +26,6 @@ from bnfold.onnx.graph import DEFAULT_DOMAINS, GraphIndex
 from bnfold.report import Reason
 
 __all__ = ["Match", "Rule", "ConvThenBN", "ConvTransposeThenBN", "GemmThenBN", "MatMulThenBN", "RULES"]
-
-FLOAT_KINDS = ("float16", "bfloat16", "float32", "float64")
 
 
 @dataclass
@@ -83,7 +82,7 @@ def _constant_input(
             else Reason.WEIGHT_NOT_CONSTANT
         )
         return Refusal(reason, f"{role} of {graph.node_label(node)}: {lookup.detail}")
-    if lookup.value.dtype.name not in FLOAT_KINDS:
+    if not is_supported_float(lookup.value.dtype):
         return Refusal(Reason.UNSUPPORTED_DTYPE, f"{role} is {lookup.value.dtype.name}")
     return lookup.value
 
