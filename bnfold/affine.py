@@ -140,7 +140,8 @@ def round_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
 
     Returning None (instead of inf/NaN weights) lets the caller keep the BN and say why.
     """
-    rounded = np.asarray(values, dtype=np.float64).astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        rounded = np.asarray(values, dtype=np.float64).astype(dtype)
     if not np.isfinite(rounded.astype(np.float64)).all():
         return None
     return rounded
