@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import ModelProto, TensorProto
+from onnx import AttributeProto, GraphProto, ModelProto, TensorProto
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
 from bnfold.errors import ModelLoadError, OutputError
@@ -61,7 +62,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
     if used_external_data:
         try:
             load_external_data_for_model(model, str(path.parent))
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, onnx.checker.ValidationError) as error:
             raise ModelLoadError(f"{path}: cannot load its external data ({error})") from None
     if check:
         _check(model, path)
@@ -69,7 +70,26 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
 
 
 def _uses_external_data(model: ModelProto) -> bool:
-    return any(uses_external_data(tensor) for tensor in model.graph.initializer)
+    # Every tensor, as onnx's loader sees them: subgraph initializers and Constant values included.
+    return any(uses_external_data(tensor) for tensor, _ in _all_tensors(model.graph))
+
+
+def _all_tensors(graph: GraphProto) -> Iterator[tuple[TensorProto, bool]]:
+    """(tensor, is_initializer) for every tensor of ``graph`` and its subgraphs."""
+    for tensor in graph.initializer:
+        yield tensor, True
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == AttributeProto.TENSOR:
+                yield attribute.t, False
+            elif attribute.type == AttributeProto.TENSORS:
+                for tensor in attribute.tensors:
+                    yield tensor, False
+            elif attribute.type == AttributeProto.GRAPH:
+                yield from _all_tensors(attribute.g)
+            elif attribute.type == AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    yield from _all_tensors(subgraph)
 
 
 def _check(model: ModelProto, path: Path) -> None:
@@ -105,11 +125,24 @@ def write_atomically(path: str | os.PathLike, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(temporary, _file_mode(path))
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def _file_mode(path: Path) -> int:
+    """The mode a plain write would give ``path``: its current mode, else 0o666 less the umask.
+
+    (mkstemp creates its files 0o600, which would leave every output readable by its owner only.)
+    """
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(path.stat().st_mode)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def save_model(model: ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
@@ -131,6 +164,7 @@ def save_model(model: ModelProto, path: str | os.PathLike, *, external_data: boo
             os.fsync(handle.fileno())
             serialized = model.SerializeToString()
         # Data first, then the model that points at it: the model never names a missing file.
+        os.chmod(temporary, _file_mode(data_path))
         os.replace(temporary, data_path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -172,4 +206,5 @@ def _externalized(model: ModelProto, location: str, handle) -> Iterator[None]:
 
 
 def _all_initializers(model: ModelProto) -> Iterator[TensorProto]:
-    yield from model.graph.initializer
+    """Initializers of the main graph and of every subgraph (If/Loop/Scan bodies)."""
+    return (tensor for tensor, is_initializer in _all_tensors(model.graph) if is_initializer)
