@@ -121,9 +121,7 @@ def scale_output_channels(
     return (grouped * grouped_scale).reshape(weight64.shape)
 
 
-def fold_bias(
-    bias: np.ndarray | None, affine: Affine, bias_multiplier: float = 1.0
-) -> np.ndarray:
+def fold_bias(bias: np.ndarray | None, affine: Affine, bias_multiplier: float = 1.0) -> np.ndarray:
     """The bias after the affine map: ``bias_multiplier * bias * scale + shift`` in float64.
 
     ``bias`` may be absent (zero) or any shape that broadcasts against ``[..., C]`` (Gemm's ``C``);

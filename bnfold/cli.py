@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from bnfold.errors import BnfoldError, MissingDependencyError
+from bnfold.errors import BnfoldError, MissingDependencyError, OutputError
 from bnfold.onnx import RULES, fold_onnx, load_model, rule_names, save_model
 from bnfold.onnx.io import check_output_path, write_atomically
 from bnfold.report import Report
@@ -109,7 +109,7 @@ def fold(model, output, no_verify, force, dry_run, simplify, skip_rules, externa
     if output is not None and not dry_run:
         check_output_path(output)
     if report_path:
-        check_output_path(report_path)
+        _check_report_path(report_path, model, None if dry_run else output)
     shapes = parse_input_shapes(input_shapes)
     if simplify:
         _require_onnxsim()
@@ -153,7 +153,7 @@ def verify_command(original, folded, provider, atol, rtol, input_shapes, inputs_
     """Compare two existing models in ONNX Runtime; exit 1 when any output differs."""
     shapes = parse_input_shapes(input_shapes)
     if report_path:
-        check_output_path(report_path)
+        _check_report_path(report_path, original, folded)
     original_model = load_model(original).model
     folded_model = load_model(folded).model
     result = verify(original_model, folded_model, provider=provider, input_shapes=shapes,
@@ -177,12 +177,20 @@ def verify_command(original, folded, provider, atol, rtol, input_shapes, inputs_
 def inspect(model, skip_rules, report_path, as_json) -> None:
     """Report what would happen to every normalization node of MODEL; write no model."""
     if report_path:
-        check_output_path(report_path)
+        _check_report_path(report_path, model)
     result = fold_onnx(load_model(model).model, skip_rules=skip_rules, inplace=True)
     result.report.source = str(model)
     click.echo(result.report.to_json() if as_json else result.report.to_text())
     if report_path:
         write_atomically(report_path, result.report.to_json().encode())
+
+
+def _check_report_path(report_path, *models) -> None:
+    """Fail early when the JSON report cannot be written, or would overwrite a model."""
+    target = check_output_path(report_path).resolve()
+    for model in models:
+        if model is not None and Path(model).resolve() == target:
+            raise OutputError(f"{report_path}: --report would overwrite the model {model}")
 
 
 def _show(report: Report, verification: VerificationResult | None, quiet: bool) -> None:

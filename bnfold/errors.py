@@ -6,8 +6,14 @@ message on one line and exits 2. A verification mismatch is not an exception but
 
 from __future__ import annotations
 
-__all__ = ["BnfoldError", "ModelLoadError", "InputSpecError", "ProviderUnavailableError",
-           "MissingDependencyError", "OutputError"]
+__all__ = [
+    "BnfoldError",
+    "ModelLoadError",
+    "InputSpecError",
+    "ProviderUnavailableError",
+    "MissingDependencyError",
+    "OutputError",
+]
 
 
 class BnfoldError(Exception):

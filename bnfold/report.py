@@ -143,9 +143,7 @@ class Report:
 
     def summary(self) -> str:
         total = len(self.decisions) - len(self.never_foldable)
-        text = (
-            f"{total} BatchNormalization: {len(self.folded)} folded, {len(self.kept)} kept"
-        )
+        text = f"{total} BatchNormalization: {len(self.folded)} folded, {len(self.kept)} kept"
         if self.never_foldable:
             text += f"; {len(self.never_foldable)} per-sample normalization never foldable"
         return text

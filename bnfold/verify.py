@@ -126,16 +126,28 @@ class VerificationResult:
         header = ("output", "dtype", "shape", "max abs err", "max rel err", "atol", "rtol", "result")
         rows = [header]
         for output in self.outputs:
-            rows.append((
-                output.name, output.dtype, "x".join(map(str, output.shape)) or "scalar",
-                f"{output.max_abs_error:.3g}", f"{output.max_rel_error:.3g}", f"{output.atol:.3g}",
-                f"{output.rtol:.3g}",
-                "ok" if output.passed else f"MISMATCH ({output.mismatched} elements; "
-                f"atol {output.needed_atol:.3g} would pass){' ' + output.note if output.note else ''}",
-            ))
+            rows.append(
+                (
+                    output.name,
+                    output.dtype,
+                    "x".join(map(str, output.shape)) or "scalar",
+                    f"{output.max_abs_error:.3g}",
+                    f"{output.max_rel_error:.3g}",
+                    f"{output.atol:.3g}",
+                    f"{output.rtol:.3g}",
+                    "ok"
+                    if output.passed
+                    else f"MISMATCH ({output.mismatched} elements; "
+                    f"atol {output.needed_atol:.3g} would pass){' ' + output.note if output.note else ''}",
+                )
+            )
         widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths)) + "  " + row[-1]
-                 for row in rows]
+        lines = [
+            "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True))
+            + "  "
+            + row[-1]
+            for row in rows
+        ]
         verdict = "passed" if self.passed else "FAILED"
         shapes = ", ".join(f"{name}={'x'.join(map(str, shape))}" for name, shape in self.input_shapes.items())
         lines.append(
@@ -193,7 +205,11 @@ def verify(
 
 
 def compare_output(
-    name: str, expected: np.ndarray, actual: np.ndarray, *, atol: float | None = None,
+    name: str,
+    expected: np.ndarray,
+    actual: np.ndarray,
+    *,
+    atol: float | None = None,
     rtol: float | None = None,
 ) -> OutputComparison:
     """Element-wise ``|actual - expected| <= atol + rtol * |expected|``; NaN matches NaN, inf matches inf."""
@@ -202,14 +218,35 @@ def compare_output(
     dtype = expected.dtype.name
     if expected.shape != actual.shape or expected.dtype != actual.dtype:
         return OutputComparison(
-            name, dtype, shape, False, float("inf"), float("inf"), float("inf"), atol or 0.0,
-            rtol or 0.0, float("inf"), int(expected.size),
+            name,
+            dtype,
+            shape,
+            False,
+            float("inf"),
+            float("inf"),
+            float("inf"),
+            atol or 0.0,
+            rtol or 0.0,
+            float("inf"),
+            int(expected.size),
             f"folded output is {actual.dtype.name}{list(actual.shape)}",
         )
     if expected.dtype.kind not in "fc":
         mismatched = int(np.count_nonzero(expected != actual))
-        return OutputComparison(name, dtype, shape, mismatched == 0, float(mismatched > 0), 0.0, 0.0,
-                                0.0, 0.0, 0.0, mismatched, "compared exactly")
+        return OutputComparison(
+            name,
+            dtype,
+            shape,
+            mismatched == 0,
+            float(mismatched > 0),
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            mismatched,
+            "compared exactly",
+        )
     reference = expected.astype(np.float64)
     candidate = actual.astype(np.float64)
     finite_reference = reference[np.isfinite(reference)]
@@ -228,11 +265,17 @@ def compare_output(
     size = max(error.size, 1)
     needed = np.maximum(error - rtol * np.abs(reference), 0.0)
     return OutputComparison(
-        name=name, dtype=dtype, shape=shape, passed=mismatched == 0,
+        name=name,
+        dtype=dtype,
+        shape=shape,
+        passed=mismatched == 0,
         max_abs_error=float(error.max(initial=0.0)),
         mean_abs_error=float(error.sum() / size) if np.isfinite(error).all() else float("inf"),
-        max_rel_error=float(relative.max(initial=0.0)), atol=float(atol), rtol=float(rtol),
-        needed_atol=float(needed.max(initial=0.0)), mismatched=mismatched,
+        max_rel_error=float(relative.max(initial=0.0)),
+        atol=float(atol),
+        rtol=float(rtol),
+        needed_atol=float(needed.max(initial=0.0)),
+        mismatched=mismatched,
     )
 
 
@@ -368,7 +411,9 @@ def _random_inputs(session, shapes: Mapping[str, list[int]], seed: int) -> dict[
     unknown = set(shapes) - {meta.name for meta in metas}
     if unknown:
         names = ", ".join(meta.name for meta in metas)
-        raise InputSpecError(f"--input-shape names unknown input(s) {sorted(unknown)}; the model has: {names}")
+        raise InputSpecError(
+            f"--input-shape names unknown input(s) {sorted(unknown)}; the model has: {names}"
+        )
     feeds = {}
     for position, meta in enumerate(metas):
         declared = list(meta.shape)
@@ -380,8 +425,9 @@ def _random_inputs(session, shapes: Mapping[str, list[int]], seed: int) -> dict[
                 )
             for given, fixed in zip(shape, declared, strict=True):
                 if isinstance(fixed, int) and fixed != given:
+                    given_text = ",".join(map(str, shape))
                     raise InputSpecError(
-                        f"--input-shape {meta.name}={','.join(map(str, shape))}: the model fixes it to {declared}"
+                        f"--input-shape {meta.name}={given_text}: the model fixes it to {declared}"
                     )
         else:
             shape = [dim if isinstance(dim, int) and dim >= 0 else 1 for dim in declared]
@@ -422,7 +468,8 @@ def _load_inputs(session, inputs: Mapping[str, np.ndarray] | str | os.PathLike) 
             raise InputSpecError(f"--inputs {name}: dtype {value.dtype.name}, the model expects {dtype.name}")
         declared = list(meta.shape)
         if len(declared) != value.ndim or any(
-            isinstance(fixed, int) and fixed != given for fixed, given in zip(declared, value.shape)
+            isinstance(fixed, int) and fixed != given
+            for fixed, given in zip(declared, value.shape, strict=True)
         ):
             raise InputSpecError(f"--inputs {name}: shape {list(value.shape)}, the model declares {declared}")
         feeds[name] = value

@@ -93,9 +93,7 @@ def _export_torchscript(
     dynamic_batch: bool,
 ) -> onnx.ModelProto:
     """Legacy exporter with constant folding on but the Conv->BN eval peephole off."""
-    dynamic_axes = (
-        {name: {0: "batch"} for name in [*input_names, *output_names]} if dynamic_batch else None
-    )
+    dynamic_axes = {name: {0: "batch"} for name in [*input_names, *output_names]} if dynamic_batch else None
     with tempfile.TemporaryDirectory(prefix="bnfold-export-") as directory:
         raw_path = Path(directory) / "model.onnx"
         with warnings.catch_warnings():
@@ -104,9 +102,7 @@ def _export_torchscript(
             warnings.filterwarnings("ignore", category=FutureWarning)
             # Emitted for any PRESERVE+folding export; its concern (a module in training
             # mode) cannot apply because export_onnx insists on eval().
-            warnings.filterwarnings(
-                "ignore", message="It is recommended that constant folding be turned off"
-            )
+            warnings.filterwarnings("ignore", message="It is recommended that constant folding be turned off")
             torch.onnx.export(
                 module,
                 inputs,
@@ -211,9 +207,7 @@ def export_onnx(
     if default_opset != opset:
         raise RuntimeError(f"exporter produced opset {default_opset}, requested {opset}")
     onnx.checker.check_model(model, full_check=True)
-    batchnorm_layers = sum(
-        isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in module.modules()
-    )
+    batchnorm_layers = sum(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in module.modules())
     batchnorm_nodes = count_ops(model)["BatchNormalization"]
     if batchnorm_nodes < batchnorm_layers:
         raise RuntimeError(

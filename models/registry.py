@@ -151,13 +151,9 @@ def randomize_layernorm(module: nn.Module, generator: torch.Generator) -> None:
         for layer in module.modules():
             if isinstance(layer, nn.LayerNorm | LayerNorm2d) and layer.weight is not None:
                 channels = layer.weight.numel()
-                layer.weight.copy_(
-                    (0.5 + torch.rand(channels, generator=generator)).view_as(layer.weight)
-                )
+                layer.weight.copy_((0.5 + torch.rand(channels, generator=generator)).view_as(layer.weight))
                 if layer.bias is not None:
-                    layer.bias.copy_(
-                        (0.2 * torch.randn(channels, generator=generator)).view_as(layer.bias)
-                    )
+                    layer.bias.copy_((0.2 * torch.randn(channels, generator=generator)).view_as(layer.bias))
 
 
 def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:

@@ -31,7 +31,9 @@ def bn_node(input_name: str, output_name: str, prefix: str = "bn", **attributes)
     return helper.make_node(
         "BatchNormalization",
         [input_name, f"{prefix}_gamma", f"{prefix}_beta", f"{prefix}_mean", f"{prefix}_var"],
-        [output_name], name=prefix, **attributes,
+        [output_name],
+        name=prefix,
+        **attributes,
     )
 
 
@@ -55,9 +57,21 @@ def _declare_output_shapes(model: onnx.ModelProto) -> None:
 
 
 def conv_bn_model(
-    *, rank: int = 2, in_channels: int = 4, out_channels: int = 6, groups: int = 1, kernel: int = 3,
-    bias: bool = True, transpose: bool = False, dtype: str = "float32", bn_dtype: str | None = None,
-    opset: int = 17, seed: int = 0, strides: int = 1, dilations: int = 1, pads: int = 1,
+    *,
+    rank: int = 2,
+    in_channels: int = 4,
+    out_channels: int = 6,
+    groups: int = 1,
+    kernel: int = 3,
+    bias: bool = True,
+    transpose: bool = False,
+    dtype: str = "float32",
+    bn_dtype: str | None = None,
+    opset: int = 17,
+    seed: int = 0,
+    strides: int = 1,
+    dilations: int = 1,
+    pads: int = 1,
     bn_attributes: dict | None = None,
 ) -> onnx.ModelProto:
     """x -> Conv/ConvTranspose -> BN -> y, with every knob a fold must respect."""
@@ -76,8 +90,14 @@ def conv_bn_model(
         inputs.append("B")
     initializers += bn_params(rng, out_channels, bn_numpy_dtype)
     conv = helper.make_node(
-        "ConvTranspose" if transpose else "Conv", inputs, ["conv_out"], name="conv", group=groups,
-        strides=[strides] * rank, dilations=[dilations] * rank, pads=[pads] * (2 * rank),
+        "ConvTranspose" if transpose else "Conv",
+        inputs,
+        ["conv_out"],
+        name="conv",
+        group=groups,
+        strides=[strides] * rank,
+        dilations=[dilations] * rank,
+        pads=[pads] * (2 * rank),
     )
     nodes = [conv, bn_node("conv_out", "y", **(bn_attributes or {}))]
     spatial = [7] * rank
@@ -87,9 +107,18 @@ def conv_bn_model(
 
 
 def gemm_bn_model(
-    *, in_features: int = 5, out_features: int = 7, trans_a: int = 0, trans_b: int = 0,
-    alpha: float = 1.0, beta: float = 1.0, bias_shape: tuple[int, ...] | None = (7,),
-    dtype: str = "float32", seed: int = 0, batch: int = 3, opset: int = 17,
+    *,
+    in_features: int = 5,
+    out_features: int = 7,
+    trans_a: int = 0,
+    trans_b: int = 0,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    bias_shape: tuple[int, ...] | None = (7,),
+    dtype: str = "float32",
+    seed: int = 0,
+    batch: int = 3,
+    opset: int = 17,
 ) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     numpy_dtype, onnx_dtype = DTYPES[dtype]
@@ -101,8 +130,9 @@ def gemm_bn_model(
         inputs.append("C")
     initializers += bn_params(rng, out_features, numpy_dtype)
     nodes = [
-        helper.make_node("Gemm", inputs, ["gemm_out"], name="gemm", transA=trans_a, transB=trans_b,
-                         alpha=alpha, beta=beta),
+        helper.make_node(
+            "Gemm", inputs, ["gemm_out"], name="gemm", transA=trans_a, transB=trans_b, alpha=alpha, beta=beta
+        ),
         bn_node("gemm_out", "y"),
     ]
     a_shape = [in_features, batch] if trans_a else [batch, in_features]
@@ -112,8 +142,15 @@ def gemm_bn_model(
 
 
 def matmul_bn_model(
-    *, in_features: int = 5, out_features: int = 7, with_add: bool = False, bias_first: bool = False,
-    dtype: str = "float32", seed: int = 0, left_shape: list | None = None, opset: int = 17,
+    *,
+    in_features: int = 5,
+    out_features: int = 7,
+    with_add: bool = False,
+    bias_first: bool = False,
+    dtype: str = "float32",
+    seed: int = 0,
+    left_shape: list | None = None,
+    opset: int = 17,
 ) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     numpy_dtype, onnx_dtype = DTYPES[dtype]

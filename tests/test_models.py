@@ -43,5 +43,7 @@ def test_convnext_block_has_nothing_to_fold_and_says_why(tmp_path):
     report = fold_onnx(path).report
     assert report.decisions, "the LayerNorms must be reported"
     assert {d.op_type for d in report.decisions} == {"LayerNormalization"}
-    assert all(d.outcome is Outcome.NEVER_FOLDABLE and d.reason is Reason.PER_SAMPLE_STATISTICS
-               for d in report.decisions)
+    assert all(
+        d.outcome is Outcome.NEVER_FOLDABLE and d.reason is Reason.PER_SAMPLE_STATISTICS
+        for d in report.decisions
+    )

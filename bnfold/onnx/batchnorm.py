@@ -63,9 +63,7 @@ def read_batchnorm(graph: GraphIndex, node: NodeProto) -> BatchNormParams | Refu
         )
     if opset < 9 and _attribute(node, "spatial", 1) == 0:
         return Refusal(Reason.PER_ACTIVATION_STATISTICS, "spatial=0")
-    used_extras = [
-        name for name in extra_outputs if graph.consumers.get(name) or graph.is_graph_output(name)
-    ]
+    used_extras = [name for name in extra_outputs if graph.consumers.get(name) or graph.is_graph_output(name)]
     if used_extras:
         return Refusal(Reason.EXTRA_OUTPUTS_USED, f"{used_extras} are read")
     if len(node.input) < 5:

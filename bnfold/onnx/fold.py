@@ -104,7 +104,11 @@ def _fold_graph(graph: GraphIndex, rules: Sequence[Rule], skipped: set[str], rep
 def _try_fold(graph: GraphIndex, bn: NodeProto, rules: Sequence[Rule], skipped: set[str]) -> Decision:
     producer = graph.producer.get(bn.input[0]) if bn.input else None
     if producer is None:
-        where = "a graph input" if bn.input and bn.input[0] in graph.graph_inputs else "not produced in this graph"
+        where = (
+            "a graph input"
+            if bn.input and bn.input[0] in graph.graph_inputs
+            else "not produced in this graph"
+        )
         return _kept(graph, bn, Refusal(Reason.NO_FOLDABLE_PRODUCER, f"input `{bn.input[0]}` is {where}"))
     rule = next((rule for rule in rules if rule.accepts(graph, producer)), None)
     if rule is None:
@@ -131,13 +135,21 @@ def _is_default(node: NodeProto, op_type: str) -> bool:
 
 def _kept(graph: GraphIndex, bn: NodeProto, refusal: Refusal, rule: Rule | None = None) -> Decision:
     return _decision(
-        graph, bn, Outcome.KEPT, rule=rule.name if rule else None, reason=refusal.reason,
+        graph,
+        bn,
+        Outcome.KEPT,
+        rule=rule.name if rule else None,
+        reason=refusal.reason,
         detail=refusal.detail,
     )
 
 
 def _decision(graph: GraphIndex, node: NodeProto, outcome: Outcome, **fields) -> Decision:
     return Decision(
-        node=node.name, op_type=node.op_type, output=node.output[0] if node.output else "",
-        outcome=outcome, graph=graph.path, **fields,
+        node=node.name,
+        op_type=node.op_type,
+        output=node.output[0] if node.output else "",
+        outcome=outcome,
+        graph=graph.path,
+        **fields,
     )

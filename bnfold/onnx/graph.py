@@ -183,7 +183,10 @@ class GraphIndex:
     """Producers, consumers and constants of one graph; parent index for outer-scope lookups."""
 
     def __init__(
-        self, graph: GraphProto, context: ModelContext, path: str = "main",
+        self,
+        graph: GraphProto,
+        context: ModelContext,
+        path: str = "main",
         parent: GraphIndex | None = None,
     ) -> None:
         self.graph = graph
@@ -254,9 +257,7 @@ class GraphIndex:
                 value = _constant_node_value(node)
                 if value is not None:
                     return ConstantLookup(value)
-            return ConstantLookup(
-                None, Reason.PARAM_NOT_CONSTANT, f"`{name}` is computed by {node.op_type}"
-            )
+            return ConstantLookup(None, Reason.PARAM_NOT_CONSTANT, f"`{name}` is computed by {node.op_type}")
         if name in self.initializers:
             if name in self.graph_inputs:
                 return ConstantLookup(

@@ -68,9 +68,7 @@ def _sole_consumer_refusal(graph: GraphIndex, tensor: str, reader: NodeProto) ->
     return None
 
 
-def _constant_input(
-    graph: GraphIndex, node: NodeProto, slot: int, role: str
-) -> np.ndarray | Refusal | None:
+def _constant_input(graph: GraphIndex, node: NodeProto, slot: int, role: str) -> np.ndarray | Refusal | None:
     """The constant at ``node.input[slot]``; None when the optional input is absent."""
     if slot >= len(node.input) or not node.input[slot]:
         return None
@@ -147,7 +145,8 @@ class _OutputChannelRule(Rule):
                 f"layer has {channels} output channels, BatchNormalization has {params.channels}",
             )
         new_weight = _rounded(
-            scale_output_channels(weight, params.affine.scale, self.layout, groups), weight.dtype,
+            scale_output_channels(weight, params.affine.scale, self.layout, groups),
+            weight.dtype,
             "weight",
         )
         new_bias = _rounded(fold_bias(bias, params.affine), weight.dtype, "bias")
@@ -200,7 +199,9 @@ class GemmThenBN(Rule):
         bias = _constant_input(graph, producer, 2, "C")
         if isinstance(bias, Refusal):
             return bias
-        layout = WeightLayout.MATRIX_OUT_IN if _attribute(producer, "transB", 0) else WeightLayout.MATRIX_IN_OUT
+        layout = (
+            WeightLayout.MATRIX_OUT_IN if _attribute(producer, "transB", 0) else WeightLayout.MATRIX_IN_OUT
+        )
         channels = output_channel_count(weight.shape, layout)
         if weight.ndim != 2 or channels != params.channels:
             return Refusal(
@@ -288,7 +289,8 @@ class MatMulThenBN(Rule):
             return Refusal(Reason.PARAM_SHAPE_MISMATCH, f"bias shape {bias.shape} / dtype {bias.dtype}")
         new_weight = _rounded(
             scale_output_channels(weight, params.affine.scale, WeightLayout.MATRIX_IN_OUT),
-            weight.dtype, "right-hand side",
+            weight.dtype,
+            "right-hand side",
         )
         new_bias = _rounded(fold_bias(bias, params.affine), weight.dtype, "bias")
         for value in (new_weight, new_bias):
@@ -312,7 +314,9 @@ class MatMulThenBN(Rule):
         graph.graph.initializer.append(numpy_helper.from_array(match.new_bias, bias_name))
         graph.initializers[bias_name] = graph.graph.initializer[-1]
         add = helper.make_node(
-            "Add", [matmul.output[0], bias_name], [bn.output[0]],
+            "Add",
+            [matmul.output[0], bias_name],
+            [bn.output[0]],
             name=graph.context.fresh_name(f"{label}_bias_add"),
         )
         graph.insert_node_at(add, replacing=bn)

@@ -27,8 +27,9 @@ def fold_and_compare(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, fo
         assert reference.dtype == candidate.dtype and reference.shape == candidate.shape
         scale = max(1.0, float(np.abs(reference.astype(np.float64)).max()))
         tolerance = TOLERANCE[reference.dtype.type] * scale
-        np.testing.assert_allclose(candidate.astype(np.float64), reference.astype(np.float64),
-                                   rtol=tolerance, atol=tolerance)
+        np.testing.assert_allclose(
+            candidate.astype(np.float64), reference.astype(np.float64), rtol=tolerance, atol=tolerance
+        )
     return result
 
 

@@ -24,9 +24,16 @@ def conv_cases(draw, transpose: bool):
     in_per_group = draw(st.integers(1, 3))
     out_per_group = draw(st.integers(1, 3))
     return dict(
-        rank=rank, groups=groups, in_channels=groups * in_per_group, out_channels=groups * out_per_group,
-        kernel=draw(st.sampled_from([1, 2, 3])), bias=draw(st.booleans()), transpose=transpose,
-        strides=draw(st.integers(1, 2)), dilations=draw(st.integers(1, 2)), pads=draw(st.integers(0, 1)),
+        rank=rank,
+        groups=groups,
+        in_channels=groups * in_per_group,
+        out_channels=groups * out_per_group,
+        kernel=draw(st.sampled_from([1, 2, 3])),
+        bias=draw(st.booleans()),
+        transpose=transpose,
+        strides=draw(st.integers(1, 2)),
+        dilations=draw(st.integers(1, 2)),
+        pads=draw(st.integers(0, 1)),
         seed=draw(st.integers(0, 10_000)),
     )
 

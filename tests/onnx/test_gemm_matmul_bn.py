@@ -15,16 +15,26 @@ NUMPY = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
 
 
 @given(
-    trans_a=st.integers(0, 1), trans_b=st.integers(0, 1),
-    alpha=st.sampled_from([1.0, 0.5, -2.0]), beta=st.sampled_from([1.0, 0.0, 0.25, -3.0]),
+    trans_a=st.integers(0, 1),
+    trans_b=st.integers(0, 1),
+    alpha=st.sampled_from([1.0, 0.5, -2.0]),
+    beta=st.sampled_from([1.0, 0.0, 0.25, -3.0]),
     bias_shape=st.sampled_from([None, (), (7,), (1, 7), (3, 7), (3, 1)]),
-    dtype=st.sampled_from(["float32", "float64", "float16"]), seed=st.integers(0, 10_000),
+    dtype=st.sampled_from(["float32", "float64", "float16"]),
+    seed=st.integers(0, 10_000),
 )
 def test_gemm_bn_respects_alpha_beta_transposes_and_any_bias_shape(
     trans_a, trans_b, alpha, beta, bias_shape, dtype, seed
 ):
-    model = gemm_bn_model(trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta,
-                          bias_shape=bias_shape, dtype=dtype, seed=seed)
+    model = gemm_bn_model(
+        trans_a=trans_a,
+        trans_b=trans_b,
+        alpha=alpha,
+        beta=beta,
+        bias_shape=bias_shape,
+        dtype=dtype,
+        seed=seed,
+    )
     a_shape = (5, 3) if trans_a else (3, 5)
     feeds = {"a": np.random.default_rng(seed).standard_normal(a_shape).astype(NUMPY[dtype])}
     result = fold_and_compare(model, feeds)
@@ -38,8 +48,12 @@ def test_gemm_bn_across_opsets(opset):
     fold_and_compare(model, {"a": np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)})
 
 
-@given(with_add=st.booleans(), bias_first=st.booleans(),
-       dtype=st.sampled_from(["float32", "float64", "float16"]), seed=st.integers(0, 10_000))
+@given(
+    with_add=st.booleans(),
+    bias_first=st.booleans(),
+    dtype=st.sampled_from(["float32", "float64", "float16"]),
+    seed=st.integers(0, 10_000),
+)
 def test_matmul_bn_on_2d_outputs(with_add, bias_first, dtype, seed):
     model = matmul_bn_model(with_add=with_add, bias_first=bias_first, dtype=dtype, seed=seed)
     feeds = {"a": np.random.default_rng(seed).standard_normal((4, 5)).astype(NUMPY[dtype])}

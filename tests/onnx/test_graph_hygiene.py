@@ -30,7 +30,9 @@ def test_weights_and_statistics_from_constant_nodes_fold():
 def test_shared_weight_is_copied_not_edited():
     # Two convs read the same weight; only the first feeds a BN. The second must keep the original.
     model = conv_bn_model(seed=3)
-    model.graph.node.append(helper.make_node("Conv", ["x", "W", "B"], ["other"], pads=[1, 1, 1, 1], name="c2"))
+    model.graph.node.append(
+        helper.make_node("Conv", ["x", "W", "B"], ["other"], pads=[1, 1, 1, 1], name="c2")
+    )
     model.graph.output.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, ["N", 6, 7, 7]))
     before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     result = fold_and_compare(model, feeds())
@@ -84,10 +86,15 @@ def _if_model_with_conv_bn_in_both_branches():
         out = helper.make_tensor_value_info(f"y_{tag}", TensorProto.FLOAT, None)
         return helper.make_graph(nodes, tag, [], [out], [weight, *bn_params(rng, 6, prefix=f"bn_{tag}")])
 
-    nodes = [helper.make_node("If", ["flag"], ["y"], then_branch=branch("then"), else_branch=branch("else"),
-                              name="choose")]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 7, 7]),
-              helper.make_tensor_value_info("flag", TensorProto.BOOL, [])]
+    nodes = [
+        helper.make_node(
+            "If", ["flag"], ["y"], then_branch=branch("then"), else_branch=branch("else"), name="choose"
+        )
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 7, 7]),
+        helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+    ]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 7, 7])]
     return make_model(nodes, inputs, outputs, [])
 
@@ -96,7 +103,10 @@ def test_bns_inside_if_branches_are_folded():
     model = _if_model_with_conv_bn_in_both_branches()
     result = fold_onnx(model)
     assert [d.outcome for d in result.report.decisions] == [Outcome.FOLDED, Outcome.FOLDED]
-    assert {d.graph for d in result.report.decisions} == {"main/choose.then_branch", "main/choose.else_branch"}
+    assert {d.graph for d in result.report.decisions} == {
+        "main/choose.then_branch",
+        "main/choose.else_branch",
+    }
     onnx.checker.check_model(result.model, full_check=True)
     x = np.random.default_rng(5).standard_normal((2, 4, 7, 7)).astype(np.float32)
     for flag in (True, False):
@@ -107,14 +117,20 @@ def test_bns_inside_if_branches_are_folded():
 def test_conv_output_read_implicitly_by_a_subgraph_is_another_consumer():
     model = conv_bn_model()
     then_graph = helper.make_graph(
-        [helper.make_node("Identity", ["conv_out"], ["t"])], "then", [],
+        [helper.make_node("Identity", ["conv_out"], ["t"])],
+        "then",
+        [],
         [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
     )
     else_graph = helper.make_graph(
-        [helper.make_node("Identity", ["y"], ["e"])], "else", [],
+        [helper.make_node("Identity", ["y"], ["e"])],
+        "else",
+        [],
         [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)],
     )
-    model.graph.node.append(helper.make_node("If", ["flag"], ["z"], then_branch=then_graph, else_branch=else_graph))
+    model.graph.node.append(
+        helper.make_node("If", ["flag"], ["z"], then_branch=then_graph, else_branch=else_graph)
+    )
     model.graph.input.append(helper.make_tensor_value_info("flag", TensorProto.BOOL, []))
     (decision,) = fold_onnx(model).report.decisions
     assert decision.outcome is Outcome.KEPT and str(decision.reason) == "producer-has-other-consumers"

@@ -190,7 +190,10 @@ def test_refusal_keeps_the_bn_untouched_and_says_why(reason, build):
 def test_layer_norm_is_reported_never_foldable():
     result = fold_onnx(layer_norm())
     outcomes = {(d.op_type, d.outcome) for d in result.report.decisions}
-    assert outcomes == {("BatchNormalization", Outcome.FOLDED), ("LayerNormalization", Outcome.NEVER_FOLDABLE)}
+    assert outcomes == {
+        ("BatchNormalization", Outcome.FOLDED),
+        ("LayerNormalization", Outcome.NEVER_FOLDABLE),
+    }
     (never,) = result.report.never_foldable
     assert never.reason is Reason.PER_SAMPLE_STATISTICS and never.node == "ln"
 
