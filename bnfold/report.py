@@ -170,7 +170,7 @@ class Report:
         for decision in self.decisions:
             name = decision.label if decision.graph == "main" else f"{decision.graph}:{decision.label}"
             rows.append((name, decision.op_type, str(decision.outcome), decision.message))
-        widths = [min(max(len(row[i]) for row in rows), 40) for i in range(3)]
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
         lines = []
         for index, row in enumerate(rows):
             cells = [cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)]
