@@ -63,10 +63,16 @@ def vgg_style_model(target_mb: float, path: Path, seed: int = 0) -> int:
             rng.standard_normal(channels_out).astype(np.float32) * 0.1,
             rng.uniform(0.5, 2.0, channels_out).astype(np.float32),
         ]
-        initializers += [numpy_helper.from_array(value, name) for name, value in zip(names, values, strict=True)]
+        initializers += [
+            numpy_helper.from_array(value, name) for name, value in zip(names, values, strict=True)
+        ]
         nodes += [
-            helper.make_node("Conv", [current, names[0]], [f"conv{index}"], pads=[1, 1, 1, 1], name=f"conv{index}"),
-            helper.make_node("BatchNormalization", [f"conv{index}", *names[1:]], [f"bn{index}"], name=f"bn{index}"),
+            helper.make_node(
+                "Conv", [current, names[0]], [f"conv{index}"], pads=[1, 1, 1, 1], name=f"conv{index}"
+            ),
+            helper.make_node(
+                "BatchNormalization", [f"conv{index}", *names[1:]], [f"bn{index}"], name=f"bn{index}"
+            ),
             helper.make_node("Relu", [f"bn{index}"], [f"relu{index}"], name=f"relu{index}"),
         ]
         current, channels_in = f"relu{index}", channels_out
@@ -149,7 +155,9 @@ def main() -> None:
         for name, path in models:
             output = directory / f"{name}.folded.onnx"
             plain_seconds, plain_rss = timed_child(PLAIN_IO, str(path), str(output))
-            fold_seconds, fold_rss = timed_child(BNFOLD_CLI, str(path), "-o", str(output), "--no-verify", "-q")
+            fold_seconds, fold_rss = timed_child(
+                BNFOLD_CLI, str(path), "-o", str(output), "--no-verify", "-q"
+            )
             stages = stage_times(path, output)
             rows.append(
                 {

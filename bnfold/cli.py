@@ -7,6 +7,7 @@ mismatch, 2 bad input or usage, 3 internal error (a bug: set BNFOLD_DEBUG=1 for 
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
@@ -55,21 +56,63 @@ class _FoldByDefault(click.Group):
             ctx.exit(EXIT_INTERNAL)
 
 
+def _tolerance(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not value >= 0:  # also refuses NaN
+        raise click.BadParameter(f"{value} is not a number >= 0")
+    return value
+
+
 def _verification_options(function):
     options = [
-        click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
-                     help="ONNX Runtime execution provider; auto = CUDA when usable, else CPU."),
-        click.option("--atol", type=float, default=None,
-                     help="Absolute tolerance (default by dtype, scaled to each output's magnitude)."),
-        click.option("--rtol", type=float, default=None, help="Relative tolerance (default by dtype)."),
-        click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
-                     help="Shape for an input with dynamic dimensions (repeatable); default 1."),
-        click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), default=None,
-                     help="Real input data: an .npz file with one array per model input."),
-        click.option("--seed", type=int, default=0, show_default=True,
-                     help="Seed for random inputs (input i uses seed + i)."),
-        click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
-                     help="Also write the report as JSON to this file."),
+        click.option(
+            "--provider",
+            type=click.Choice(PROVIDERS),
+            default="auto",
+            show_default=True,
+            help="ONNX Runtime execution provider; auto = CUDA when usable, else CPU.",
+        ),
+        click.option(
+            "--atol",
+            type=float,
+            default=None,
+            callback=_tolerance,
+            help="Absolute tolerance (default by dtype, scaled to each output's magnitude).",
+        ),
+        click.option(
+            "--rtol",
+            type=float,
+            default=None,
+            callback=_tolerance,
+            help="Relative tolerance (default by dtype).",
+        ),
+        click.option(
+            "--input-shape",
+            "input_shapes",
+            multiple=True,
+            metavar="NAME=D1,D2,...",
+            help="Shape for an input with dynamic dimensions (repeatable); default 1.",
+        ),
+        click.option(
+            "--inputs",
+            "inputs_path",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="Real input data: an .npz file with one array per model input.",
+        ),
+        click.option(
+            "--seed",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="Seed for random inputs (input i uses seed + i).",
+        ),
+        click.option(
+            "--report",
+            "report_path",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="Also write the report as JSON to this file.",
+        ),
         click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
     ]
     for option in reversed(options):
@@ -96,13 +139,37 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="Write the output even when verification fails (exit 1).")
 @click.option("--dry-run", is_flag=True, help="Fold and verify in memory; write no model.")
 @click.option("--simplify", is_flag=True, help="Run onnxsim after folding (pip install 'bnfold[simplify]').")
-@click.option("--skip-rule", "skip_rules", multiple=True, type=click.Choice(rule_names(RULES)),
-              help="Do not apply this rule (repeatable).")
-@click.option("--external-data/--no-external-data", default=None,
-              help="Store weights in OUTPUT.data (default: as the input did, or when over 2 GB).")
+@click.option(
+    "--skip-rule",
+    "skip_rules",
+    multiple=True,
+    type=click.Choice(rule_names(RULES)),
+    help="Do not apply this rule (repeatable).",
+)
+@click.option(
+    "--external-data/--no-external-data",
+    default=None,
+    help="Store weights in OUTPUT.data (default: as the input did, or when over 2 GB).",
+)
 @_verification_options
-def fold(model, output, no_verify, force, dry_run, simplify, skip_rules, external_data, provider, atol,
-         rtol, input_shapes, inputs_path, seed, report_path, quiet) -> None:
+def fold(
+    model,
+    output,
+    no_verify,
+    force,
+    dry_run,
+    simplify,
+    skip_rules,
+    external_data,
+    provider,
+    atol,
+    rtol,
+    input_shapes,
+    inputs_path,
+    seed,
+    report_path,
+    quiet,
+) -> None:
     """Fold BatchNormalization nodes of MODEL into Conv/ConvTranspose/Gemm/MatMul."""
     if output is None and not dry_run:
         raise click.UsageError("missing -o/--output (or pass --dry-run to write nothing)")
@@ -115,16 +182,25 @@ def fold(model, output, no_verify, force, dry_run, simplify, skip_rules, externa
         _require_onnxsim()
 
     loaded = load_model(model)
-    original_bytes = None if no_verify else loaded.model.SerializeToString()
+    # A copy, not bytes: a model over 2 GB cannot be serialized in one piece.
+    original = None if no_verify else copy.deepcopy(loaded.model)
     result = fold_onnx(loaded.model, skip_rules=skip_rules, inplace=True)
     result.report.source = str(model)
     folded_model = _simplify(result.model) if simplify else result.model
 
     verification = None
     if not no_verify:
-        verification = verify(original_bytes, folded_model, provider=provider, input_shapes=shapes,
-                              inputs=inputs_path, seed=seed, atol=atol, rtol=rtol)
-        del original_bytes
+        verification = verify(
+            original,
+            folded_model,
+            provider=provider,
+            input_shapes=shapes,
+            inputs=inputs_path,
+            seed=seed,
+            atol=atol,
+            rtol=rtol,
+        )
+        del original
         result.report.extras["verification"] = verification.to_dict()
     _show(result.report, verification, quiet)
 
@@ -148,21 +224,32 @@ def fold(model, output, no_verify, force, dry_run, simplify, skip_rules, externa
 @click.argument("original", type=click.Path(dir_okay=True))
 @click.argument("folded", type=click.Path(dir_okay=True))
 @_verification_options
-def verify_command(original, folded, provider, atol, rtol, input_shapes, inputs_path, seed, report_path,
-                   quiet) -> None:
+def verify_command(
+    original, folded, provider, atol, rtol, input_shapes, inputs_path, seed, report_path, quiet
+) -> None:
     """Compare two existing models in ONNX Runtime; exit 1 when any output differs."""
     shapes = parse_input_shapes(input_shapes)
     if report_path:
         _check_report_path(report_path, original, folded)
     original_model = load_model(original).model
     folded_model = load_model(folded).model
-    result = verify(original_model, folded_model, provider=provider, input_shapes=shapes,
-                    inputs=inputs_path, seed=seed, atol=atol, rtol=rtol)
+    result = verify(
+        original_model,
+        folded_model,
+        provider=provider,
+        input_shapes=shapes,
+        inputs=inputs_path,
+        seed=seed,
+        atol=atol,
+        rtol=rtol,
+    )
     if not quiet:
         click.echo(result.to_text())
     if report_path:
-        write_atomically(report_path, Report(source=str(original), extras={"verification": result.to_dict()})
-                         .to_json().encode())
+        write_atomically(
+            report_path,
+            Report(source=str(original), extras={"verification": result.to_dict()}).to_json().encode(),
+        )
     if not result.passed:
         click.echo(f"bnfold: verification FAILED: {_worst(result)}", err=True)
         sys.exit(EXIT_MISMATCH)
@@ -171,8 +258,13 @@ def verify_command(original, folded, provider, atol, rtol, input_shapes, inputs_
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("--skip-rule", "skip_rules", multiple=True, type=click.Choice(rule_names(RULES)))
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the report as JSON to this file.")
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the report as JSON to this file.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 def inspect(model, skip_rules, report_path, as_json) -> None:
     """Report what would happen to every normalization node of MODEL; write no model."""
@@ -206,17 +298,17 @@ def _worst(result: VerificationResult) -> str:
     failing = [output for output in result.outputs if not output.passed]
     names = ", ".join(output.name for output in failing)
     worst = max(failing, key=lambda output: output.max_abs_error)
-    return (f"{len(failing)} output(s) differ ({names}); worst max abs error {worst.max_abs_error:.3g} "
-            f"> atol {worst.atol:.3g} + rtol {worst.rtol:.3g}")
+    return (
+        f"{len(failing)} output(s) differ ({names}); worst max abs error {worst.max_abs_error:.3g} "
+        f"> atol {worst.atol:.3g} + rtol {worst.rtol:.3g}"
+    )
 
 
 def _require_onnxsim() -> None:
     try:
         import onnxsim  # noqa: F401
     except ImportError:
-        raise MissingDependencyError(
-            "--simplify needs onnxsim: pip install 'bnfold[simplify]'"
-        ) from None
+        raise MissingDependencyError("--simplify needs onnxsim: pip install 'bnfold[simplify]'") from None
 
 
 def _simplify(model):

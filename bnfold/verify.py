@@ -24,7 +24,7 @@ from onnx import ModelProto
 
 from bnfold.errors import BnfoldError, InputSpecError, ProviderUnavailableError
 from bnfold.onnx.graph import subgraphs_of
-from bnfold.onnx.io import PROTOBUF_LIMIT, load_model, save_model
+from bnfold.onnx.io import exceeds_protobuf_limit, load_model, save_model
 
 __all__ = [
     "OutputComparison",
@@ -183,6 +183,10 @@ def verify(
     original_session, used_provider = _session(original, provider, "original")
     folded_session, _ = _session(folded, "cuda" if used_provider == "cuda" else "cpu", "folded")
     _check_same_signature(original_session, folded_session)
+    if inputs is not None and input_shapes:
+        raise InputSpecError(
+            "give either --inputs (real data, with its own shapes) or --input-shape, not both"
+        )
     if inputs is not None:
         feeds, source = _load_inputs(original_session, inputs), "real"
         if not isinstance(inputs, Mapping):
@@ -290,8 +294,12 @@ def parse_input_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, list[int
             shape = [int(dim) for dim in dims.split(",")] if dims.strip() else []
         except ValueError:
             raise InputSpecError(f"--input-shape {spec!r}: dimensions must be integers") from None
-        if any(dim < 0 for dim in shape):
-            raise InputSpecError(f"--input-shape {spec!r}: dimensions must not be negative")
+        if any(dim <= 0 for dim in shape):
+            raise InputSpecError(
+                f"--input-shape {spec!r}: dimensions must be positive (an empty tensor compares nothing)"
+            )
+        if name in shapes:
+            raise InputSpecError(f"--input-shape {name}: given twice")
         shapes[name] = shape
     return shapes
 
@@ -343,7 +351,7 @@ def _session_source(model: ModelSource) -> Iterator[bytes | str]:
     elif not isinstance(model, ModelProto):
         model = load_model(model).model
     with _without_trailing_empty_outputs(model):
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if not exceeds_protobuf_limit(model):
             yield model.SerializeToString()
             return
         with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as directory:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -50,7 +51,10 @@ def in_process(*args) -> Ran:
 def as_process(*args, cwd: Path | None = None) -> Ran:
     completed = subprocess.run(
         [sys.executable, "-m", "bnfold.cli", *(str(arg) for arg in args)],
-        capture_output=True, text=True, timeout=120, cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
     )
     return Ran(completed.returncode, completed.stdout, completed.stderr)
 
@@ -222,8 +226,9 @@ def test_no_verify_leaves_verification_out_of_the_report(model_path, tmp_path):
 def test_input_shape_sets_the_dynamic_batch(model_path, tmp_path):
     report_path = tmp_path / "report.json"
 
-    ran = in_process(model_path, "-o", tmp_path / "folded.onnx", "--input-shape", "x=2,4,7,7",
-                     "--report", report_path)
+    ran = in_process(
+        model_path, "-o", tmp_path / "folded.onnx", "--input-shape", "x=2,4,7,7", "--report", report_path
+    )
 
     assert ran.code == 0, ran.output
     verification = json.loads(report_path.read_text())["verification"]
@@ -237,8 +242,7 @@ def test_inputs_npz_verifies_on_real_data(model_path, tmp_path):
     np.savez(data, **x_feeds(batch=3, seed=5))
     report_path = tmp_path / "report.json"
 
-    ran = in_process(model_path, "-o", tmp_path / "folded.onnx", "--inputs", data, "--report",
-                     report_path)
+    ran = in_process(model_path, "-o", tmp_path / "folded.onnx", "--inputs", data, "--report", report_path)
 
     assert ran.code == 0, ran.output
     verification = json.loads(report_path.read_text())["verification"]
@@ -282,8 +286,9 @@ def test_skip_rule_keeps_the_batchnorm_with_its_reason(model_path, tmp_path):
 
 
 def test_skipping_an_unrelated_rule_changes_nothing(model_path, tmp_path):
-    ran = in_process(model_path, "-o", tmp_path / "folded.onnx", "--skip-rule", "gemm-bn",
-                     "--skip-rule", "matmul-bn")
+    ran = in_process(
+        model_path, "-o", tmp_path / "folded.onnx", "--skip-rule", "gemm-bn", "--skip-rule", "matmul-bn"
+    )
 
     assert ran.code == 0, ran.output
     assert "1 BatchNormalization: 1 folded, 0 kept" in ran.stdout
@@ -327,8 +332,6 @@ def test_existing_output_is_replaced(model_path, tmp_path):
 
 def test_written_files_follow_the_umask_not_mkstemps_0600(model_path, tmp_path):
     # mkstemp creates 0600 files; an output renamed from one must still get the usual mode.
-    import os
-
     umask = os.umask(0o022)
     os.umask(umask)
     output = tmp_path / "folded.onnx"
@@ -390,12 +393,25 @@ def test_verification_mismatch_with_force_writes_but_still_exits_1(model_path, t
 
 def test_failing_verification_result_exits_1(model_path, tmp_path, monkeypatch):
     failing = VerificationResult(
-        outputs=[OutputComparison(
-            name="y", dtype="float32", shape=[1, 6, 7, 7], passed=False, max_abs_error=0.5,
-            mean_abs_error=0.01, max_rel_error=0.2, atol=1e-5, rtol=1e-4, needed_atol=0.5,
-            mismatched=7,
-        )],
-        provider="cpu", seed=0, input_shapes={"x": [1, 4, 7, 7]}, input_source="random",
+        outputs=[
+            OutputComparison(
+                name="y",
+                dtype="float32",
+                shape=[1, 6, 7, 7],
+                passed=False,
+                max_abs_error=0.5,
+                mean_abs_error=0.01,
+                max_rel_error=0.2,
+                atol=1e-5,
+                rtol=1e-4,
+                needed_atol=0.5,
+                mismatched=7,
+            )
+        ],
+        provider="cpu",
+        seed=0,
+        input_shapes={"x": [1, 4, 7, 7]},
+        input_source="random",
     )
     monkeypatch.setattr(bnfold.cli, "verify", lambda *args, **kwargs: failing)
     output = tmp_path / "folded.onnx"
@@ -518,14 +534,14 @@ def test_verify_zero_tolerance_fails_the_rounded_pair(model_pair):
     # The fold reorders float arithmetic, so exact equality is too strict: proves atol/rtol are used.
     original, folded, _ = model_pair
 
-    ran = in_process("verify", original, folded, "--atol", "0", "--rtol", "0")
+    ran = in_process("verify", original, folded, "--atol", "0", "--rtol", "0", "--provider", "cpu")
 
     assert ran.code == 1, ran.output
     assert "atol 0 + rtol 0" in ran.stderr
 
 
 def test_verify_a_model_against_itself_passes_exactly(model_path):
-    ran = in_process("verify", model_path, model_path, "--atol", "0", "--rtol", "0")
+    ran = in_process("verify", model_path, model_path, "--atol", "0", "--rtol", "0", "--provider", "cpu")
 
     assert ran.code == 0, ran.output
 
@@ -590,8 +606,9 @@ def _with_npz(**arrays):
 
 def _missing_external_data(tmp_path: Path, model_path: Path):
     path = tmp_path / "external.onnx"
-    onnx.save_model(conv_bn_model(), path, save_as_external_data=True, location="external.bin",
-                    size_threshold=0)
+    onnx.save_model(
+        conv_bn_model(), path, save_as_external_data=True, location="external.bin", size_threshold=0
+    )
     (tmp_path / "external.bin").unlink()
     return [path, "-o", tmp_path / "out.onnx"]
 
@@ -601,50 +618,71 @@ FLOAT_X = np.zeros((1, 4, 7, 7), np.float32)
 
 USER_ERRORS = [
     # (id, setup(tmp_path, model_path) -> args, expected text, click usage error)
-    ("missing-input", lambda tmp, model: [tmp / "nope.onnx", "-o", tmp / "out.onnx"],
-     "nope.onnx: no such file", False),
+    (
+        "missing-input",
+        lambda tmp, model: [tmp / "nope.onnx", "-o", tmp / "out.onnx"],
+        "nope.onnx: no such file",
+        False,
+    ),
     ("directory-input", _bad_input("dir.onnx", None), "is a directory", False),
     ("empty-file", _bad_input("empty.onnx", b""), "file is empty", False),
     ("text-file", _bad_input("text.onnx", b"this is not a model\n"), "not an ONNX model", False),
     ("random-bytes", _bad_input("random.onnx", RANDOM_BYTES), "random.onnx", False),
     ("truncated-onnx", _truncated, "truncated.onnx", False),
     ("missing-external-data", _missing_external_data, "external data", False),
-    ("output-in-missing-directory",
-     lambda tmp, model: [model, "-o", tmp / "missing" / "out.onnx"], "does not exist", False),
+    (
+        "output-in-missing-directory",
+        lambda tmp, model: [model, "-o", tmp / "missing" / "out.onnx"],
+        "does not exist",
+        False,
+    ),
     ("output-is-a-directory", lambda tmp, model: [model, "-o", tmp], "is a directory", False),
-    ("report-in-missing-directory", _with("--report", "/nonexistent-dir/r.json"), "does not exist",
-     False),
-    ("report-overwrites-input", lambda tmp, model: [model, "-o", tmp / "out.onnx", "--report", model],
-     "would overwrite the model", False),
-    ("report-overwrites-output",
-     lambda tmp, model: [model, "-o", tmp / "out.onnx", "--report", tmp / "out.onnx"],
-     "would overwrite the model", False),
+    ("report-in-missing-directory", _with("--report", "/nonexistent-dir/r.json"), "does not exist", False),
+    (
+        "report-overwrites-input",
+        lambda tmp, model: [model, "-o", tmp / "out.onnx", "--report", model],
+        "would overwrite the model",
+        False,
+    ),
+    (
+        "report-overwrites-output",
+        lambda tmp, model: [model, "-o", tmp / "out.onnx", "--report", tmp / "out.onnx"],
+        "would overwrite the model",
+        False,
+    ),
     ("missing-output", lambda tmp, model: [model], "missing -o/--output", True),
-    ("unknown-input-shape-name", _with("--input-shape", "z=1,4,7,7"), "unknown input(s) ['z']",
-     False),
+    ("unknown-input-shape-name", _with("--input-shape", "z=1,4,7,7"), "unknown input(s) ['z']", False),
     ("bad-input-shape-syntax", _with("--input-shape", "x=a,b"), "dimensions must be integers", False),
     ("input-shape-without-equals", _with("--input-shape", "x"), "expected NAME=D1,D2", False),
     ("input-shape-wrong-rank", _with("--input-shape", "x=1,4,7"), "rank 3 given", False),
     ("input-shape-fixed-dim", _with("--input-shape", "x=1,5,7,7"), "the model fixes it", False),
     ("npz-missing-input", _with_npz(z=FLOAT_X), "missing ['x']", False),
     ("npz-wrong-dtype", _with_npz(x=FLOAT_X.astype(np.float64)), "dtype float64", False),
-    ("npz-wrong-shape", _with_npz(x=np.zeros((1, 5, 7, 7), np.float32)), "shape [1, 5, 7, 7]",
-     False),
+    ("npz-wrong-shape", _with_npz(x=np.zeros((1, 5, 7, 7), np.float32)), "shape [1, 5, 7, 7]", False),
     ("npz-missing-file", _with("--inputs", "/nonexistent-dir/data.npz"), "no such file", False),
-    ("npz-not-npz", lambda tmp, model: [model, "-o", tmp / "out.onnx", "--inputs", model],
-     "not a readable .npz file", False),
+    (
+        "npz-not-npz",
+        lambda tmp, model: [model, "-o", tmp / "out.onnx", "--inputs", model],
+        "not a readable .npz file",
+        False,
+    ),
     ("unknown-skip-rule", _with("--skip-rule", "nope-bn"), "'nope-bn' is not one of", True),
     ("unknown-provider", _with("--provider", "tpu"), "'tpu' is not one of", True),
     ("unknown-option", _with("--frobnicate"), "No such option", True),
+    ("negative-seed", _with("--seed", "-1"), "'--seed': -1 is not in the range", True),
+    ("negative-atol", _with("--atol", "-1"), "'--atol': -1.0 is not a number >= 0", True),
+    ("nan-rtol", _with("--rtol", "nan"), "'--rtol': nan is not a number >= 0", True),
 ]
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
-@pytest.mark.parametrize(("setup", "expected", "usage"), [
-    pytest.param(setup, expected, usage, id=name) for name, setup, expected, usage in USER_ERRORS
-])
-def test_user_errors_exit_2_with_one_line_and_write_nothing(runner, setup, expected, usage,
-                                                           model_path, tmp_path):
+@pytest.mark.parametrize(
+    ("setup", "expected", "usage"),
+    [pytest.param(setup, expected, usage, id=name) for name, setup, expected, usage in USER_ERRORS],
+)
+def test_user_errors_exit_2_with_one_line_and_write_nothing(
+    runner, setup, expected, usage, model_path, tmp_path
+):
     args = setup(tmp_path, model_path)
     before = snapshot(tmp_path)
 
@@ -679,14 +717,17 @@ def test_provider_cuda_without_cuda_is_a_usage_error(runner, model_path, tmp_pat
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (["inspect", "{tmp}/nope.onnx"], "no such file"),
-    (["inspect", "{model}", "--report", "{model}"], "would overwrite the model"),
-    (["verify", "{model}", "{tmp}/nope.onnx"], "no such file"),
-    (["verify", "{tmp}/nope.onnx", "{model}"], "no such file"),
-    (["verify", "{model}", "{model}", "--input-shape", "q=1"], "unknown input(s) ['q']"),
-    (["verify", "{model}", "{model}", "--report", "{model}"], "would overwrite the model"),
-])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["inspect", "{tmp}/nope.onnx"], "no such file"),
+        (["inspect", "{model}", "--report", "{model}"], "would overwrite the model"),
+        (["verify", "{model}", "{tmp}/nope.onnx"], "no such file"),
+        (["verify", "{tmp}/nope.onnx", "{model}"], "no such file"),
+        (["verify", "{model}", "{model}", "--input-shape", "q=1"], "unknown input(s) ['q']"),
+        (["verify", "{model}", "{model}", "--report", "{model}"], "would overwrite the model"),
+    ],
+)
 def test_subcommand_user_errors(args, expected, model_path, tmp_path):
     args = [arg.format(tmp=tmp_path, model=model_path) for arg in args]
     before = snapshot(tmp_path)
@@ -731,8 +772,7 @@ def test_help_lists_the_subcommands():
 
 
 def test_relative_paths_from_another_working_directory(model_path, tmp_path):
-    ran = as_process("model.onnx", "-o", "folded.onnx", "--report", "report.json", "-q",
-                     cwd=tmp_path)
+    ran = as_process("model.onnx", "-o", "folded.onnx", "--report", "report.json", "-q", cwd=tmp_path)
 
     assert ran.code == 0, ran.output
     assert json.loads((tmp_path / "report.json").read_text())["output"] == "folded.onnx"

@@ -17,13 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
 from bnfold.errors import ModelLoadError, OutputError
 
-__all__ = ["LoadedModel", "load_model", "save_model", "check_output_path", "write_atomically"]
+__all__ = [
+    "LoadedModel",
+    "load_model",
+    "save_model",
+    "check_output_path",
+    "write_atomically",
+    "exceeds_protobuf_limit",
+]
 
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = 1024  # bytes; smaller tensors stay inside the .onnx file
@@ -94,13 +101,24 @@ def _all_tensors(graph: GraphProto) -> Iterator[tuple[TensorProto, bool]]:
 
 def _check(model: ModelProto, path: Path) -> None:
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if not exceeds_protobuf_limit(model):
             onnx.checker.check_model(model)
         else:
             onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"{path}: invalid ONNX model ({first_line})") from None
+
+
+def exceeds_protobuf_limit(model: ModelProto) -> bool:
+    """Whether ``model`` is too big to serialize as a single protobuf message (2 GB).
+
+    The upb protobuf backend raises EncodeError from ``ByteSize()`` itself past the limit.
+    """
+    try:
+        return model.ByteSize() >= PROTOBUF_LIMIT
+    except EncodeError:
+        return True
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
@@ -152,7 +170,7 @@ def save_model(model: ModelProto, path: str | os.PathLike, *, external_data: boo
     """
     path = check_output_path(path)
     if external_data is None:
-        external_data = model.ByteSize() >= PROTOBUF_LIMIT
+        external_data = exceeds_protobuf_limit(model)
     if not external_data:
         write_atomically(path, model.SerializeToString())
         return
@@ -176,7 +194,7 @@ def save_model(model: ModelProto, path: str | os.PathLike, *, external_data: boo
 @contextlib.contextmanager
 def _externalized(model: ModelProto, location: str, handle) -> Iterator[None]:
     """Stream large initializers to ``handle`` and point the model at them; restore on exit."""
-    moved: list[tuple[TensorProto, bytes]] = []
+    moved: list[tuple[TensorProto, bytes, bool]] = []
     try:
         offset = 0
         for tensor in _all_initializers(model):
@@ -189,7 +207,7 @@ def _externalized(model: ModelProto, location: str, handle) -> Iterator[None]:
             handle.write(b"\0" * padding)
             offset += padding
             handle.write(raw)
-            moved.append((tensor, raw))
+            moved.append((tensor, raw, tensor.HasField("data_location")))
             tensor.ClearField("raw_data")
             tensor.data_location = TensorProto.EXTERNAL
             del tensor.external_data[:]
@@ -199,9 +217,12 @@ def _externalized(model: ModelProto, location: str, handle) -> Iterator[None]:
             offset += len(raw)
         yield
     finally:
-        for tensor, raw in moved:
+        for tensor, raw, had_location in moved:
             del tensor.external_data[:]
-            tensor.data_location = TensorProto.DEFAULT
+            if had_location:
+                tensor.data_location = TensorProto.DEFAULT
+            else:  # leave the model byte-for-byte as it was, not with an explicit DEFAULT
+                tensor.ClearField("data_location")
             tensor.raw_data = raw
 
 
