@@ -34,6 +34,12 @@ class Reason(StrEnum):
     FOLD_OVERFLOWS_DTYPE = "fold-overflows-dtype"
     RULE_DISABLED = "rule-disabled"
     PER_SAMPLE_STATISTICS = "per-sample-statistics"
+    # PyTorch path (bnfold.fx): facts about modules and traces that ONNX graphs do not have.
+    SHARED_MODULE = "shared-module"
+    NO_RUNNING_STATISTICS = "no-running-statistics"
+    UNKNOWN_SHAPE = "unknown-shape"
+    HOOKS_REGISTERED = "hooks-registered"
+    CUSTOM_FORWARD = "custom-forward"
 
     @property
     def explanation(self) -> str:
@@ -62,6 +68,16 @@ _EXPLANATIONS: dict[Reason, str] = {
     Reason.RULE_DISABLED: "the rule that would fold it was disabled",
     Reason.PER_SAMPLE_STATISTICS: "it normalizes with statistics of each sample, computed at run "
     "time; never foldable",
+    Reason.SHARED_MODULE: "the layer or the BN (or one of their parameters) is used at more than one "
+    "call site, which would all see the folded values",
+    Reason.NO_RUNNING_STATISTICS: "track_running_stats=False: it normalizes with batch statistics even "
+    "in eval mode",
+    Reason.UNKNOWN_SHAPE: "the layer's output rank is unknown, so the normalized axis cannot be checked "
+    "against its channel axis; pass example_inputs",
+    Reason.HOOKS_REGISTERED: "a forward hook or pre-hook on the layer or the BN would see different "
+    "values after folding",
+    Reason.CUSTOM_FORWARD: "the module's class overrides forward(), so what it computes is not a plain "
+    "BatchNorm",
 }
 
 

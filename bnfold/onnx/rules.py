@@ -85,11 +85,39 @@ def _constant_input(graph: GraphIndex, node: NodeProto, slot: int, role: str) ->
     return lookup.value
 
 
-def _rounded(values: np.ndarray, dtype: np.dtype, role: str) -> np.ndarray | Refusal:
-    rounded = round_to_dtype(values, dtype)
-    if rounded is None:
-        return Refusal(Reason.FOLD_OVERFLOWS_DTYPE, f"folded {role} overflows {dtype.name}")
-    return rounded
+def _layer_constants(
+    graph: GraphIndex, bn: NodeProto, producer: NodeProto, weight_role: str, bias_role: str
+) -> tuple[np.ndarray, np.ndarray | None] | Refusal:
+    """The layer's constant weight (input 1) and optional bias (input 2), once the BN is its only reader."""
+    refusal = _sole_consumer_refusal(graph, producer.output[0], bn)
+    if refusal:
+        return refusal
+    weight = _constant_input(graph, producer, 1, weight_role)
+    if weight is None or isinstance(weight, Refusal):
+        return weight or Refusal(Reason.WEIGHT_NOT_CONSTANT, f"{producer.op_type} has no {weight_role} input")
+    bias = _constant_input(graph, producer, 2, bias_role)
+    if isinstance(bias, Refusal):
+        return bias
+    return weight, bias
+
+
+def _folded(
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    params: BatchNormParams,
+    layout: WeightLayout,
+    *,
+    groups: int = 1,
+    bias_multiplier: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray] | Refusal:
+    """New weight and bias in float64, rounded once into the weight's dtype; refused if not finite."""
+    scaled = scale_output_channels(weight, params.affine.scale, layout, groups)
+    new_weight = round_to_dtype(scaled, weight.dtype)
+    new_bias = round_to_dtype(fold_bias(bias, params.affine, bias_multiplier), weight.dtype)
+    for role, value in (("weight", new_weight), ("bias", new_bias)):
+        if value is None:
+            return Refusal(Reason.FOLD_OVERFLOWS_DTYPE, f"folded {role} overflows {weight.dtype.name}")
+    return new_weight, new_bias
 
 
 class Rule:
@@ -128,15 +156,10 @@ class _OutputChannelRule(Rule):
 
     def match(self, graph: GraphIndex, bn: NodeProto, params: BatchNormParams) -> Match | Refusal:
         producer = self.producer_of(graph, bn)
-        refusal = _sole_consumer_refusal(graph, producer.output[0], bn)
-        if refusal:
-            return refusal
-        weight = _constant_input(graph, producer, 1, "weight")
-        if weight is None or isinstance(weight, Refusal):
-            return weight or Refusal(Reason.WEIGHT_NOT_CONSTANT, "layer has no weight input")
-        bias = _constant_input(graph, producer, 2, "bias")
-        if isinstance(bias, Refusal):
-            return bias
+        constants = _layer_constants(graph, bn, producer, "weight", "bias")
+        if isinstance(constants, Refusal):
+            return constants
+        weight, bias = constants
         groups = int(_attribute(producer, "group", 1))
         channels = output_channel_count(weight.shape, self.layout, groups)
         if weight.ndim < 3 or channels != params.channels:
@@ -144,16 +167,10 @@ class _OutputChannelRule(Rule):
                 Reason.PARAM_SHAPE_MISMATCH,
                 f"layer has {channels} output channels, BatchNormalization has {params.channels}",
             )
-        new_weight = _rounded(
-            scale_output_channels(weight, params.affine.scale, self.layout, groups),
-            weight.dtype,
-            "weight",
-        )
-        new_bias = _rounded(fold_bias(bias, params.affine), weight.dtype, "bias")
-        for value in (new_weight, new_bias):
-            if isinstance(value, Refusal):
-                return value
-        return Match(producer, {1: new_weight, 2: new_bias})
+        folded = _folded(weight, bias, params, self.layout, groups=groups)
+        if isinstance(folded, Refusal):
+            return folded
+        return Match(producer, {1: folded[0], 2: folded[1]})
 
 
 class ConvThenBN(_OutputChannelRule):
@@ -190,15 +207,10 @@ class GemmThenBN(Rule):
 
     def match(self, graph: GraphIndex, bn: NodeProto, params: BatchNormParams) -> Match | Refusal:
         producer = self.producer_of(graph, bn)
-        refusal = _sole_consumer_refusal(graph, producer.output[0], bn)
-        if refusal:
-            return refusal
-        weight = _constant_input(graph, producer, 1, "B")
-        if weight is None or isinstance(weight, Refusal):
-            return weight or Refusal(Reason.WEIGHT_NOT_CONSTANT, "Gemm has no B input")
-        bias = _constant_input(graph, producer, 2, "C")
-        if isinstance(bias, Refusal):
-            return bias
+        constants = _layer_constants(graph, bn, producer, "B", "C")
+        if isinstance(constants, Refusal):
+            return constants
+        weight, bias = constants
         layout = (
             WeightLayout.MATRIX_OUT_IN if _attribute(producer, "transB", 0) else WeightLayout.MATRIX_IN_OUT
         )
@@ -211,15 +223,13 @@ class GemmThenBN(Rule):
         if bias is not None and bias.ndim > 2:
             return Refusal(Reason.PARAM_SHAPE_MISMATCH, f"Gemm C has rank {bias.ndim}")
         beta = float(_attribute(producer, "beta", 1.0))
-        new_weight = _rounded(scale_output_channels(weight, params.affine.scale, layout), weight.dtype, "B")
-        new_bias = _rounded(fold_bias(bias, params.affine, beta), weight.dtype, "C")
-        for value in (new_weight, new_bias):
-            if isinstance(value, Refusal):
-                return value
+        folded = _folded(weight, bias, params, layout, bias_multiplier=beta)
+        if isinstance(folded, Refusal):
+            return folded
         attributes: dict[str, float | int] = {"beta": 1.0}
         if (graph.context.opset or 0) < 7:
             attributes["broadcast"] = 1  # Gemm-6 and older broadcast C only when asked
-        return Match(producer, {1: new_weight, 2: new_bias}, attributes)
+        return Match(producer, {1: folded[0], 2: folded[1]}, attributes)
 
 
 class MatMulThenBN(Rule):
@@ -287,15 +297,10 @@ class MatMulThenBN(Rule):
             )
         if bias is not None and (bias.ndim > 2 or bias.dtype != weight.dtype):
             return Refusal(Reason.PARAM_SHAPE_MISMATCH, f"bias shape {bias.shape} / dtype {bias.dtype}")
-        new_weight = _rounded(
-            scale_output_channels(weight, params.affine.scale, WeightLayout.MATRIX_IN_OUT),
-            weight.dtype,
-            "right-hand side",
-        )
-        new_bias = _rounded(fold_bias(bias, params.affine), weight.dtype, "bias")
-        for value in (new_weight, new_bias):
-            if isinstance(value, Refusal):
-                return value
+        folded = _folded(weight, bias, params, WeightLayout.MATRIX_IN_OUT)
+        if isinstance(folded, Refusal):
+            return folded
+        new_weight, new_bias = folded
         if bias_add is None:
             return Match(matmul, {1: new_weight}, new_bias=new_bias)
         return Match(matmul, {1: new_weight}, bias_add=bias_add, bias_add_inputs={bias_slot: new_bias})
