@@ -7,7 +7,6 @@ mismatch, 2 bad input or usage, 3 internal error (a bug: set BNFOLD_DEBUG=1 for 
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import sys
@@ -19,7 +18,7 @@ from bnfold.errors import BnfoldError, MissingDependencyError, OutputError
 from bnfold.onnx import RULES, fold_onnx, load_model, rule_names, save_model
 from bnfold.onnx.io import check_output_path, write_atomically
 from bnfold.report import Report
-from bnfold.verify import PROVIDERS, VerificationResult, parse_input_shapes, verify
+from bnfold.verify import PROVIDERS, VerificationResult, Verifier, parse_input_shapes, verify
 
 __all__ = ["cli", "main"]
 
@@ -182,25 +181,19 @@ def fold(
         _require_onnxsim()
 
     loaded = load_model(model)
-    # A copy, not bytes: a model over 2 GB cannot be serialized in one piece.
-    original = None if no_verify else copy.deepcopy(loaded.model)
+    # The original's session is made before the fold, which then edits the loaded model in place:
+    # no second copy of the model is held.
+    verifier = None if no_verify else Verifier(loaded.model, provider=provider)
     result = fold_onnx(loaded.model, skip_rules=skip_rules, inplace=True)
     result.report.source = str(model)
     folded_model = _simplify(result.model) if simplify else result.model
 
     verification = None
-    if not no_verify:
-        verification = verify(
-            original,
-            folded_model,
-            provider=provider,
-            input_shapes=shapes,
-            inputs=inputs_path,
-            seed=seed,
-            atol=atol,
-            rtol=rtol,
+    if verifier is not None:
+        verification = verifier.compare(
+            folded_model, input_shapes=shapes, inputs=inputs_path, seed=seed, atol=atol, rtol=rtol
         )
-        del original
+        del verifier
         result.report.extras["verification"] = verification.to_dict()
     _show(result.report, verification, quiet)
 

@@ -30,6 +30,7 @@ __all__ = [
     "OutputComparison",
     "VerificationResult",
     "verify",
+    "Verifier",
     "default_tolerances",
     "parse_input_shapes",
     "PROVIDERS",
@@ -178,34 +179,58 @@ def verify(
     (CUDA when usable, else CPU); asking for CUDA where it cannot run raises
     :class:`ProviderUnavailableError`. ``atol``/``rtol`` override the per-dtype defaults.
     """
-    if provider not in PROVIDERS:
-        raise BnfoldError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
-    original_session, used_provider = _session(original, provider, "original")
-    folded_session, _ = _session(folded, "cuda" if used_provider == "cuda" else "cpu", "folded")
-    _check_same_signature(original_session, folded_session)
-    if inputs is not None and input_shapes:
-        raise InputSpecError(
-            "give either --inputs (real data, with its own shapes) or --input-shape, not both"
+    verifier = Verifier(original, provider=provider)
+    return verifier.compare(folded, input_shapes=input_shapes, inputs=inputs, seed=seed, atol=atol, rtol=rtol)
+
+
+class Verifier:
+    """The original model's ONNX Runtime session, made up front.
+
+    Creating it before folding lets a caller then fold the very same ModelProto in place: ONNX
+    Runtime keeps its own copy of the weights, so no second copy of the model is needed.
+    """
+
+    def __init__(self, original: ModelSource, *, provider: str = "auto") -> None:
+        if provider not in PROVIDERS:
+            raise BnfoldError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+        self.session, self.provider = _session(original, provider, "original")
+
+    def compare(
+        self,
+        folded: ModelSource,
+        *,
+        input_shapes: Mapping[str, list[int]] | None = None,
+        inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+        seed: int = 0,
+        atol: float | None = None,
+        rtol: float | None = None,
+    ) -> VerificationResult:
+        """Run both models on the same inputs (see :func:`verify`) and compare every output."""
+        if inputs is not None and input_shapes:
+            raise InputSpecError(
+                "give either --inputs (real data, with its own shapes) or --input-shape, not both"
+            )
+        folded_session, _ = _session(folded, "cuda" if self.provider == "cuda" else "cpu", "folded")
+        _check_same_signature(self.session, folded_session)
+        if inputs is not None:
+            feeds = _load_inputs(self.session, inputs)
+            source = "real" if isinstance(inputs, Mapping) else f"file {inputs}"
+        else:
+            feeds, source = _random_inputs(self.session, input_shapes or {}, seed), "random"
+        expected = _run(self.session, feeds, "original")
+        actual = _run(folded_session, feeds, "folded")
+        metas = self.session.get_outputs()
+        outputs = [
+            compare_output(meta.name, reference, candidate, atol=atol, rtol=rtol)
+            for meta, reference, candidate in zip(metas, expected, actual, strict=True)
+        ]
+        return VerificationResult(
+            outputs=outputs,
+            provider=self.provider,
+            seed=seed,
+            input_shapes={name: list(value.shape) for name, value in feeds.items()},
+            input_source=source,
         )
-    if inputs is not None:
-        feeds, source = _load_inputs(original_session, inputs), "real"
-        if not isinstance(inputs, Mapping):
-            source = f"file {inputs}"
-    else:
-        feeds, source = _random_inputs(original_session, input_shapes or {}, seed), "random"
-    expected = _run(original_session, feeds, "original")
-    actual = _run(folded_session, feeds, "folded")
-    outputs = [
-        compare_output(meta.name, reference, candidate, atol=atol, rtol=rtol)
-        for meta, reference, candidate in zip(original_session.get_outputs(), expected, actual, strict=True)
-    ]
-    return VerificationResult(
-        outputs=outputs,
-        provider=used_provider,
-        seed=seed,
-        input_shapes={name: list(value.shape) for name, value in feeds.items()},
-        input_source=source,
-    )
 
 
 def compare_output(

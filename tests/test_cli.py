@@ -413,7 +413,7 @@ def test_failing_verification_result_exits_1(model_path, tmp_path, monkeypatch):
         input_shapes={"x": [1, 4, 7, 7]},
         input_source="random",
     )
-    monkeypatch.setattr(bnfold.cli, "verify", lambda *args, **kwargs: failing)
+    monkeypatch.setattr(bnfold.cli.Verifier, "compare", lambda self, *args, **kwargs: failing)
     output = tmp_path / "folded.onnx"
 
     ran = in_process(model_path, "-o", output, "-q")
@@ -431,7 +431,7 @@ def test_no_verify_skips_the_check_entirely(model_path, tmp_path, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("verify ran despite --no-verify")
 
-    monkeypatch.setattr(bnfold.cli, "verify", must_not_run)
+    monkeypatch.setattr(bnfold.cli, "Verifier", must_not_run)
 
     ran = in_process(model_path, "-o", tmp_path / "folded.onnx", "--no-verify", "-q")
 
