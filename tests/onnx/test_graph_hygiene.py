@@ -146,3 +146,45 @@ def test_bn9_with_trailing_empty_outputs_verifies_without_crashing_onnxruntime()
     folded = fold_onnx(model)
     assert op_types(folded.model) == ["Conv"]
     assert verify(model, folded.model).passed
+
+
+def test_bn_inside_loop_body_with_outer_scope_weights_folds_into_a_body_copy():
+    # The body reads W and the BN statistics from the main graph: the fold must give the body its
+    # own folded weight and leave the outer initializers for any other reader.
+    rng = np.random.default_rng(11)
+    outer = [numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "W")]
+    outer += bn_params(rng, 4)
+    body = helper.make_graph(
+        [
+            helper.make_node("Conv", ["state_in", "W"], ["c"], pads=[1, 1, 1, 1], name="body_conv"),
+            bn_node("c", "bn_out"),
+            helper.make_node("Relu", ["bn_out"], ["state_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_in", TensorProto.FLOAT, [1, 4, 5, 5]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [1, 4, 5, 5]),
+        ],
+    )
+    loop = helper.make_node("Loop", ["trips", "", "x"], ["y"], body=body, name="loop")
+    model = make_model(
+        [loop],
+        [
+            helper.make_tensor_value_info("trips", TensorProto.INT64, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])],
+        outer,
+    )
+    result = fold_onnx(model)
+    (decision,) = result.report.decisions
+    assert decision.outcome is Outcome.FOLDED and decision.graph == "main/loop.body"
+    onnx.checker.check_model(result.model, full_check=True)
+    inputs = {"trips": np.array(3, np.int64), "x": rng.standard_normal((1, 4, 5, 5)).astype(np.float32)}
+    np.testing.assert_allclose(run(result.model, inputs)[0], run(model, inputs)[0], rtol=1e-4, atol=1e-5)
