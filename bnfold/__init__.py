@@ -6,7 +6,9 @@ The public API for pipelines::
     check = bnfold.verify("model.onnx", result.model)  # truthy when every output matches
     bnfold.save_model(result.model, "folded.onnx")     # atomic write
 
-Folding an ONNX file never imports torch.
+The PyTorch path (``bnfold.fold_module``, ``bnfold.export``, ``bnfold.load_torch_source``) lives in
+``bnfold.fx`` and is imported on first use, so ``import bnfold`` and folding an ONNX file never
+import torch.
 """
 
 from __future__ import annotations
@@ -44,4 +46,27 @@ __all__ = [
     "MissingDependencyError",
     "OutputError",
     "__version__",
-]
+]  # the torch names stay out of __all__: `from bnfold import *` must work without torch
+
+# Names served from bnfold.fx on first access (PEP 562): importing them eagerly would import torch.
+_TORCH_EXPORTS = ("fold_module", "export", "load_torch_source", "ModuleFoldResult", "ExportResult")
+
+
+def __getattr__(name: str):
+    if name in _TORCH_EXPORTS:
+        try:
+            import bnfold.fx as torch_backend
+        except ImportError as error:
+            if error.name is None or not error.name.startswith("torch"):
+                raise
+            raise MissingDependencyError(
+                f"bnfold.{name} needs PyTorch: pip install 'bnfold[torch]'"
+            ) from None
+        value = getattr(torch_backend, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_TORCH_EXPORTS])

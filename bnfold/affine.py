@@ -24,6 +24,9 @@ __all__ = [
     "statistics_problem",
     "output_channel_count",
     "scale_output_channels",
+    "input_channel_count",
+    "scale_input_channels",
+    "input_shift_bias",
     "fold_bias",
     "round_to_dtype",
     "is_supported_float",
@@ -67,9 +70,11 @@ def batchnorm_affine(
     gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, epsilon: float
 ) -> Affine:
     """The inference-time affine map of a BatchNorm, computed in float64."""
-    gamma64, beta64, mean64, var64 = (np.asarray(a, dtype=np.float64) for a in (gamma, beta, mean, var))
-    scale = gamma64 / np.sqrt(var64 + np.float64(epsilon))
-    shift = beta64 - mean64 * scale
+    # Quiet numpy: inf or NaN results become a refusal where they are rounded (round_to_dtype).
+    with np.errstate(over="ignore", invalid="ignore"):
+        gamma64, beta64, mean64, var64 = (np.asarray(a, dtype=np.float64) for a in (gamma, beta, mean, var))
+        scale = gamma64 / np.sqrt(var64 + np.float64(epsilon))
+        shift = beta64 - mean64 * scale
     return Affine(scale=scale, shift=shift)
 
 
@@ -82,7 +87,8 @@ def statistics_problem(
     when ``var + eps <= 0`` (the BN itself would produce NaN/inf there, and a fold would bake that
     into the weights of every channel it touches).
     """
-    arrays = [np.asarray(a, dtype=np.float64).reshape(-1) for a in (gamma, beta, mean, var)]
+    with np.errstate(invalid="ignore"):  # casting a signalling NaN (bit patterns files can hold) warns
+        arrays = [np.asarray(a, dtype=np.float64).reshape(-1) for a in (gamma, beta, mean, var)]
     nonfinite = ~np.isfinite(np.stack(arrays)).all(axis=0) | (not np.isfinite(epsilon))
     if nonfinite.any():
         return "nonfinite", np.flatnonzero(nonfinite).tolist()
@@ -107,18 +113,92 @@ def scale_output_channels(
     weight: np.ndarray, scale: np.ndarray, layout: WeightLayout, groups: int = 1
 ) -> np.ndarray:
     """``weight`` with output channel ``c`` multiplied by ``scale[c]``, as float64."""
-    weight64 = np.asarray(weight, dtype=np.float64)
-    scale64 = np.asarray(scale, dtype=np.float64)
-    if layout is WeightLayout.CONV or layout is WeightLayout.MATRIX_OUT_IN:
-        return weight64 * scale64.reshape((-1,) + (1,) * (weight64.ndim - 1))
+    # Non-finite weights (inf * 0, a signalling NaN) must not warn: round_to_dtype refuses them.
+    with np.errstate(over="ignore", invalid="ignore"):
+        weight64 = np.asarray(weight, dtype=np.float64)
+        scale64 = np.asarray(scale, dtype=np.float64)
+        if layout is WeightLayout.CONV or layout is WeightLayout.MATRIX_OUT_IN:
+            return weight64 * scale64.reshape((-1,) + (1,) * (weight64.ndim - 1))
+        if layout is WeightLayout.MATRIX_IN_OUT:
+            return weight64 * scale64.reshape(1, -1)
+        # ConvTranspose: view [C_in, C_out/g, k...] as [g, C_in/g, C_out/g, k...] so that group g's
+        # input rows meet exactly group g's output channels.
+        in_channels, out_per_group, *kernel = weight64.shape
+        grouped = weight64.reshape(groups, in_channels // groups, out_per_group, *kernel)
+        grouped_scale = scale64.reshape(groups, 1, out_per_group, *([1] * len(kernel)))
+        return (grouped * grouped_scale).reshape(weight64.shape)
+
+
+def input_channel_count(weight_shape: tuple[int, ...], layout: WeightLayout, groups: int = 1) -> int:
+    """How many input channels a weight of this shape and layout reads."""
+    if layout is WeightLayout.CONV:
+        return weight_shape[1] * groups
+    if layout is WeightLayout.CONV_TRANSPOSE or layout is WeightLayout.MATRIX_IN_OUT:
+        return weight_shape[0]
+    return weight_shape[1]
+
+
+def _grouped_by_input(weight64: np.ndarray, layout: WeightLayout, groups: int) -> np.ndarray:
+    """The weight viewed as ``[groups, C_out/groups, C_in/groups, K]`` (K = flattened kernel, or 1).
+
+    Conv ``[C_out, C_in/g, k...]``: output channel ``o`` of group ``o // (C_out/g)`` reads input
+    channels ``g*C_in/g + j``. ConvTranspose ``[C_in, C_out/g, k...]``: input channel ``i`` of group
+    ``i // (C_in/g)`` feeds that group's output channels. Matrices are one group with K = 1.
+    """
     if layout is WeightLayout.MATRIX_IN_OUT:
+        return weight64.T.reshape(1, weight64.shape[1], weight64.shape[0], 1)
+    if layout is WeightLayout.MATRIX_OUT_IN:
+        return weight64.reshape(1, weight64.shape[0], weight64.shape[1], 1)
+    if layout is WeightLayout.CONV:
+        out_channels, in_per_group = weight64.shape[:2]
+        return weight64.reshape(groups, out_channels // groups, in_per_group, -1)
+    in_channels, out_per_group = weight64.shape[:2]
+    grouped = weight64.reshape(groups, in_channels // groups, out_per_group, -1)
+    return grouped.transpose(0, 2, 1, 3)
+
+
+def scale_input_channels(
+    weight: np.ndarray, scale: np.ndarray, layout: WeightLayout, groups: int = 1
+) -> np.ndarray:
+    """``weight`` with every tap that reads input channel ``i`` multiplied by ``scale[i]``, as float64.
+
+    This folds an affine map that runs *before* the layer: ``layer(scale * x) = layer'(x)``.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are refused when rounded
+        return _scale_input_channels(
+            np.asarray(weight, dtype=np.float64), np.asarray(scale, np.float64), layout, groups
+        )
+
+
+def _scale_input_channels(
+    weight64: np.ndarray, scale64: np.ndarray, layout: WeightLayout, groups: int
+) -> np.ndarray:
+    if layout is WeightLayout.MATRIX_IN_OUT or layout is WeightLayout.CONV_TRANSPOSE:
+        # Input channels on axis 0 (for ConvTranspose, globally numbered across groups).
+        return weight64 * scale64.reshape((-1,) + (1,) * (weight64.ndim - 1))
+    if layout is WeightLayout.MATRIX_OUT_IN:
         return weight64 * scale64.reshape(1, -1)
-    # ConvTranspose: view [C_in, C_out/g, k...] as [g, C_in/g, C_out/g, k...] so that group g's
-    # input rows meet exactly group g's output channels.
-    in_channels, out_per_group, *kernel = weight64.shape
-    grouped = weight64.reshape(groups, in_channels // groups, out_per_group, *kernel)
-    grouped_scale = scale64.reshape(groups, 1, out_per_group, *([1] * len(kernel)))
+    # Conv: axis 1 holds the C_in/groups channels of the output channel's own group.
+    out_channels, in_per_group, *kernel = weight64.shape
+    grouped = weight64.reshape(groups, out_channels // groups, in_per_group, *kernel)
+    grouped_scale = scale64.reshape(groups, 1, in_per_group, *([1] * len(kernel)))
     return (grouped * grouped_scale).reshape(weight64.shape)
+
+
+def input_shift_bias(
+    weight: np.ndarray, shift: np.ndarray, layout: WeightLayout, groups: int = 1
+) -> np.ndarray:
+    """Per output channel, what a constant ``shift[i]`` on every input channel adds to the output.
+
+    ``sum_{i, k} W[o, i, k] * shift[i]`` over the input channels of ``o``'s group and every kernel
+    tap, in float64. It is the bias correction for folding ``x -> x + shift`` into the layer, exact
+    only when every output position reads every kernel tap from inside the input (no padding).
+    """
+    grouped = _grouped_by_input(np.asarray(weight, dtype=np.float64), layout, groups)
+    group_count, _, in_per_group, _ = grouped.shape
+    per_group_shift = np.asarray(shift, dtype=np.float64).reshape(group_count, in_per_group)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.einsum("goik,gi->go", grouped, per_group_shift).reshape(-1)
 
 
 def fold_bias(bias: np.ndarray | None, affine: Affine, bias_multiplier: float = 1.0) -> np.ndarray:
@@ -129,8 +209,9 @@ def fold_bias(bias: np.ndarray | None, affine: Affine, bias_multiplier: float = 
     """
     if bias is None:
         return affine.shift.copy()
-    bias64 = np.asarray(bias, dtype=np.float64) * np.float64(bias_multiplier)
-    return bias64 * affine.scale + affine.shift
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite results: see round_to_dtype
+        bias64 = np.asarray(bias, dtype=np.float64) * np.float64(bias_multiplier)
+        return bias64 * affine.scale + affine.shift
 
 
 def round_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray | None:

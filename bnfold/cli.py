@@ -7,9 +7,12 @@ mismatch, 2 bad input or usage, 3 internal error (a bug: set BNFOLD_DEBUG=1 for 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -41,9 +44,12 @@ class _FoldByDefault(click.Group):
             ctx.exit(EXIT_USAGE)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
-        except KeyboardInterrupt:
-            click.echo("bnfold: interrupted; nothing was written", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as interrupt:
+            # Temporary files are gone by now (the writers remove them on any exception): what is
+            # on disk is the previous output or a complete new one, never part of one.
+            signum = interrupt.signum if isinstance(interrupt, Terminated) else signal.SIGINT
+            click.echo(f"bnfold: interrupted ({signal.Signals(signum).name}); no partial file left", err=True)
+            ctx.exit(128 + signum)
         except Exception as error:
             if os.environ.get("BNFOLD_DEBUG"):
                 raise
@@ -174,6 +180,11 @@ def fold(
         raise click.UsageError("missing -o/--output (or pass --dry-run to write nothing)")
     if output is not None and not dry_run:
         check_output_path(output)
+        if _same_file(model, output) and (no_verify or force):
+            raise OutputError(
+                f"{output}: is the input model, which is only replaced by a verified fold "
+                "(drop --no-verify/--force, or write elsewhere)"
+            )
     if report_path:
         _check_report_path(report_path, model, None if dry_run else output)
     shapes = parse_input_shapes(input_shapes)
@@ -181,18 +192,25 @@ def fold(
         _require_onnxsim()
 
     loaded = load_model(model)
+    if output is not None and not dry_run:
+        _check_not_input_data(loaded, model, output)
     # The original's session is made before the fold, which then edits the loaded model in place:
     # no second copy of the model is held.
-    verifier = None if no_verify else Verifier(loaded.model, provider=provider)
-    result = fold_onnx(loaded.model, skip_rules=skip_rules, inplace=True)
+    verifier = None
+    if not no_verify:
+        with _naming(model, when="the original model"):
+            verifier = Verifier(loaded.model, provider=provider)
+    with _naming(model):
+        result = fold_onnx(loaded.model, skip_rules=skip_rules, inplace=True)
     result.report.source = str(model)
     folded_model = _simplify(result.model) if simplify else result.model
 
     verification = None
     if verifier is not None:
-        verification = verifier.compare(
-            folded_model, input_shapes=shapes, inputs=inputs_path, seed=seed, atol=atol, rtol=rtol
-        )
+        with _naming(model, when="the original model"):
+            verification = verifier.compare(
+                folded_model, input_shapes=shapes, inputs=inputs_path, seed=seed, atol=atol, rtol=rtol
+            )
         del verifier
         result.report.extras["verification"] = verification.to_dict()
     _show(result.report, verification, quiet)
@@ -226,16 +244,17 @@ def verify_command(
         _check_report_path(report_path, original, folded)
     original_model = load_model(original).model
     folded_model = load_model(folded).model
-    result = verify(
-        original_model,
-        folded_model,
-        provider=provider,
-        input_shapes=shapes,
-        inputs=inputs_path,
-        seed=seed,
-        atol=atol,
-        rtol=rtol,
-    )
+    with _naming(original, when="the original model"), _naming(folded, when="the folded model"):
+        result = verify(
+            original_model,
+            folded_model,
+            provider=provider,
+            input_shapes=shapes,
+            inputs=inputs_path,
+            seed=seed,
+            atol=atol,
+            rtol=rtol,
+        )
     if not quiet:
         click.echo(result.to_text())
     if report_path:
@@ -263,11 +282,48 @@ def inspect(model, skip_rules, report_path, as_json) -> None:
     """Report what would happen to every normalization node of MODEL; write no model."""
     if report_path:
         _check_report_path(report_path, model)
-    result = fold_onnx(load_model(model).model, skip_rules=skip_rules, inplace=True)
+    loaded = load_model(model)
+    with _naming(model):
+        result = fold_onnx(loaded.model, skip_rules=skip_rules, inplace=True)
     result.report.source = str(model)
     click.echo(result.report.to_json() if as_json else result.report.to_text())
     if report_path:
         write_atomically(report_path, result.report.to_json().encode())
+
+
+def _same_file(first, second) -> bool:
+    first, second = Path(first), Path(second)
+    if first.resolve() == second.resolve():
+        return True
+    try:
+        return os.path.samefile(first, second)  # hard links
+    except OSError:
+        return False
+
+
+def _check_not_input_data(loaded, model, output) -> None:
+    """Refuse an output (or its .data file) that would overwrite the input's external data.
+
+    Folding in place replaces the model and its data together, so that one case is allowed.
+    """
+    if not loaded.external_files:
+        return
+    targets = [Path(output), Path(output).with_name(Path(output).name + ".data")]
+    for target in targets:
+        if target.resolve() in loaded.external_files and not _same_file(model, output):
+            raise OutputError(f"{output}: would overwrite {target}, which holds the weights of {model}")
+
+
+@contextlib.contextmanager
+def _naming(model, *, when: str = ""):
+    """Put the model's path in front of errors about it: every error of the fold, and those of the
+    verifier that say ``when`` ("the original model": one ONNX Runtime cannot load or run)."""
+    try:
+        yield
+    except BnfoldError as error:
+        if when not in str(error) or str(error).startswith(f"{model}: "):
+            raise
+        raise type(error)(f"{model}: {error}") from None
 
 
 def _check_report_path(report_path, *models) -> None:
@@ -313,8 +369,25 @@ def _simplify(model):
     return simplified
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that temporary files are removed on the way out.
+
+    (Python's default action for SIGTERM ends the process at once, leaving temporary files behind.)
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="bnfold: %(levelname)s: %(message)s")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     cli.main(args=argv, prog_name="bnfold")
 
 

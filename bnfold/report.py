@@ -34,6 +34,10 @@ class Reason(StrEnum):
     FOLD_OVERFLOWS_DTYPE = "fold-overflows-dtype"
     RULE_DISABLED = "rule-disabled"
     PER_SAMPLE_STATISTICS = "per-sample-statistics"
+    # Folding into the layer after the BN (input channels).
+    BN_OUTPUT_HAS_OTHER_CONSUMERS = "bn-output-has-other-consumers"
+    PADDING_AFTER_BN = "padding-after-bn"
+    UNEVEN_TAPS_AFTER_BN = "uneven-taps-after-bn"
     # PyTorch path (bnfold.fx): facts about modules and traces that ONNX graphs do not have.
     SHARED_MODULE = "shared-module"
     NO_RUNNING_STATISTICS = "no-running-statistics"
@@ -68,6 +72,12 @@ _EXPLANATIONS: dict[Reason, str] = {
     Reason.RULE_DISABLED: "the rule that would fold it was disabled",
     Reason.PER_SAMPLE_STATISTICS: "it normalizes with statistics of each sample, computed at run "
     "time; never foldable",
+    Reason.BN_OUTPUT_HAS_OTHER_CONSUMERS: "the BN's output is also used elsewhere (or is a graph output), "
+    "which would still need the normalized values",
+    Reason.PADDING_AFTER_BN: "the layer after the BN pads its input with zeros, where the folded "
+    "layer would need the BN's shift",
+    Reason.UNEVEN_TAPS_AFTER_BN: "the transposed conv after the BN adds up a different number of input "
+    "values at different output positions, so the BN's shift is not one bias per channel",
     Reason.SHARED_MODULE: "the layer or the BN (or one of their parameters) is used at more than one "
     "call site, which would all see the folded values",
     Reason.NO_RUNNING_STATISTICS: "track_running_stats=False: it normalizes with batch statistics even "
@@ -85,6 +95,12 @@ class Outcome(StrEnum):
     FOLDED = "folded"
     KEPT = "kept"
     NEVER_FOLDABLE = "never-foldable"
+    # A BN nothing could absorb, replaced by Mul + Add on request (``rewrite_standalone``).
+    REWRITTEN = "rewritten"
+
+
+# Elementwise affine nodes (Conv -> Mul -> Add chains) appear in the report only when folded.
+ELEMENTWISE_AFFINE_OPS = ("Mul", "Add")
 
 
 @dataclass(frozen=True)
@@ -116,6 +132,9 @@ class Decision:
         """One line a person reads: the rule and target, or the reason and its specifics."""
         if self.outcome is Outcome.FOLDED:
             return f"folded into {self.into} by {self.rule}"
+        if self.outcome is Outcome.REWRITTEN:
+            text = f"rewritten as Mul {self.into} + Add by {self.rule}"
+            return f"{text} ({self.detail})" if self.detail else text
         text = f"{self.reason}: {self.reason.explanation}" if self.reason else "kept"
         return f"{text} ({self.detail})" if self.detail else text
 
@@ -157,22 +176,44 @@ class Report:
     def never_foldable(self) -> list[Decision]:
         return [d for d in self.decisions if d.outcome is Outcome.NEVER_FOLDABLE]
 
+    @property
+    def rewritten(self) -> list[Decision]:
+        return [d for d in self.decisions if d.outcome is Outcome.REWRITTEN]
+
+    @property
+    def affine_folded(self) -> list[Decision]:
+        """Folded elementwise Mul/Add nodes (affine chains), reported besides the BNs."""
+        return [d for d in self.folded if d.op_type in ELEMENTWISE_AFFINE_OPS]
+
+    def _batchnorm_counts(self) -> tuple[int, int]:
+        """(BatchNormalization decisions, of which folded): Mul/Add and per-sample norms excluded."""
+        affine = len(self.affine_folded)
+        total = len(self.decisions) - len(self.never_foldable) - affine
+        return total, len(self.folded) - affine
+
     def summary(self) -> str:
-        total = len(self.decisions) - len(self.never_foldable)
-        text = f"{total} BatchNormalization: {len(self.folded)} folded, {len(self.kept)} kept"
+        total, folded = self._batchnorm_counts()
+        text = f"{total} BatchNormalization: {folded} folded, {len(self.kept)} kept"
+        if self.rewritten:
+            text += f", {len(self.rewritten)} rewritten as Mul+Add"
+        if self.affine_folded:
+            text += f"; {len(self.affine_folded)} Mul/Add folded"
         if self.never_foldable:
             text += f"; {len(self.never_foldable)} per-sample normalization never foldable"
         return text
 
     def to_dict(self) -> dict[str, Any]:
+        total, folded = self._batchnorm_counts()
+        summary = {"batchnorm": total, "folded": folded, "kept": len(self.kept)}
+        # Present only when non-zero, so reports of plain folds keep their familiar shape.
+        if self.rewritten:
+            summary["rewritten"] = len(self.rewritten)
+        if self.affine_folded:
+            summary["affine_folded"] = len(self.affine_folded)
+        summary["never_foldable"] = len(self.never_foldable)
         return {
             "source": self.source,
-            "summary": {
-                "batchnorm": len(self.decisions) - len(self.never_foldable),
-                "folded": len(self.folded),
-                "kept": len(self.kept),
-                "never_foldable": len(self.never_foldable),
-            },
+            "summary": summary,
             "decisions": [decision.to_dict() for decision in self.decisions],
             **self.extras,
         }

@@ -276,23 +276,31 @@ def compare_output(
             mismatched,
             "compared exactly",
         )
-    reference = expected.astype(np.float64)
-    candidate = actual.astype(np.float64)
-    finite_reference = reference[np.isfinite(reference)]
+    with np.errstate(invalid="ignore"):  # a signalling NaN warns when cast
+        reference = expected.astype(np.float64)
+        candidate = actual.astype(np.float64)
+    finite = np.isfinite(reference)
+    finite_reference = reference[finite]
     magnitude = float(np.abs(finite_reference).max()) if finite_reference.size else 1.0
     default_atol, default_rtol = default_tolerances(expected.dtype, magnitude)
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         same = (reference == candidate) | (np.isnan(reference) & np.isnan(candidate))
         error = np.where(same, 0.0, np.abs(candidate - reference))
         error = np.where(np.isnan(error), np.inf, error)
-        bound = atol + rtol * np.abs(reference)
-        relative = error / np.maximum(np.abs(reference), np.finfo(np.float64).tiny)
-    failing = ~(error <= bound)
+        # Only a finite reference has a tolerance: NaN matches only NaN, inf only the same inf
+        # (a bound of atol + rtol * inf would let any finite value pass, and a NaN bound fails even
+        # equal NaNs).
+        magnitudes = np.where(finite, np.abs(reference), 0.0)
+        bound = atol + rtol * magnitudes
+        relative = np.where(
+            same, 0.0, np.where(finite, error / np.maximum(magnitudes, np.finfo(np.float64).tiny), np.inf)
+        )
+        needed = np.where(same, 0.0, np.where(finite, np.maximum(error - rtol * magnitudes, 0.0), np.inf))
+    failing = ~(same | (finite & (error <= bound)))
     mismatched = int(np.count_nonzero(failing))
     size = max(error.size, 1)
-    needed = np.maximum(error - rtol * np.abs(reference), 0.0)
     return OutputComparison(
         name=name,
         dtype=dtype,
@@ -344,7 +352,7 @@ def _session(model: ModelSource, provider: str, role: str):
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # FATAL only: errors reach the user in our one-line message
     with _session_source(model) as source:
         try:
             session = ort.InferenceSession(source, sess_options=options, providers=providers)

@@ -31,6 +31,8 @@ __all__ = [
     "LayerNorm2d",
     "MLPBatchNorm",
     "MobileNetTiny",
+    "PreActBlock",
+    "PreActResNetTiny",
     "ResNetTiny",
 ]
 
@@ -346,3 +348,52 @@ class DecoderTiny(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.layers(inputs)
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation ResNet block: BN -> ReLU -> Conv, twice, plus an identity shortcut.
+
+    The first BN reads the block input, which the shortcut reads too, and a ReLU sits between it and
+    its conv: nothing can absorb it exactly, and the report must say so. The second BN follows a
+    conv whose only reader it is, so it folds into that conv.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.relu = nn.ReLU()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        residual = self.conv1(self.relu(self.bn1(inputs)))
+        residual = self.conv2(self.relu(self.bn2(residual)))
+        return inputs + residual
+
+
+class PreActResNetTiny(nn.Module):
+    """Pre-activation ResNet pattern with BNs *before* linear layers.
+
+    stem conv, two pre-activation blocks, then a transition BN -> 1x1 Conv (no padding) that reads the
+    residual sum — no layer before it, so it folds into the conv's input channels — and a head
+    pool -> flatten -> BatchNorm1d -> Linear that folds into the Linear's input features. Of its six
+    BNs, the two block-input BNs stay (BN -> ReLU -> Conv cannot be folded exactly).
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 8, 3, padding=1, bias=False)
+        self.block1 = PreActBlock(8)
+        self.block2 = PreActBlock(8)
+        self.transition_bn = nn.BatchNorm2d(8)
+        self.transition = nn.Conv2d(8, 12, 1, bias=True)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head_bn = nn.BatchNorm1d(12)
+        self.head = nn.Linear(12, num_classes)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        features = self.block2(self.block1(self.stem(inputs)))
+        features = self.relu(self.transition(self.transition_bn(features)))
+        return self.head(self.head_bn(torch.flatten(self.pool(features), 1)))

@@ -23,6 +23,7 @@ from models.architectures import (
     LayerNorm2d,
     MLPBatchNorm,
     MobileNetTiny,
+    PreActResNetTiny,
     ResNetTiny,
 )
 
@@ -45,6 +46,8 @@ class ModelSpec:
     input_shape: tuple[int, ...]
     description: str
     expected_batchnorms: int
+    # BNs that no rule can fold exactly (kept, with a reason in the report); the rest must fold.
+    expected_kept: int = 0
 
 
 REFERENCE_MODELS: dict[str, ModelSpec] = {
@@ -105,6 +108,14 @@ REFERENCE_MODELS: dict[str, ModelSpec] = {
             input_shape=(2, 16, 4, 4),
             description="ConvTranspose2d->BN decoder: grouped (groups=2), stride 2, output_padding",
             expected_batchnorms=3,
+        ),
+        ModelSpec(
+            name="preact_resnet_tiny",
+            factory=PreActResNetTiny,
+            input_shape=(2, 3, 16, 16),
+            description="Pre-activation ResNet: BN->ReLU->Conv blocks (kept), BN->Conv1x1 and BN1d->Linear",
+            expected_batchnorms=6,
+            expected_kept=2,
         ),
     )
 }

@@ -90,8 +90,15 @@ def read_batchnorm(graph: GraphIndex, node: NodeProto) -> BatchNormParams | Refu
         shown = ", ".join(map(str, channels[:8])) + (", ..." if len(channels) > 8 else "")
         reason = Reason.NONFINITE_STATISTICS if kind == "nonfinite" else Reason.NONPOSITIVE_VARIANCE
         return Refusal(reason, f"channels {shown}")
-    return BatchNormParams(
-        node=node,
-        affine=batchnorm_affine(gamma, beta, mean, var, epsilon),
-        channels=int(np.asarray(gamma).shape[0]),
-    )
+    affine = batchnorm_affine(gamma, beta, mean, var, epsilon)
+    # A scale gamma / sqrt(var + eps) that the statistics' own dtype cannot hold is degenerate: the
+    # BN's outputs sit at the edge of overflow, where a folded layer and the unfolded pair overflow
+    # (inf vs finite) on different elements, and folded weights fit only by accident (tiny weights).
+    with np.errstate(over="ignore"):
+        overflowing = ~np.isfinite(affine.scale.astype(gamma.dtype).astype(np.float64))
+    if overflowing.any():
+        channels = np.flatnonzero(overflowing).tolist()
+        shown = ", ".join(map(str, channels[:8])) + (", ..." if len(channels) > 8 else "")
+        detail = f"gamma / sqrt(var + epsilon) overflows {gamma.dtype.name} in channels {shown}"
+        return Refusal(Reason.FOLD_OVERFLOWS_DTYPE, detail)
+    return BatchNormParams(node=node, affine=affine, channels=int(np.asarray(gamma).shape[0]))

@@ -18,7 +18,7 @@ from bnfold.onnx.batchnorm import BATCHNORM, PER_SAMPLE_NORMS, Refusal, read_bat
 from bnfold.onnx.graph import DEFAULT_DOMAINS, GraphIndex, ModelContext, subgraphs_of
 from bnfold.onnx.io import load_model
 from bnfold.onnx.rules import RULES, Rule
-from bnfold.report import Decision, Outcome, Reason, Report
+from bnfold.report import ELEMENTWISE_AFFINE_OPS, Decision, Outcome, Reason, Report
 
 __all__ = ["FoldResult", "fold_onnx", "rule_names"]
 
@@ -34,7 +34,7 @@ class FoldResult:
 
     @property
     def changed(self) -> bool:
-        return bool(self.report.folded)
+        return bool(self.report.folded or self.report.rewritten)
 
 
 def rule_names(rules: Sequence[Rule] = RULES) -> list[str]:
@@ -47,6 +47,7 @@ def fold_onnx(
     rules: Sequence[Rule] = RULES,
     skip_rules: Iterable[str] = (),
     inplace: bool = False,
+    rewrite_standalone: bool = False,
 ) -> FoldResult:
     """Fold every BatchNormalization that a rule can absorb exactly, in all graphs and subgraphs.
 
@@ -54,6 +55,11 @@ def fold_onnx(
     a path is loaded (external data included) and never written to. Kept BNs are reported with the
     reason; LayerNormalization, GroupNormalization and InstanceNormalization are reported as never
     foldable (they normalize with per-sample statistics computed at run time).
+
+    A BN is folded into the layer before it when a producer-side rule can, else into the layer after
+    it. Per-channel ``Mul``/``Add`` nodes after a layer are folded too (and reported when they are).
+    With ``rewrite_standalone=True``, a BN nothing could absorb (its statistics readable, no rule
+    disabled) becomes ``Mul`` + ``Add`` (rule ``bn-to-affine``, outcome ``rewritten``).
     """
     skipped = set(skip_rules)
     unknown = skipped - set(rule_names(RULES))
@@ -70,25 +76,40 @@ def fold_onnx(
     if context.opset is None:
         raise BnfoldError("the model imports no default-domain ONNX opset; is it an ONNX model?")
     report = Report(source=source)
-    _fold_graph(GraphIndex(model.graph, context), rules, skipped, report)
+    _fold_graph(GraphIndex(model.graph, context), rules, skipped, report, rewrite_standalone)
     context.finalize()
     return FoldResult(model=model, report=report)
 
 
-def _fold_graph(graph: GraphIndex, rules: Sequence[Rule], skipped: set[str], report: Report) -> None:
+def _fold_graph(
+    graph: GraphIndex, rules: Sequence[Rule], skipped: set[str], report: Report, rewrite_standalone: bool
+) -> None:
     original_order = list(graph.nodes)
     decisions: dict[int, Decision] = {}
     progress = True
     while progress:
         progress = False
         for node in graph.live_nodes():
-            if not _is_default(node, BATCHNORM) or id(node) in graph.removed:
+            if id(node) in graph.removed:
                 continue
             if id(node) in decisions and decisions[id(node)].outcome is Outcome.FOLDED:
                 continue
-            decision = _try_fold(graph, node, rules, skipped)
+            if _is_default(node, BATCHNORM):
+                decision = _try_fold(graph, node, rules, skipped)
+            elif node.domain in DEFAULT_DOMAINS and node.op_type in ELEMENTWISE_AFFINE_OPS:
+                decision = _try_fold_affine(graph, node, rules, skipped)
+                if decision is None:
+                    continue
+            else:
+                continue
             decisions[id(node)] = decision
             progress |= decision.outcome is Outcome.FOLDED
+    if rewrite_standalone:
+        # Only after the fixed point: a BN kept in one pass may fold in a later one.
+        for node in graph.live_nodes():
+            decision = decisions.get(id(node))
+            if decision is not None and decision.outcome is Outcome.KEPT and _is_default(node, BATCHNORM):
+                decisions[id(node)] = _rewrite_standalone(graph, node, decision, rules, skipped)
 
     for node in original_order:
         if id(node) in decisions:
@@ -98,34 +119,123 @@ def _fold_graph(graph: GraphIndex, rules: Sequence[Rule], skipped: set[str], rep
     for node in graph.live_nodes():
         for attribute_name, subgraph in subgraphs_of(node):
             path = f"{graph.path}/{graph.node_label(node)}.{attribute_name}"
-            _fold_graph(GraphIndex(subgraph, graph.context, path, parent=graph), rules, skipped, report)
+            _fold_graph(
+                GraphIndex(subgraph, graph.context, path, parent=graph),
+                rules,
+                skipped,
+                report,
+                rewrite_standalone,
+            )
 
 
 def _try_fold(graph: GraphIndex, bn: NodeProto, rules: Sequence[Rule], skipped: set[str]) -> Decision:
+    """Fold ``bn`` into its producer if a producer-side rule can, else into its consumer.
+
+    When every candidate refuses, the first refusal (the producer's, when there is one) is the reason
+    and the others are added to its detail.
+    """
     producer = graph.producer.get(bn.input[0]) if bn.input else None
+    candidates = [
+        rule
+        for rule in rules
+        if rule.side == "producer"
+        and BATCHNORM in rule.absorbs
+        and producer is not None
+        and rule.accepts(graph, producer)
+    ][:1]
+    candidates += [
+        rule for rule in rules if rule.side == "consumer" and rule.consumer_of(graph, bn) is not None
+    ]
+    if not candidates:
+        return _kept(
+            graph, bn, Refusal(Reason.NO_FOLDABLE_PRODUCER, _nothing_to_fold_into(graph, bn, producer))
+        )
+    params = None
+    refusals: list[tuple[Rule, Refusal]] = []
+    for rule in candidates:
+        if rule.name in skipped:
+            refusals.append((rule, Refusal(Reason.RULE_DISABLED, f"rule {rule.name} is skipped")))
+            continue
+        if params is None:
+            params = read_batchnorm(graph, bn)
+            if isinstance(params, Refusal):
+                return _kept(graph, bn, params, rule)
+        match = rule.match(graph, bn, params)
+        if isinstance(match, Refusal):
+            refusals.append((rule, match))
+            continue
+        # Record the BN's identity before apply() hands its output name to the layer.
+        decision = _decision(graph, bn, Outcome.FOLDED, rule=rule.name)
+        into = rule.apply(graph, bn, match)
+        logger.debug("folded %s into %s by %s", decision.label, graph.node_label(into), rule.name)
+        return Decision(**{**decision.__dict__, "into": graph.node_label(into)})
+    rule, refusal = refusals[0]
+    if len(refusals) > 1:
+        also = "; ".join(
+            f"{other.name}: {why.reason}" + (f" ({why.detail})" if why.detail else "")
+            for other, why in refusals[1:]
+        )
+        detail = f"{refusal.detail}; also {also}" if refusal.detail else f"also {also}"
+        refusal = Refusal(refusal.reason, detail)
+    return _kept(graph, bn, refusal, rule)
+
+
+def _nothing_to_fold_into(graph: GraphIndex, bn: NodeProto, producer: NodeProto | None) -> str:
     if producer is None:
         where = (
             "a graph input"
             if bn.input and bn.input[0] in graph.graph_inputs
             else "not produced in this graph"
         )
-        return _kept(graph, bn, Refusal(Reason.NO_FOLDABLE_PRODUCER, f"input `{bn.input[0]}` is {where}"))
-    rule = next((rule for rule in rules if rule.accepts(graph, producer)), None)
-    if rule is None:
+        detail = f"input `{bn.input[0] if bn.input else ''}` is {where}"
+    else:
         detail = f"input comes from {producer.op_type} {graph.node_label(producer)}"
-        return _kept(graph, bn, Refusal(Reason.NO_FOLDABLE_PRODUCER, detail))
-    if rule.name in skipped:
-        return _kept(graph, bn, Refusal(Reason.RULE_DISABLED, f"rule {rule.name} is skipped"), rule)
+    readers = [node for node in graph.consumers.get(bn.output[0], []) if id(node) not in graph.removed]
+    if readers:
+        labels = ", ".join(f"{node.op_type} {graph.node_label(node)}" for node in readers[:3])
+        detail += f"; output feeds {labels}, which no rule folds into"
+    return detail
+
+
+def _try_fold_affine(
+    graph: GraphIndex, node: NodeProto, rules: Sequence[Rule], skipped: set[str]
+) -> Decision | None:
+    """Fold a per-channel Mul/Add into the layer before it; None (not reported) when no rule does."""
+    for rule in rules:
+        if rule.side != "producer" or node.op_type not in rule.absorbs or rule.name in skipped:
+            continue
+        producer = rule.producer_of(graph, node)
+        if producer is None or not rule.accepts(graph, producer):
+            continue
+        params = rule.read_params(graph, node, producer)
+        match = params if isinstance(params, Refusal) else rule.match(graph, node, params)
+        if isinstance(match, Refusal):
+            logger.debug(
+                "%s not folded by %s: %s %s", graph.node_label(node), rule.name, match.reason, match.detail
+            )
+            return None
+        decision = _decision(graph, node, Outcome.FOLDED, rule=rule.name)
+        into = rule.apply(graph, node, match)
+        return Decision(**{**decision.__dict__, "into": graph.node_label(into)})
+    return None
+
+
+def _rewrite_standalone(
+    graph: GraphIndex, bn: NodeProto, kept: Decision, rules: Sequence[Rule], skipped: set[str]
+) -> Decision:
+    """Replace a kept BN by Mul + Add, unless its statistics are unusable or a rule was disabled."""
+    rule = next((rule for rule in rules if rule.side == "standalone"), None)
+    if rule is None or rule.name in skipped or kept.reason is Reason.RULE_DISABLED:
+        return kept
     params = read_batchnorm(graph, bn)
     if isinstance(params, Refusal):
-        return _kept(graph, bn, params, rule)
+        return kept
     match = rule.match(graph, bn, params)
     if isinstance(match, Refusal):
-        return _kept(graph, bn, match, rule)
-    # Record the BN's identity before apply() hands its output name to the layer.
-    decision = _decision(graph, bn, Outcome.FOLDED, rule=rule.name)
+        detail = f"{match.detail}; not foldable: {kept.reason}" + (f" ({kept.detail})" if kept.detail else "")
+        return _kept(graph, bn, Refusal(match.reason, detail), rule)
+    decision = _decision(graph, bn, Outcome.REWRITTEN, rule=rule.name, reason=kept.reason, detail=kept.detail)
     into = rule.apply(graph, bn, match)
-    logger.debug("folded %s into %s by %s", decision.label, graph.node_label(into), rule.name)
     return Decision(**{**decision.__dict__, "into": graph.node_label(into)})
 
 

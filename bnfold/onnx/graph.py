@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
 
+from bnfold.errors import ModelLoadError
 from bnfold.report import Reason
 
 __all__ = ["ModelContext", "GraphIndex", "ConstantLookup", "subgraphs_of", "default_opset"]
@@ -93,6 +94,7 @@ class ModelContext:
         self._names: set[str] = set()
         _all_names(model.graph, self._names)
         self._ranks: dict[str, int] | None = None
+        self._elem_types: dict[str, int] = {}
         self.graphs: list[GraphIndex] = []
         # (graph index, tensor name) pairs that a fold may have left unused; pruned in finalize().
         self.prune_candidates: list[tuple[GraphIndex, str]] = []
@@ -114,8 +116,14 @@ class ModelContext:
         replaced by typed graph inputs, so it never copies the weights.
         """
         if self._ranks is None:
-            self._ranks = _infer_ranks(self.model)
+            self._ranks, self._elem_types = _infer_ranks(self.model)
         return self._ranks.get(name)
+
+    def inferred_elem_type(self, name: str) -> int | None:
+        """The element type (a ``TensorProto`` data type) shape inference gives ``name``, or None."""
+        if self._ranks is None:
+            self._ranks, self._elem_types = _infer_ranks(self.model)
+        return self._elem_types.get(name)
 
     def finalize(self) -> None:
         """Drop removed nodes, then initializers, Constant nodes and value_info the folds orphaned."""
@@ -140,7 +148,7 @@ def _used_names(graph: GraphProto, into: set[str]) -> None:
             _used_names(subgraph, into)
 
 
-def _infer_ranks(model: ModelProto) -> dict[str, int]:
+def _infer_ranks(model: ModelProto) -> tuple[dict[str, int], dict[str, int]]:
     skeleton = ModelProto()
     skeleton.ir_version = model.ir_version
     skeleton.opset_import.extend(model.opset_import)
@@ -163,20 +171,23 @@ def _infer_ranks(model: ModelProto) -> dict[str, int]:
         inferred = onnx.shape_inference.infer_shapes(skeleton)
     except Exception as error:  # shape inference is best effort; rules refuse on unknown ranks
         logger.debug("shape inference failed: %s", error)
-        return {}
+        return {}, {}
     ranks: dict[str, int] = {}
-    _collect_ranks(inferred.graph, ranks)
-    return ranks
+    elem_types: dict[str, int] = {}
+    _collect_ranks(inferred.graph, ranks, elem_types)
+    return ranks, elem_types
 
 
-def _collect_ranks(graph: GraphProto, ranks: dict[str, int]) -> None:
+def _collect_ranks(graph: GraphProto, ranks: dict[str, int], elem_types: dict[str, int]) -> None:
     for info in (*graph.input, *graph.output, *graph.value_info):
         tensor_type = info.type.tensor_type
         if tensor_type.HasField("shape"):
             ranks[info.name] = len(tensor_type.shape.dim)
+        if tensor_type.elem_type:
+            elem_types[info.name] = tensor_type.elem_type
     for node in graph.node:
         for _, subgraph in subgraphs_of(node):
-            _collect_ranks(subgraph, ranks)
+            _collect_ranks(subgraph, ranks, elem_types)
 
 
 class GraphIndex:
@@ -244,6 +255,16 @@ class GraphIndex:
             return constant.value.ndim
         return self.context.inferred_rank(name)
 
+    def elem_type(self, name: str) -> int | None:
+        """The element type of a tensor (``TensorProto`` data type) from declarations or inference."""
+        for info in (*self.graph.value_info, *self.graph.input, *self.graph.output):
+            if info.name == name and info.type.tensor_type.elem_type:
+                return info.type.tensor_type.elem_type
+        constant = self.constant(name)
+        if constant.is_constant:
+            return onnx.helper.np_dtype_to_tensor_dtype(constant.value.dtype)
+        return self.context.inferred_elem_type(name)
+
     # -- constants -------------------------------------------------------------------------------
     def constant(self, name: str) -> ConstantLookup:
         """The value of ``name`` if it is fixed at export time, else why it is not.
@@ -263,7 +284,7 @@ class GraphIndex:
                 return ConstantLookup(
                     None, Reason.PARAM_IS_GRAPH_INPUT, f"`{name}` is an initializer and a graph input"
                 )
-            return ConstantLookup(numpy_helper.to_array(self.initializers[name]))
+            return ConstantLookup(_decoded(self.initializers[name]))
         if name in self.graph_inputs:
             return ConstantLookup(None, Reason.PARAM_NOT_CONSTANT, f"`{name}` is a graph input")
         if self.parent is not None:
@@ -347,6 +368,16 @@ class GraphIndex:
         self._register(inserted)
         return inserted
 
+    def insert_node_after(self, node: NodeProto, anchor: NodeProto) -> NodeProto:
+        """Put a new node right after ``anchor`` (which stays), keeping topological order."""
+        position = self.position[id(anchor)] + 1
+        self.graph.node.insert(position, node)
+        inserted = self.graph.node[position]
+        self.nodes.insert(position, inserted)
+        self.position = {id(n): index for index, n in enumerate(self.nodes)}
+        self._register(inserted)
+        return inserted
+
     # -- finalize --------------------------------------------------------------------------------
     def drop_removed_nodes(self) -> None:
         if not self.removed:
@@ -376,6 +407,17 @@ class GraphIndex:
                 del self.graph.value_info[position]
 
 
+def _decoded(tensor: TensorProto) -> np.ndarray:
+    """A tensor's value; a clear error for data the checker lets through but numpy cannot read
+    (raw_data longer than its shape, an unknown data_type, too many float_data values)."""
+    try:
+        return numpy_helper.to_array(tensor)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ModelLoadError(
+            f"tensor `{tensor.name}` has data that does not match its type and shape ({error})"
+        ) from None
+
+
 def _has_value_tensor(node: NodeProto) -> bool:
     return any(attribute.name == "value" for attribute in node.attribute)
 
@@ -384,7 +426,7 @@ def _constant_node_value(node: NodeProto) -> np.ndarray | None:
     """The value of a ``Constant`` node in any of its attribute forms (sparse: not supported)."""
     for attribute in node.attribute:
         if attribute.name == "value":
-            return numpy_helper.to_array(attribute.t)
+            return _decoded(attribute.t)
         if attribute.name == "value_float":
             return np.array(attribute.f, dtype=np.float32)
         if attribute.name == "value_floats":

@@ -3,15 +3,19 @@
 Loading: every failure is a :class:`ModelLoadError` whose message names the file and the problem.
 Saving: the model is written to a temporary file in the target directory and renamed over the
 target only once complete, so a reader (or an interrupted run) sees the old file or the new one,
-never half of one. Models that used external data are written with external data.
+never half of one. Models that used external data are written with external data; the model and
+its data file are both written to temporary files first and then renamed one after the other with
+SIGINT/SIGTERM held back, so an interrupt never leaves the old model naming the new data.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +46,9 @@ class LoadedModel:
     model: ModelProto
     path: Path
     used_external_data: bool
+    # The external data files the model was read from (resolved), so callers can refuse to write
+    # over them.
+    external_files: tuple[Path, ...] = ()
 
 
 def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
@@ -65,15 +72,58 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
     del data
     if not model.HasField("graph") or not model.opset_import or model.ir_version <= 0:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph, opset or IR version)")
+    field = _non_utf8_field(model)
+    if field is not None:
+        raise ModelLoadError(f"{path}: invalid ONNX model (text in {field} is not UTF-8)")
     used_external_data = _uses_external_data(model)
+    external_files: tuple[Path, ...] = ()
     if used_external_data:
+        external_files = _external_files(model, path.parent)
         try:
             load_external_data_for_model(model, str(path.parent))
         except (OSError, ValueError, onnx.checker.ValidationError) as error:
             raise ModelLoadError(f"{path}: cannot load its external data ({error})") from None
     if check:
         _check(model, path)
-    return LoadedModel(model=model, path=path, used_external_data=used_external_data)
+    return LoadedModel(model, path, used_external_data, external_files)
+
+
+def _external_files(model: ModelProto, directory: Path) -> tuple[Path, ...]:
+    files = set()
+    for tensor, _ in _all_tensors(model.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location" and uses_external_data(tensor):
+                files.add((directory / entry.value).resolve())
+    return tuple(sorted(files))
+
+
+def _non_utf8_field(message) -> str | None:
+    """The path of the first string field whose bytes are not UTF-8, or None.
+
+    ONNX strings are UTF-8 and the checker does not look; the protobuf runtime hands such a field
+    back as bytes, on which names, reports and ONNX Runtime's Python binding all fail. Bytes fields
+    (tensor data, string attributes) are not read, so no weights are copied.
+    """
+    for field in message.DESCRIPTOR.fields:
+        repeated = getattr(field, "is_repeated", None)
+        if repeated is None:  # older protobuf
+            repeated = field.label == field.LABEL_REPEATED
+        if field.type == field.TYPE_STRING:
+            value = getattr(message, field.name)
+            if any(isinstance(item, bytes) for item in (value if repeated else (value,))):
+                return field.name
+        elif field.type == field.TYPE_MESSAGE:
+            if repeated:
+                children = getattr(message, field.name)
+            elif message.HasField(field.name):
+                children = (getattr(message, field.name),)
+            else:
+                continue
+            for child in children:
+                found = _non_utf8_field(child)
+                if found is not None:
+                    return f"{field.name}.{found}"
+    return None
 
 
 def _uses_external_data(model: ModelProto) -> bool:
@@ -106,8 +156,13 @@ def _check(model: ModelProto, path: Path) -> None:
         else:
             onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"{path}: invalid ONNX model ({first_line})") from None
+        raise ModelLoadError(f"{path}: invalid ONNX model ({_one_line(error)})") from None
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (the checker splits one sentence over several lines)."""
+    text = " ".join(str(error).replace("==> Context:", "").split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def exceeds_protobuf_limit(model: ModelProto) -> bool:
@@ -137,6 +192,17 @@ def check_output_path(path: str | os.PathLike) -> Path:
 def write_atomically(path: str | os.PathLike, data: bytes) -> None:
     """Write bytes to a temporary file beside ``path``, fsync, then rename over ``path``."""
     path = check_output_path(path)
+    temporary = None
+    try:
+        temporary = _write_temporary(path, data)
+        os.replace(temporary, path)
+    except BaseException:
+        _remove(temporary)
+        raise
+
+
+def _write_temporary(path: Path, data: bytes) -> str:
+    """A complete, fsynced copy of ``data`` in a temporary file beside ``path``, with ``path``'s mode."""
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(descriptor, "wb") as handle:
@@ -144,11 +210,41 @@ def write_atomically(path: str | os.PathLike, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temporary, _file_mode(path))
-        os.replace(temporary, path)
     except BaseException:
+        _remove(temporary)
+        raise
+    return temporary
+
+
+def _remove(temporary: str | None) -> None:
+    if temporary is not None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
-        raise
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back until the block is done, then deliver them.
+
+    Only the main thread can install handlers; elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if handler is not None:  # None: a handler not installed from Python, which cannot be restored
+            previous[signum] = handler
+            signal.signal(signum, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)
 
 
 def _file_mode(path: Path) -> int:
@@ -175,20 +271,27 @@ def save_model(model: ModelProto, path: str | os.PathLike, *, external_data: boo
         write_atomically(path, model.SerializeToString())
         return
     data_path = path.with_name(path.name + ".data")
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{data_path.name}.", suffix=".tmp", dir=path.parent)
+    descriptor, data_temporary = tempfile.mkstemp(
+        prefix=f".{data_path.name}.", suffix=".tmp", dir=path.parent
+    )
+    model_temporary = None
     try:
         with os.fdopen(descriptor, "wb") as handle, _externalized(model, data_path.name, handle):
             handle.flush()
             os.fsync(handle.fileno())
             serialized = model.SerializeToString()
-        # Data first, then the model that points at it: the model never names a missing file.
-        os.chmod(temporary, _file_mode(data_path))
-        os.replace(temporary, data_path)
+        os.chmod(data_temporary, _file_mode(data_path))
+        model_temporary = _write_temporary(path, serialized)
+        # Both files are complete: rename the data, then the model that points at it (the model
+        # never names a missing file), with no interrupt in between to split the pair.
+        with _signals_held():
+            os.replace(data_temporary, data_path)
+            data_temporary = None
+            os.replace(model_temporary, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
+        _remove(data_temporary)
+        _remove(model_temporary)
         raise
-    write_atomically(path, serialized)
 
 
 @contextlib.contextmanager

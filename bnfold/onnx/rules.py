@@ -85,6 +85,11 @@ def _constant_input(graph: GraphIndex, node: NodeProto, slot: int, role: str) ->
     return lookup.value
 
 
+def _broadcasts_to_columns(bias: np.ndarray, columns: int) -> bool:
+    """Whether a bias broadcasts against a ``[rows, columns]`` output (its last axis is 1 or ``columns``)."""
+    return bias.ndim == 0 or bias.shape[-1] in (1, columns)
+
+
 def _layer_constants(
     graph: GraphIndex, bn: NodeProto, producer: NodeProto, weight_role: str, bias_role: str
 ) -> tuple[np.ndarray, np.ndarray | None] | Refusal:
@@ -111,6 +116,10 @@ def _folded(
     bias_multiplier: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray] | Refusal:
     """New weight and bias in float64, rounded once into the weight's dtype; refused if not finite."""
+    # A scale the weights' dtype cannot hold (e.g. over 65504 for float16 weights with float32
+    # statistics) is degenerate even where the folded weights happen to fit: keep the BN.
+    if round_to_dtype(params.affine.scale, weight.dtype) is None:
+        return Refusal(Reason.FOLD_OVERFLOWS_DTYPE, f"BatchNormalization scale overflows {weight.dtype.name}")
     scaled = scale_output_channels(weight, params.affine.scale, layout, groups)
     new_weight = round_to_dtype(scaled, weight.dtype)
     new_bias = round_to_dtype(fold_bias(bias, params.affine, bias_multiplier), weight.dtype)
@@ -126,6 +135,11 @@ class Rule:
     name: str = ""
     op_types: tuple[str, ...] = ()
     description: str = ""
+    # "producer": folds into the layer that feeds the node; "consumer": into the layer it feeds
+    # (bnfold.onnx.rules_input_side); "standalone": rewrites a BN nothing absorbed (opt-in).
+    side: str = "producer"
+    # The op types this rule removes (Mul/Add for the affine-chain rules in bnfold.onnx.rules_affine).
+    absorbs: tuple[str, ...] = ("BatchNormalization",)
 
     def producer_of(self, graph: GraphIndex, bn: NodeProto) -> NodeProto | None:
         return graph.producer.get(bn.input[0]) if bn.input else None
@@ -161,12 +175,22 @@ class _OutputChannelRule(Rule):
             return constants
         weight, bias = constants
         groups = int(_attribute(producer, "group", 1))
+        # Shapes the checker lets through but the operator forbids: the arithmetic below assumes
+        # a weight of rank >= 3 whose first axis splits into ``group`` equal parts.
+        if weight.ndim < 3:
+            return Refusal(Reason.PARAM_SHAPE_MISMATCH, f"weight has rank {weight.ndim}, expected 3 or more")
+        if groups < 1 or weight.shape[0] % groups:
+            detail = f"group={groups} does not divide weight shape {list(weight.shape)}"
+            return Refusal(Reason.PARAM_SHAPE_MISMATCH, detail)
         channels = output_channel_count(weight.shape, self.layout, groups)
-        if weight.ndim < 3 or channels != params.channels:
+        if channels != params.channels:
             return Refusal(
                 Reason.PARAM_SHAPE_MISMATCH,
                 f"layer has {channels} output channels, BatchNormalization has {params.channels}",
             )
+        if bias is not None and bias.shape != (channels,):
+            detail = f"bias shape {list(bias.shape)}, expected [{channels}]"
+            return Refusal(Reason.PARAM_SHAPE_MISMATCH, detail)
         folded = _folded(weight, bias, params, self.layout, groups=groups)
         if isinstance(folded, Refusal):
             return folded
@@ -214,14 +238,16 @@ class GemmThenBN(Rule):
         layout = (
             WeightLayout.MATRIX_OUT_IN if _attribute(producer, "transB", 0) else WeightLayout.MATRIX_IN_OUT
         )
+        if weight.ndim != 2:
+            return Refusal(Reason.PARAM_SHAPE_MISMATCH, f"Gemm B has rank {weight.ndim}, expected 2")
         channels = output_channel_count(weight.shape, layout)
-        if weight.ndim != 2 or channels != params.channels:
+        if channels != params.channels:
             return Refusal(
                 Reason.PARAM_SHAPE_MISMATCH,
                 f"Gemm has {channels} output columns, BatchNormalization has {params.channels}",
             )
-        if bias is not None and bias.ndim > 2:
-            return Refusal(Reason.PARAM_SHAPE_MISMATCH, f"Gemm C has rank {bias.ndim}")
+        if bias is not None and (bias.ndim > 2 or not _broadcasts_to_columns(bias, channels)):
+            return Refusal(Reason.PARAM_SHAPE_MISMATCH, f"Gemm C shape {list(bias.shape)}")
         beta = float(_attribute(producer, "beta", 1.0))
         folded = _folded(weight, bias, params, layout, bias_multiplier=beta)
         if isinstance(folded, Refusal):
@@ -295,12 +321,16 @@ class MatMulThenBN(Rule):
                 Reason.PARAM_SHAPE_MISMATCH,
                 f"MatMul has {weight.shape[1]} output columns, BatchNormalization has {params.channels}",
             )
-        if bias is not None and (bias.ndim > 2 or bias.dtype != weight.dtype):
+        if bias is not None and (
+            bias.ndim > 2 or bias.dtype != weight.dtype or not _broadcasts_to_columns(bias, params.channels)
+        ):
             return Refusal(Reason.PARAM_SHAPE_MISMATCH, f"bias shape {bias.shape} / dtype {bias.dtype}")
         folded = _folded(weight, bias, params, WeightLayout.MATRIX_IN_OUT)
         if isinstance(folded, Refusal):
             return folded
         new_weight, new_bias = folded
+        if bias_add is None and not params.affine.shift.any():
+            return Match(matmul, {1: new_weight})  # a pure scale (e.g. a folded Mul): no bias to add
         if bias_add is None:
             return Match(matmul, {1: new_weight}, new_bias=new_bias)
         return Match(matmul, {1: new_weight}, bias_add=bias_add, bias_add_inputs={bias_slot: new_bias})
@@ -315,6 +345,10 @@ class MatMulThenBN(Rule):
             graph.remove_node(bn)
             graph.take_over_output(match.bias_add, 0, bn.output[0])
             return matmul
+        if match.new_bias is None:
+            graph.remove_node(bn)
+            graph.take_over_output(matmul, 0, bn.output[0])
+            return matmul
         bias_name = graph.context.fresh_name(f"{label}_folded_bias")
         graph.graph.initializer.append(numpy_helper.from_array(match.new_bias, bias_name))
         graph.initializers[bias_name] = graph.graph.initializer[-1]
@@ -328,4 +362,33 @@ class MatMulThenBN(Rule):
         return matmul
 
 
-RULES: tuple[Rule, ...] = (ConvThenBN(), ConvTransposeThenBN(), GemmThenBN(), MatMulThenBN())
+# The other rule families live in their own modules and build on the helpers above, so they are
+# imported here, once those exist; RULES stays the one explicit registry, in the order rules are tried.
+from bnfold.onnx.rules_affine import (  # noqa: E402
+    ConvThenAffine,
+    ConvTransposeThenAffine,
+    GemmThenAffine,
+    MatMulThenAffine,
+)
+from bnfold.onnx.rules_input_side import BNThenConv, BNThenConvTranspose, BNThenGemm, BNThenMatMul  # noqa: E402
+from bnfold.onnx.rules_standalone import BNToAffine  # noqa: E402
+
+RULES: tuple[Rule, ...] = (
+    # BN -> the layer before it (output channels)
+    ConvThenBN(),
+    ConvTransposeThenBN(),
+    GemmThenBN(),
+    MatMulThenBN(),
+    # BN -> the layer after it (input channels), tried when no producer-side rule folds it
+    BNThenConv(),
+    BNThenConvTranspose(),
+    BNThenGemm(),
+    BNThenMatMul(),
+    # per-channel Mul/Add after a layer (affine chains from other exporters)
+    ConvThenAffine(),
+    ConvTransposeThenAffine(),
+    GemmThenAffine(),
+    MatMulThenAffine(),
+    # a BN nothing absorbed -> Mul + Add, only with fold_onnx(rewrite_standalone=True)
+    BNToAffine(),
+)

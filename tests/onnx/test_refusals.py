@@ -145,6 +145,27 @@ def layer_norm():
     return model
 
 
+def bn_before_padded_conv():
+    from tests.onnx.test_input_side import bn_conv_model
+
+    return bn_conv_model(kernel=3, pads=1)
+
+
+def bn_before_strided_convtranspose():
+    from tests.onnx.test_input_side import bn_conv_model
+
+    return bn_conv_model(transpose=True, kernel=1, strides=2)
+
+
+def bn_output_also_feeds_relu():
+    from tests.onnx.test_input_side import bn_conv_model
+
+    model = bn_conv_model(kernel=1)
+    model.graph.node.append(helper.make_node("Relu", ["bn_out"], ["side"], name="side_relu"))
+    model.graph.output.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, ["N", 4, 7, 7]))
+    return model
+
+
 CASES = {
     Reason.NO_FOLDABLE_PRODUCER: [bn_after_relu, bn_on_graph_input],
     Reason.PRODUCER_HAS_OTHER_CONSUMERS: [conv_output_feeds_another_node],
@@ -162,6 +183,9 @@ CASES = {
     Reason.CHANNEL_AXIS_MISMATCH: [bn_on_3d_matmul],
     Reason.FOLD_OVERFLOWS_DTYPE: [float16_overflow],
     Reason.RULE_DISABLED: [rule_disabled],
+    Reason.BN_OUTPUT_HAS_OTHER_CONSUMERS: [bn_output_also_feeds_relu],
+    Reason.PADDING_AFTER_BN: [bn_before_padded_conv],
+    Reason.UNEVEN_TAPS_AFTER_BN: [bn_before_strided_convtranspose],
 }
 
 

@@ -1,0 +1,302 @@
+"""The PyTorch fold driver: trace, run the rules over every normalization node, report, check.
+
+``fold_module`` is the public entry: a function over a value that returns a :class:`ModuleFoldResult`
+with the folded GraphModule and the same :class:`~bnfold.report.Report` the ONNX path produces.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from bnfold.errors import BnfoldError
+from bnfold.fx.compare import compare_outputs, module_outputs, output_names
+from bnfold.fx.nodes import (
+    function_label,
+    get_attr_value,
+    is_batchnorm_call,
+    is_per_sample_norm_call,
+    owner_path,
+)
+from bnfold.fx.rules import (
+    RULES,
+    FoldContext,
+    Layer,
+    NormCall,
+    Refusal,
+    Rule,
+    batchnorm_refusal,
+    find_consumer,
+    find_producer,
+    identify,
+    read_batchnorm,
+    readers,
+)
+from bnfold.fx.trace import as_args, describe_inputs, is_exported_module, trace
+from bnfold.report import Decision, Outcome, Reason, Report
+from bnfold.verify import VerificationResult
+
+__all__ = ["ModuleFoldResult", "fold_module", "rule_names"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModuleFoldResult:
+    """The folded module, what happened to each normalization, which tracer made the graph, the check."""
+
+    module: fx.GraphModule
+    report: Report
+    tracer: str
+    verification: VerificationResult | None = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.report.folded)
+
+
+def rule_names(rules: Sequence[Rule] = RULES) -> list[str]:
+    return [rule.name for rule in rules]
+
+
+def fold_module(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    rules: Sequence[Rule] = RULES,
+    skip_rules: Iterable[str] = (),
+    inplace: bool = False,
+    tracer: str = "auto",
+    dynamic_shapes: Any = None,
+    verify: bool = True,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> ModuleFoldResult:
+    """Fold every BatchNorm that a Conv / ConvTranspose / Linear before it can absorb exactly.
+
+    ``model`` must be in ``eval()`` mode (folding uses the running statistics; a model in training
+    mode raises :class:`BnfoldError`). It may be any ``nn.Module``, a GraphModule, or an
+    ``ExportedProgram``. ``example_inputs`` (a tensor or a tuple of positional inputs) is optional but
+    recommended: it lets bnfold check the rank of each layer's output (a Linear's features are on
+    axis 1 only for 2-D output), enables the ``torch.export`` fallback for models that
+    ``symbolic_trace`` cannot trace, and with ``verify=True`` the folded module is run against the
+    original on it (``result.verification``; a mismatch is a result, not an exception).
+
+    The original model is never modified. Unless ``inplace=True`` it is deep-copied first; with
+    ``inplace=True`` the result shares every unfolded parameter with it (no copy of a big model),
+    while folded layers still get new tensors. Every fold is computed in float64 and rounded once
+    into the layer's dtype (float16, bfloat16, float32, float64).
+    """
+    skipped = set(skip_rules)
+    unknown = skipped - set(rule_names(RULES))
+    if unknown:
+        raise BnfoldError(f"unknown rule(s) {sorted(unknown)}; choose from {rule_names(RULES)}")
+    fresh = isinstance(model, torch.export.ExportedProgram)
+    if fresh:
+        model = model.module()  # a new module: nothing of the user's to protect by copying
+    if not isinstance(model, nn.Module):
+        raise BnfoldError(f"expected a torch.nn.Module or ExportedProgram, not {type(model).__name__}")
+    if model.training and not is_exported_module(model):
+        raise BnfoldError(
+            f"{type(model).__name__} is in training mode; call model.eval() first: folding uses the "
+            "running statistics, which only eval mode computes with"
+        )
+    args = as_args(example_inputs)
+    reference = module_outputs(model, args) if args is not None and verify else None
+    working = model if inplace or fresh else _deepcopy(model)
+    traced = trace(working, args, tracer=tracer, dynamic_shapes=dynamic_shapes)
+    context = FoldContext(traced.graph_module, root=working)
+    report = Report(source=type(model).__name__)
+    report.extras["tracer"] = traced.tracer
+    if traced.fallback_reason:
+        report.extras["symbolic_trace_error"] = traced.fallback_reason
+    _fold_graph(context, rules, skipped, report)
+    _report_subgraphs(context, context.graph_module, "", {}, report)
+    graph_module = context.graph_module
+    graph_module.graph.lint()
+    graph_module.recompile()
+    result = ModuleFoldResult(module=graph_module, report=report, tracer=traced.tracer)
+    if reference is not None:
+        result.verification = _compare(reference, module_outputs(graph_module, args), args, atol, rtol)
+        report.extras["verification"] = result.verification.to_dict()
+        if not result.verification:
+            logger.warning("folded module does not match the original:\n%s", result.verification.to_text())
+    return result
+
+
+def _deepcopy(model: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        # torch 2.13 warns about its own pytree specs when an ExportedProgram.module() is copied.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(model)
+
+
+def _fold_graph(context: FoldContext, rules: Sequence[Rule], skipped: set[str], report: Report) -> None:
+    for node in list(context.graph_module.graph.nodes):
+        if node.graph is not context.graph_module.graph or _erased(node):
+            continue
+        call = identify(context, node)
+        if call is None:
+            continue
+        if call.kind == "per-sample":
+            report.add(_decision(call, Outcome.NEVER_FOLDABLE, reason=Reason.PER_SAMPLE_STATISTICS))
+            continue
+        decision = _try_fold(context, call, rules, skipped)
+        report.add(decision)
+        if decision.outcome is Outcome.FOLDED:
+            logger.debug("folded %s into %s by %s", decision.node, decision.into, decision.rule)
+            context.refresh()
+
+
+def _report_subgraphs(
+    context: FoldContext,
+    graph_module: fx.GraphModule,
+    path: str,
+    operand_owners: dict[str, str],
+    report: Report,
+) -> None:
+    """Report the normalizations inside control-flow subgraphs (``torch.cond`` branches) as kept.
+
+    torch.export passes a branch's parameters in as operands, so inside the branch they are not
+    constants; bnfold does not fold across that boundary. Each branch BN is named after the module
+    whose tensors the parent passes in, when the parent's operand is a ``get_attr``.
+    """
+    for node in graph_module.graph.nodes:
+        if path and (is_batchnorm_call(node) or is_per_sample_norm_call(node)):
+            owner = next(
+                (operand_owners[arg.name] for arg in node.all_input_nodes if arg.name in operand_owners), ""
+            )
+            name = owner or node.name
+            owner_module = context.module_at(owner) if owner else None
+            op_type = type(owner_module).__name__ if owner_module else function_label(node.target)
+            if is_per_sample_norm_call(node):
+                decision = Decision(
+                    name,
+                    op_type,
+                    node.name,
+                    Outcome.NEVER_FOLDABLE,
+                    reason=Reason.PER_SAMPLE_STATISTICS,
+                    graph=path,
+                )
+            else:
+                detail = f"inside control-flow subgraph `{path}`, whose parameters arrive as operands"
+                decision = Decision(
+                    name,
+                    op_type,
+                    node.name,
+                    Outcome.KEPT,
+                    reason=Reason.PARAM_NOT_CONSTANT,
+                    detail=detail,
+                    graph=path,
+                )
+            report.add(decision)
+        if node.op != "call_function":
+            continue
+        for position, argument in enumerate(node.args):
+            subgraph = get_attr_value(graph_module, argument)
+            if not isinstance(subgraph, fx.GraphModule):
+                continue
+            owners = _cond_operand_owners(graph_module, node, subgraph) if position in (1, 2) else {}
+            child = f"{path}/{argument.target}" if path else argument.target
+            _report_subgraphs(context, subgraph, child, owners, report)
+
+
+def _cond_operand_owners(parent: fx.GraphModule, call: fx.Node, branch: fx.GraphModule) -> dict[str, str]:
+    """For ``cond(pred, true_branch, false_branch, operands)``: branch placeholder -> owning module path."""
+    operands = call.args[3] if len(call.args) > 3 and isinstance(call.args[3], list | tuple) else ()
+    placeholders = [node for node in branch.graph.nodes if node.op == "placeholder"]
+    owners = {}
+    for placeholder, operand in zip(placeholders, operands, strict=False):
+        if isinstance(operand, fx.Node) and operand.op == "get_attr":
+            owners[placeholder.name] = owner_path(operand.target)
+    return owners
+
+
+def _erased(node: fx.Node) -> bool:
+    return getattr(node, "_erased", False)
+
+
+def _try_fold(context: FoldContext, call: NormCall, rules: Sequence[Rule], skipped: set[str]) -> Decision:
+    """Fold the BN into the layer before it if a rule can, else into the layer after it.
+
+    When every candidate refuses, the first refusal (the producer's, when there is one) is the reason
+    and the others are added to its detail — as the ONNX driver does.
+    """
+    batchnorm = read_batchnorm(context, call)
+    if isinstance(batchnorm, Refusal):
+        return _kept(call, batchnorm)
+    refusal = batchnorm_refusal(context, batchnorm)
+    if refusal:
+        return _kept(call, refusal)
+    producer = find_producer(context, batchnorm)
+    consumer = find_consumer(context, batchnorm)
+    candidates: list[tuple[Rule, Layer]] = []
+    for side, layer in (("producer", producer), ("consumer", consumer)):
+        if isinstance(layer, Layer):
+            rule = next((r for r in rules if r.side == side and r.accepts(batchnorm, layer)), None)
+            if rule is not None:
+                candidates.append((rule, layer))
+    if not candidates:
+        return _kept(call, _nothing_to_fold_into(batchnorm, producer))
+    refusals: list[tuple[Rule, Refusal]] = []
+    for rule, layer in candidates:
+        if rule.name in skipped:
+            refusals.append((rule, Refusal(Reason.RULE_DISABLED, f"rule {rule.name} is skipped")))
+            continue
+        match = rule.match(context, batchnorm, layer)
+        if isinstance(match, Refusal):
+            refusals.append((rule, match))
+            continue
+        into = rule.apply(context, match)
+        return _decision(call, Outcome.FOLDED, rule=rule.name, into=into)
+    rule, refusal = refusals[0]
+    if len(refusals) > 1:
+        also = "; ".join(
+            f"{other.name}: {why.reason}" + (f" ({why.detail})" if why.detail else "")
+            for other, why in refusals[1:]
+        )
+        refusal = Refusal(
+            refusal.reason, f"{refusal.detail}; also {also}" if refusal.detail else f"also {also}"
+        )
+    return _kept(call, refusal, rule)
+
+
+def _nothing_to_fold_into(batchnorm, producer: Layer | Refusal) -> Refusal:
+    if isinstance(producer, Refusal):
+        reason, detail = producer.reason, producer.detail
+    else:
+        reason, detail = Reason.NO_FOLDABLE_PRODUCER, f"no rule folds {producer.op_type} `{producer.name}`"
+    users = readers(batchnorm)
+    if users and reason is Reason.NO_FOLDABLE_PRODUCER:
+        detail += f"; its output feeds {', '.join(user.name for user in users[:3])}, which no rule folds into"
+    return Refusal(reason, detail)
+
+
+def _kept(call: NormCall, refusal: Refusal, rule: Rule | None = None) -> Decision:
+    return _decision(
+        call, Outcome.KEPT, rule=rule.name if rule else None, reason=refusal.reason, detail=refusal.detail
+    )
+
+
+def _decision(call: NormCall, outcome: Outcome, **fields) -> Decision:
+    return Decision(node=call.name, op_type=call.op_type, output=call.node.name, outcome=outcome, **fields)
+
+
+# -- checking -----------------------------------------------------------------------------------
+def _compare(expected: list, actual: list, args: tuple[Any, ...], atol, rtol) -> VerificationResult:
+    if len(expected) != len(actual):
+        raise BnfoldError(f"the folded module returns {len(actual)} tensors, the original {len(expected)}")
+    return VerificationResult(
+        outputs=compare_outputs(output_names(len(expected)), expected, actual, atol=atol, rtol=rtol),
+        provider="torch",
+        seed=0,
+        input_shapes=describe_inputs(args),
+        input_source="example",
+    )

@@ -1,0 +1,238 @@
+"""``bnfold.export``: fold in torch, export to ONNX, fold what is left, verify against the original, write.
+
+The order matters. Folding in torch first means the exporter sees no foldable BatchNorm (the legacy
+exporter would otherwise fold Conv->BN itself, in float32, without a report). The export keeps any
+BN that torch kept (``training=TrainingMode.PRESERVE``), so the ONNX fold gets its own look at it:
+a conv module called twice is refused in torch but is two Conv nodes with a shared weight in ONNX,
+which bnfold's ONNX fold handles by copying the weight. Verification compares the final ONNX model
+in ONNX Runtime against the *original* module's torch outputs — not the folded module's — so a
+mistake anywhere in the chain (trace, fold, export, ONNX fold) shows up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import onnx
+import torch
+from onnx import ModelProto
+from torch import nn
+
+from bnfold.errors import BnfoldError
+from bnfold.fx.compare import compare_with_onnx, module_outputs, output_names
+from bnfold.fx.fold import ModuleFoldResult, fold_module
+from bnfold.fx.trace import as_args
+from bnfold.onnx import fold_onnx, save_model
+from bnfold.onnx.io import check_output_path
+from bnfold.report import Report
+from bnfold.verify import PROVIDERS, VerificationResult
+
+__all__ = ["ExportResult", "export", "EXPORTERS"]
+
+logger = logging.getLogger(__name__)
+
+Exporter = Literal["torchscript", "dynamo"]
+EXPORTERS = ("torchscript", "dynamo")
+
+
+@dataclass
+class ExportResult:
+    """What ``export`` did: the model it wrote (or would have), the reports, the check.
+
+    ``report`` is the torch fold's report; its ``extras`` also hold the ONNX fold's report
+    (``onnx_fold``), the verification and the output path, so ``report.to_json()`` is complete.
+    ``written`` is False when verification failed (and ``force`` was not given).
+    """
+
+    path: Path | None
+    model: ModelProto
+    report: Report
+    onnx_report: Report
+    verification: VerificationResult | None
+    fold: ModuleFoldResult
+    written: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.verification is None or self.verification.passed
+
+    def to_text(self) -> str:
+        parts = [self.report.to_text()]
+        if self.onnx_report.decisions:
+            parts.append("left for the ONNX fold:\n" + self.onnx_report.to_text())
+        if self.verification is not None:
+            parts.append(self.verification.to_text())
+        if self.path is not None:
+            parts.append(f"wrote {self.path}" if self.written else f"did not write {self.path}")
+        return "\n\n".join(parts)
+
+
+def export(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike | None,
+    *,
+    opset: int = 17,
+    exporter: Exporter = "torchscript",
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping[str, Any] | None = None,
+    dynamic_shapes: Any = None,
+    skip_rules: Iterable[str] = (),
+    verify: bool = True,
+    provider: str = "auto",
+    atol: float | None = None,
+    rtol: float | None = None,
+    force: bool = False,
+    external_data: bool | None = None,
+) -> ExportResult:
+    """Fold ``model`` (eval mode), export it to ONNX at ``path``, and prove the file computes what it did.
+
+    ``example_inputs`` (a tensor or tuple) drive tracing, export and verification. ``exporter``:
+    ``torchscript`` (``torch.onnx.export(dynamo=False)``, takes ``dynamic_axes``) or ``dynamo``
+    (takes ``dynamic_shapes``; opset >= 18). Graph inputs are named ``input`` / ``input_0``... and
+    outputs ``output`` / ``output_0``... unless ``input_names`` / ``output_names`` are given.
+
+    The file is written atomically, and only after verification passed (ONNX Runtime on
+    ``provider``, graph optimizations off, against the original module's torch outputs), unless
+    ``force``; a mismatch is a result (``result.written`` False, ``result.verification`` falsy).
+    ``path=None`` does everything but write (a dry run). ``skip_rules`` takes rule names of either
+    backend (``bnfold.fx.rule_names()``, ``bnfold.onnx.rule_names()``).
+    """
+    if exporter not in EXPORTERS:
+        raise BnfoldError(f"unknown exporter {exporter!r}; choose from {', '.join(EXPORTERS)}")
+    if provider not in PROVIDERS:
+        raise BnfoldError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+    if exporter == "torchscript" and dynamic_shapes is not None:
+        raise BnfoldError(
+            "dynamic_shapes is for exporter='dynamo'; the torchscript exporter takes dynamic_axes"
+        )
+    if exporter == "dynamo" and dynamic_axes is not None:
+        raise BnfoldError(
+            "dynamic_axes is for exporter='torchscript'; the dynamo exporter takes dynamic_shapes"
+        )
+    destination = check_output_path(path) if path is not None else None
+    torch_skips, onnx_skips = _split_skips(skip_rules)
+    args = as_args(example_inputs)
+    if args is None:
+        raise BnfoldError("export needs example_inputs")
+    folded = fold_module(model, args, skip_rules=torch_skips, dynamic_shapes=dynamic_shapes, verify=False)
+    expected = module_outputs(model, args)
+    names_in = list(input_names) if input_names else _io_names("input", len(args))
+    names_out = list(output_names) if output_names else _default_output_names(len(expected))
+    exported = _export(
+        folded.module, args, names_in, names_out, opset, exporter, dynamic_axes, dynamic_shapes
+    )
+    onnx_result = fold_onnx(exported, skip_rules=onnx_skips, inplace=True)
+    onnx_model = onnx_result.model
+    try:
+        onnx.checker.check_model(onnx_model)
+    except (onnx.checker.ValidationError, ValueError) as error:
+        raise BnfoldError(f"the exported ONNX model is invalid ({str(error).splitlines()[0]})") from None
+    report = folded.report
+    report.extras["output"] = str(destination) if destination else None
+    report.extras["exporter"] = exporter
+    report.extras["onnx_fold"] = onnx_result.report.to_dict()
+    verification = None
+    if verify:
+        verification = compare_with_onnx(expected, onnx_model, args, provider=provider, atol=atol, rtol=rtol)
+        report.extras["verification"] = verification.to_dict()
+    written = destination is not None and (verification is None or verification.passed or force)
+    if written:
+        save_model(onnx_model, destination, external_data=external_data)
+    elif destination is not None:
+        logger.warning(
+            "not writing %s: the ONNX model does not match the module\n%s",
+            destination,
+            verification.to_text(),
+        )
+    return ExportResult(destination, onnx_model, report, onnx_result.report, verification, folded, written)
+
+
+def _io_names(prefix: str, count: int) -> list[str]:
+    return [prefix] if count == 1 else [f"{prefix}_{index}" for index in range(count)]
+
+
+def _default_output_names(count: int) -> list[str]:
+    return output_names(count)
+
+
+def _split_skips(skip_rules: Iterable[str]) -> tuple[list[str], list[str]]:
+    """``--skip-rule`` names for the torch fold and for the ONNX fold; a name neither knows is an error.
+
+    Both backends name the same pattern the same way (``conv-bn``, ``bn-conv``), so skipping it
+    skips it in both.
+    """
+    from bnfold.fx.fold import rule_names as torch_rule_names
+    from bnfold.onnx import rule_names as onnx_rule_names
+
+    names = list(skip_rules)
+    torch_names, onnx_names = set(torch_rule_names()), set(onnx_rule_names())
+    unknown = sorted(set(names) - torch_names - onnx_names)
+    if unknown:
+        raise BnfoldError(f"unknown rule(s) {unknown}; choose from {sorted(torch_names | onnx_names)}")
+    return [n for n in names if n in torch_names], [n for n in names if n in onnx_names]
+
+
+def _export(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    input_names: list[str],
+    output_names: list[str],
+    opset: int,
+    exporter: str,
+    dynamic_axes: Mapping[str, Any] | None,
+    dynamic_shapes: Any,
+) -> ModelProto:
+    with tempfile.TemporaryDirectory(prefix="bnfold-export-") as directory:
+        raw_path = Path(directory) / "model.onnx"
+        try:
+            with warnings.catch_warnings():
+                # The legacy exporter is deprecated but is the one that keeps BN for us to report on.
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                warnings.filterwarnings("ignore", category=FutureWarning)
+                warnings.filterwarnings("ignore", message="It is recommended that constant folding")
+                # torch.export's input guards (torch._assert in torch/__init__.py) trace to constants;
+                # TracerWarnings raised from the user's own code still show.
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module="torch")
+                if exporter == "torchscript":
+                    torch.onnx.export(
+                        module,
+                        args,
+                        str(raw_path),
+                        dynamo=False,
+                        opset_version=opset,
+                        # PRESERVE: the eval-mode peephole pass (which folds Conv->BN in float32,
+                        # with no report) is skipped; the module is in eval mode, so BN exports as
+                        # inference-mode BatchNormalization.
+                        training=torch.onnx.TrainingMode.PRESERVE,
+                        do_constant_folding=True,
+                        input_names=input_names,
+                        output_names=output_names,
+                        dynamic_axes=dict(dynamic_axes) if dynamic_axes else None,
+                    )
+                else:
+                    program = torch.onnx.export(
+                        module,
+                        args,
+                        dynamo=True,
+                        opset_version=opset,
+                        input_names=input_names,
+                        output_names=output_names,
+                        dynamic_shapes=dynamic_shapes,
+                        verbose=False,
+                    )
+                    program.save(str(raw_path))
+        except BnfoldError:
+            raise
+        except Exception as error:  # exporters raise many types; the user needs the first line
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise BnfoldError(f"torch.onnx.export ({exporter}) failed: {message}") from None
+        return onnx.load(str(raw_path))

@@ -1,0 +1,158 @@
+"""Where a PyTorch model comes from on the command line: a saved ``.pt2`` program or a factory function.
+
+``model.pt2`` is read with ``torch.export.load`` (a zip of a serialized graph and weights). bnfold
+never calls ``torch.load`` on ``.pt``/``.pth`` files: unpickling runs arbitrary code from the file.
+``package.module:factory`` imports the module (the user's own code, on purpose) and calls
+``factory()``, which returns the model or ``(model, example_inputs)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnfold.errors import InputSpecError, ModelLoadError
+from bnfold.fx.trace import first_line
+
+__all__ = ["load_torch_source", "is_torch_source"]
+
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
+
+InputShapes = Mapping[str, Sequence[int]] | Sequence[Sequence[int]] | None
+
+
+def is_torch_source(spec: str) -> bool:
+    """Whether ``spec`` names a PyTorch model (``.pt2`` file or ``package.module:factory``)."""
+    return spec.endswith(".pt2") or bool(_FACTORY.match(spec))
+
+
+def load_torch_source(spec: str, input_shapes: InputShapes = None) -> tuple[nn.Module, tuple[Any, ...]]:
+    """Load a model and example inputs from ``model.pt2`` or ``package.module:factory``.
+
+    ``input_shapes`` gives the example inputs' shapes by forward-argument name (``{"x": [1, 3, 224,
+    224]}``, what ``--input-shape`` parses to) or by position; inputs are float32 (or the model's
+    parameter dtype) drawn from a seeded generator. Without shapes, a ``.pt2`` uses the example
+    inputs saved with it and a factory must return ``(model, example_inputs)``. Every failure is a
+    :class:`BnfoldError` with a one-line message.
+    """
+    if spec.endswith(".pt2"):
+        return _load_pt2(Path(spec), input_shapes)
+    if spec.endswith(_PICKLE_SUFFIXES):
+        raise ModelLoadError(
+            f"{spec}: bnfold does not unpickle torch.save files (loading them runs arbitrary code); "
+            "save with torch.export.save(program, 'model.pt2') or give package.module:factory"
+        )
+    if _FACTORY.match(spec):
+        return _load_factory(spec, input_shapes)
+    raise ModelLoadError(
+        f"{spec}: expected a torch.export file (model.pt2) or a factory spec (package.module:function)"
+    )
+
+
+def _load_pt2(path: Path, input_shapes: InputShapes) -> tuple[nn.Module, tuple[Any, ...]]:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, expected a .pt2 file")
+    if not zipfile.is_zipfile(path):
+        raise ModelLoadError(f"{path}: not a torch.export archive (not a zip file)")
+    try:
+        program = torch.export.load(str(path))
+    except Exception as error:  # deserialization raises many types; the user needs one line
+        raise ModelLoadError(f"{path}: cannot load the exported program ({first_line(error)})") from None
+    module = program.module()
+    names = list(program.graph_signature.user_inputs)
+    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    dtypes = [getattr(placeholders[name].meta.get("val"), "dtype", torch.float32) for name in names]
+    if input_shapes:
+        return module, _make_inputs(names, dtypes, input_shapes, str(path))
+    saved = program.example_inputs
+    if saved is None:
+        raise InputSpecError(
+            f"{path}: no example inputs saved with the program; give --input-shape for {names}"
+        )
+    args, kwargs = saved
+    if kwargs:
+        raise InputSpecError(f"{path}: keyword example inputs are not supported; give --input-shape")
+    return module, tuple(args)
+
+
+def _load_factory(spec: str, input_shapes: InputShapes) -> tuple[nn.Module, tuple[Any, ...]]:
+    module_name, _, attribute = spec.partition(":")
+    try:
+        python_module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ModelLoadError(f"{spec}: cannot import {module_name} ({first_line(error)})") from None
+    except Exception as error:  # importing user code may raise anything
+        raise ModelLoadError(f"{spec}: importing {module_name} failed ({first_line(error)})") from None
+    factory: Any = python_module
+    for part in attribute.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise ModelLoadError(f"{spec}: {module_name} has no attribute {attribute}")
+    if not callable(factory):
+        raise ModelLoadError(f"{spec}: {attribute} is not callable")
+    try:
+        made = factory()
+    except Exception as error:
+        raise ModelLoadError(f"{spec}: {attribute}() raised {first_line(error)}") from None
+    example: tuple[Any, ...] | None = None
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
+        made, given = made
+        example = (given,) if isinstance(given, torch.Tensor) else tuple(given)
+    if not isinstance(made, nn.Module):
+        raise ModelLoadError(
+            f"{spec}: {attribute}() returned {type(made).__name__}; expected a torch.nn.Module "
+            "or (module, example_inputs)"
+        )
+    if input_shapes:
+        names = _forward_inputs(made)
+        parameter = next((p for p in made.parameters() if p.is_floating_point()), None)
+        dtype = parameter.dtype if parameter is not None else torch.float32
+        return made, _make_inputs(names, [dtype] * len(names), input_shapes, spec)
+    if example is None:
+        raise InputSpecError(
+            f"{spec}: give --input-shape for {_forward_inputs(made)} (or return (model, example_inputs))"
+        )
+    return made, example
+
+
+def _forward_inputs(module: nn.Module) -> list[str]:
+    """Names of ``forward``'s positional parameters (the model's inputs)."""
+    parameters = inspect.signature(module.forward).parameters.values()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [parameter.name for parameter in parameters if parameter.kind in kinds]
+
+
+def _make_inputs(
+    names: list[str], dtypes: list[torch.dtype], input_shapes: InputShapes, source: str
+) -> tuple[torch.Tensor, ...]:
+    if isinstance(input_shapes, Mapping):
+        unknown = sorted(set(input_shapes) - set(names))
+        if unknown:
+            raise InputSpecError(f"{source}: --input-shape names unknown input(s) {unknown}; inputs: {names}")
+        missing = [name for name in names if name not in input_shapes]
+        if missing:
+            raise InputSpecError(f"{source}: give --input-shape for {missing}")
+        shapes = [list(input_shapes[name]) for name in names]
+    else:
+        shapes = [list(shape) for shape in input_shapes or ()]
+        if len(shapes) != len(names):
+            raise InputSpecError(f"{source}: {len(shapes)} input shapes given, the model takes {names}")
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for shape, dtype in zip(shapes, dtypes, strict=True):
+        if dtype.is_floating_point:
+            inputs.append(torch.randn(shape, generator=generator).to(dtype))
+        else:
+            inputs.append(torch.randint(0, 4, shape, generator=generator).to(dtype))
+    return tuple(inputs)

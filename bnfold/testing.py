@@ -1,0 +1,65 @@
+"""A pytest helper for your own CI: assert that an ONNX file computes what your PyTorch module does.
+
+::
+
+    import torch
+    from bnfold.testing import assert_equivalent
+
+    def test_export_matches_model(tmp_path):
+        model = build_model().eval()
+        inputs = torch.randn(4, 3, 224, 224)
+        bnfold.export(model, inputs, tmp_path / "model.onnx")
+        assert_equivalent(model, tmp_path / "model.onnx", inputs)
+
+On a mismatch it raises ``AssertionError`` with one row per output: name, dtype, shape, max absolute
+and relative error, the tolerances used, and the absolute tolerance that would have passed. The
+ONNX model runs in ONNX Runtime with graph optimizations off (so ONNX Runtime's own fusions cannot
+hide a difference). Importing this module does not import torch; calling the helper does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["assert_equivalent"]
+
+
+def assert_equivalent(
+    model: Any,
+    onnx_model: str | os.PathLike | Any,
+    inputs: Any,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    provider: str = "cpu",
+):
+    """Run ``model`` (a torch module, in the mode you give it) and ``onnx_model`` on ``inputs``; compare.
+
+    ``inputs``: a tensor, a tuple of positional inputs (fed to the ONNX inputs in order), or a dict
+    (keyword arguments for the module, ONNX inputs by the same names). ``atol``/``rtol`` default to
+    bnfold's per-dtype tolerances (float32: rtol 1e-4, atol 1e-5 scaled by the output's magnitude).
+    Returns the :class:`~bnfold.verify.VerificationResult` when every output matches.
+    """
+    import torch
+
+    from bnfold.fx.compare import compare_with_onnx, module_outputs
+
+    if isinstance(inputs, Mapping):
+        expected = module_outputs(model, (), dict(inputs))
+        feeds: Sequence[Any] | Mapping[str, Any] = dict(inputs)
+    else:
+        args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        expected = module_outputs(model, args)
+        feeds = args
+    result = compare_with_onnx(
+        expected, onnx_model, feeds, provider=provider, atol=atol, rtol=rtol, input_source="given"
+    )
+    if not result:
+        label = os.fspath(onnx_model) if isinstance(onnx_model, str | os.PathLike) else "the ONNX model"
+        failing = ", ".join(output.name for output in result.outputs if not output.passed)
+        raise AssertionError(
+            f"{label} does not match the PyTorch module (outputs {failing}):\n{result.to_text()}"
+        )
+    return result

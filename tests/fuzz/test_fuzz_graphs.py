@@ -1,0 +1,185 @@
+"""Fuzzing: random valid graphs, and random mutations of them, through ``fold_onnx`` and ``verify``.
+
+The contract, for every model: either bnfold refuses it cleanly (a ``BnfoldError`` with one line),
+or it returns a folded model that passes ``onnx.checker`` and that ONNX Runtime shows computes the
+same outputs. Along the way: every kept BN carries a reason code, no BN with degenerate statistics
+is folded, and a fold never adds inf/NaN values to the model's constants.
+
+A short run is part of the normal test suite (25 examples per test, the default hypothesis profile
+in tests/conftest.py). Fuzz longer on demand::
+
+    BNFOLD_HYPOTHESIS_PROFILE=long .venv/bin/pytest tests/fuzz -q --hypothesis-show-statistics
+
+(500 examples per test; add ``--hypothesis-seed N`` to explore elsewhere). A failure prints the
+recipe (layers, dtype, opset, mutations) and hypothesis replays it from its example database.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import strategies as st
+from onnx import numpy_helper
+
+import bnfold
+from bnfold import BnfoldError, Outcome, Reason
+from tests.fuzz.strategies import BREAKS_THE_FOLD, Recipe, graphs, mutations
+
+BN = "BatchNormalization"
+FUZZ_SETTINGS = settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _value(tensor: onnx.TensorProto) -> np.ndarray:
+    """A tensor's value; empty when its data does not decode (a mutation may have broken it)."""
+    try:
+        return numpy_helper.to_array(tensor)
+    except (ValueError, KeyError, TypeError):
+        return np.zeros(0)
+
+
+def _constants(model: onnx.ModelProto) -> list[np.ndarray]:
+    values = [_value(tensor) for tensor in model.graph.initializer]
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                values.append(_value(attribute.t))
+    return values
+
+
+def _nonfinite_count(model: onnx.ModelProto) -> int:
+    return sum(int(np.count_nonzero(~np.isfinite(v))) for v in _constants(model) if v.dtype.kind == "f")
+
+
+def _passes_checker(model: onnx.ModelProto, full_check: bool) -> bool:
+    try:
+        onnx.checker.check_model(model, full_check=full_check)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError):
+        return False
+    return True
+
+
+def fold_and_verify(model: onnx.ModelProto, degenerate: dict[str, str] | None = None) -> str:
+    """Run the contract on ``model``; return the outcome ("refused ..." or "verified ...")."""
+    with tempfile.TemporaryDirectory(prefix="bnfold-fuzz-") as directory:
+        path = Path(directory) / "model.onnx"
+        path.write_bytes(model.SerializeToString())
+        try:
+            result = bnfold.fold_onnx(path)  # loads and checks like the CLI does
+        except BnfoldError as error:
+            assert "\n" not in str(error)
+            note(f"refused: {error}")
+            return "refused on load"
+        assert path.read_bytes() == model.SerializeToString(), "the input file changed"
+
+    note(result.report.to_text())
+    for decision in result.report.decisions:
+        if decision.outcome is Outcome.KEPT:
+            assert isinstance(decision.reason, Reason), decision
+        if decision.outcome is Outcome.FOLDED:
+            assert decision.reason is None and decision.rule, decision
+    for name, kind in (degenerate or {}).items():
+        if kind in BREAKS_THE_FOLD:
+            decision = next(d for d in result.report.decisions if d.node == name)
+            assert decision.outcome is not Outcome.FOLDED, f"{name} ({kind}) was folded"
+    kept = [d for d in result.report.decisions if d.op_type == BN and d.outcome is Outcome.KEPT]
+    remaining = [n for n in result.model.graph.node if n.op_type == BN and n.domain in ("", "ai.onnx")]
+    assert len(remaining) == len(kept)
+    assert _nonfinite_count(result.model) <= _nonfinite_count(model), "a fold made inf/NaN constants"
+    assert _passes_checker(result.model, full_check=False), "the folded model fails onnx.checker"
+    if _passes_checker(model, full_check=True):
+        assert _passes_checker(result.model, full_check=True), "the folded model fails full_check"
+
+    try:
+        verification = bnfold.verify(model, result.model, provider="cpu")
+    except BnfoldError as error:
+        # Only the original may be what ONNX Runtime cannot load or run: never bnfold's output.
+        assert "original model" in str(error) or "cannot generate" in str(error), str(error)
+        assert "\n" not in str(error)
+        note(f"refused: {error}")
+        return "refused by ONNX Runtime"
+    note(verification.to_text())
+    if verification.passed:
+        return f"verified, {len(result.report.folded)} folded"
+    # A BN with inf statistics or an overflowing (or, in float16, large) scale feeds inf into what
+    # follows, or magnifies last-place rounding differences past any tolerance: outputs behind one
+    # may legitimately differ (and the CLI then writes nothing, exit 1). No other output may.
+    failing = {output.name for output in verification.outputs if not output.passed}
+    poisoned = _downstream(model, _poison_sources(model, result.report))
+    assert failing <= poisoned, verification.to_text()
+    return "mismatch behind an overflowing BN"
+
+
+POISONING = (Reason.NONFINITE_STATISTICS, Reason.FOLD_OVERFLOWS_DTYPE)
+
+
+def _poison_sources(model: onnx.ModelProto, report) -> set[str]:
+    """Tensors that carry inf or amplified rounding: outputs of BNs kept for inf statistics or an
+    overflowing scale, of BNs whose scale amplifies (whether kept or folded, and why), and of nodes
+    that read a non-finite constant."""
+    sources = {d.output for d in report.decisions if d.outcome is Outcome.KEPT and d.reason in POISONING}
+    constants = {tensor.name: _value(tensor) for tensor in model.graph.initializer}
+    for node in model.graph.node:
+        if (
+            node.op_type == "Constant"
+            and node.attribute
+            and node.attribute[0].type == onnx.AttributeProto.TENSOR
+        ):
+            constants[node.output[0]] = _value(node.attribute[0].t)
+    nonfinite = {name for name, v in constants.items() if v.dtype.kind == "f" and not np.isfinite(v).all()}
+    for node in model.graph.node:
+        if any(name in nonfinite for name in node.input) or (
+            node.op_type == BN and _amplifies(node, constants)
+        ):
+            sources.update(node.output)
+    return sources
+
+
+def _amplifies(bn: onnx.NodeProto, constants: dict[str, np.ndarray]) -> bool:
+    """Whether the BN's scale overflows its dtype, or (float16) magnifies rounding noise: float16
+    keeps 3 significant digits, so a scale of 30 (var = 0, epsilon = 1e-3) turns the last-place
+    differences between two equally valid roundings into errors past the float16 tolerance."""
+    if len(bn.input) < 5 or not all(name in constants for name in bn.input[1:5]):
+        return False
+    gamma, _, _, var = (constants[name] for name in bn.input[1:5])
+    if gamma.dtype.kind != "f" or var.dtype.kind != "f" or gamma.shape != var.shape:
+        return False
+    epsilon = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+    with np.errstate(all="ignore"):
+        scale = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + epsilon)
+        if not np.isfinite(scale.astype(gamma.dtype)).all():
+            return True
+    return gamma.dtype == np.float16 and bool(np.abs(scale).max(initial=0.0) > 8)
+
+
+def _downstream(model: onnx.ModelProto, sources: set[str]) -> set[str]:
+    reached = set(sources)
+    changed = True
+    while changed:  # to a fixed point: a mutated graph need not be sorted
+        changed = False
+        for node in model.graph.node:
+            if any(name in reached for name in node.input) and not set(node.output) <= reached:
+                reached.update(node.output)
+                changed = True
+    return reached
+
+
+@FUZZ_SETTINGS
+@given(graphs())
+def test_random_valid_graphs_fold_and_verify(recipe: Recipe):
+    outcome = fold_and_verify(recipe.model, recipe.degenerate)
+    event(outcome.split(",")[0])
+    # Every graph the strategy draws is valid and runs: a refusal here would be a bnfold bug.
+    assert not outcome.startswith("refused"), outcome
+
+
+@FUZZ_SETTINGS
+@given(st.data())
+def test_mutated_graphs_fold_and_verify_or_are_refused_cleanly(data):
+    recipe = data.draw(graphs(), label="recipe")
+    mutated, edits = data.draw(mutations(recipe.model), label="mutations")
+    note(f"edits: {edits}")
+    event(fold_and_verify(mutated).split(",")[0])

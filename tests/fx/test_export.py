@@ -1,0 +1,127 @@
+"""bnfold.export: fold in torch, export, fold what is left in ONNX, verify against the original, write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
+
+import bnfold  # noqa: E402
+from bnfold import BnfoldError, Outcome, OutputError, Reason  # noqa: E402
+from tests.fx import nets  # noqa: E402
+
+
+def op_types(path: Path) -> list[str]:
+    return [node.op_type for node in onnx.load(str(path)).graph.node]
+
+
+def run_onnx(path: Path, **feeds: np.ndarray) -> list[np.ndarray]:
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def test_bn_kept_in_torch_is_folded_by_the_onnx_pass(tmp_path: Path) -> None:
+    model = nets.randomized(nets.ConvCalledTwice())
+    example = torch.randn(2, 4, 5, 5)
+    result = bnfold.export(model, example, tmp_path / "model.onnx")
+
+    assert [d.reason for d in result.report.kept] == [Reason.SHARED_MODULE]
+    # In ONNX the two calls are two Conv nodes sharing a weight, which the ONNX fold copies.
+    assert [(d.outcome, d.rule) for d in result.onnx_report.decisions] == [(Outcome.FOLDED, "conv-bn")]
+    assert result.report.extras["onnx_fold"]["summary"]["folded"] == 1
+    assert "BatchNormalization" not in op_types(tmp_path / "model.onnx")
+    assert result.written and result.verification
+
+
+def test_untraceable_and_functional_models_export(tmp_path: Path) -> None:
+    for name, model, example in [
+        ("branch", nets.randomized(nets.ShapeBranchNet()), torch.randn(2, 3, 10, 10)),
+        ("functional", nets.randomized(nets.FunctionalBNNet()), torch.randn(2, 3, 6, 6)),
+    ]:
+        path = tmp_path / f"{name}.onnx"
+        result = bnfold.export(model, example, path)
+        assert result.written and result.verification, result.to_text()
+        assert result.report.kept == [] and result.onnx_report.decisions == []
+        assert "BatchNormalization" not in op_types(path)
+    assert result.fold.tracer == "torch.fx.symbolic_trace"
+
+
+def test_dynamic_axes_are_passed_through(tmp_path: Path) -> None:
+    model = nets.randomized(nets.ConvBN())
+    path = tmp_path / "dynamic.onnx"
+    axes = {"input": {0: "batch"}, "output": {0: "batch"}}
+    bnfold.export(model, torch.randn(2, 4, 5, 5), path, dynamic_axes=axes)
+
+    batch = torch.randn(7, 4, 5, 5)
+    (output,) = run_onnx(path, input=batch.numpy())
+    with torch.no_grad():
+        np.testing.assert_allclose(output, model(batch).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_mismatch_is_a_result_and_writes_nothing_unless_forced(tmp_path: Path) -> None:
+    model = nets.randomized(nets.ConvBN())
+    example = torch.randn(2, 4, 5, 5)
+    path = tmp_path / "strict.onnx"
+    result = bnfold.export(model, example, path, atol=0.0, rtol=0.0)  # any rounding fails
+
+    assert not result.written and not result.verification
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+    assert "MISMATCH" in result.to_text()
+    forced = bnfold.export(model, example, path, atol=0.0, rtol=0.0, force=True)
+    assert forced.written and path.exists()
+
+
+def test_names_and_several_outputs(tmp_path: Path) -> None:
+    model = nets.randomized(nets.ConvOutputReturned())
+    path = tmp_path / "two.onnx"
+    result = bnfold.export(model, torch.randn(1, 3, 5, 5), path, input_names=["image"])
+    graph = onnx.load(str(path)).graph
+    assert [value.name for value in graph.input] == ["image"]
+    assert [value.name for value in graph.output] == ["output_0", "output_1"]
+    assert [output.name for output in result.verification.outputs] == ["output_0", "output_1"]
+
+
+def test_usage_errors_are_one_line_bnfold_errors(tmp_path: Path) -> None:
+    model = nets.randomized(nets.ConvBN())
+    example = torch.randn(1, 4, 5, 5)
+    with pytest.raises(BnfoldError, match="unknown exporter"):
+        bnfold.export(model, example, tmp_path / "a.onnx", exporter="tflite")
+    with pytest.raises(BnfoldError, match="dynamic_shapes is for exporter='dynamo'"):
+        bnfold.export(model, example, tmp_path / "a.onnx", dynamic_shapes={"inputs": {0: "batch"}})
+    with pytest.raises(OutputError, match="does not exist"):
+        bnfold.export(model, example, tmp_path / "missing" / "a.onnx")
+    model.train()
+    with pytest.raises(BnfoldError, match="training mode"):
+        bnfold.export(model, example, tmp_path / "a.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dynamo_exporter(tmp_path: Path) -> None:
+    model = nets.randomized(nets.ConvBN())
+    result = bnfold.export(
+        model, torch.randn(2, 4, 5, 5), tmp_path / "dynamo.onnx", exporter="dynamo", opset=18
+    )
+    assert result.written and result.verification, result.to_text()
+    assert "BatchNormalization" not in op_types(tmp_path / "dynamo.onnx")
+
+
+def test_dry_run_and_skip_rules_of_either_backend(tmp_path: Path) -> None:
+    model = nets.randomized(nets.ConvBN())
+    example = torch.randn(1, 4, 5, 5)
+    dry = bnfold.export(model, example, None)
+    assert dry.path is None and not dry.written and dry.verification and list(tmp_path.iterdir()) == []
+
+    skipped = bnfold.export(model, example, tmp_path / "kept.onnx", skip_rules=["conv-bn"])
+    assert [d.reason for d in skipped.report.kept] == [Reason.RULE_DISABLED]
+    assert [d.reason for d in skipped.onnx_report.kept] == [Reason.RULE_DISABLED]
+    assert op_types(tmp_path / "kept.onnx").count("BatchNormalization") == 1
+    bnfold.export(model, example, None, skip_rules=["gemm-bn", "linear-bn"])  # one backend's names
+    with pytest.raises(BnfoldError, match="unknown rule"):
+        bnfold.export(model, example, None, skip_rules=["fold-everything"])
