@@ -129,6 +129,14 @@ def _folded(
     return new_weight, new_bias
 
 
+def gemm_folded_bias_attributes(graph: GraphIndex) -> dict[str, float | int]:
+    """Gemm attributes once C holds the whole folded bias: ``beta = 1`` (and ``broadcast`` before opset 7)."""
+    attributes: dict[str, float | int] = {"beta": 1.0}
+    if (graph.context.opset or 0) < 7:
+        attributes["broadcast"] = 1  # Gemm-6 and older broadcast C only when asked
+    return attributes
+
+
 class Rule:
     """Base of the fold rules; subclasses set ``name``, ``op_types`` and implement ``match``."""
 
@@ -252,9 +260,7 @@ class GemmThenBN(Rule):
         folded = _folded(weight, bias, params, layout, bias_multiplier=beta)
         if isinstance(folded, Refusal):
             return folded
-        attributes: dict[str, float | int] = {"beta": 1.0}
-        if (graph.context.opset or 0) < 7:
-            attributes["broadcast"] = 1  # Gemm-6 and older broadcast C only when asked
+        attributes = gemm_folded_bias_attributes(graph)
         return Match(producer, {1: folded[0], 2: folded[1]}, attributes)
 
 

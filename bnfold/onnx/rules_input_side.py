@@ -25,7 +25,14 @@ from bnfold.affine import (
 )
 from bnfold.onnx.batchnorm import BatchNormParams, Refusal
 from bnfold.onnx.graph import GraphIndex
-from bnfold.onnx.rules import Match, Rule, _attribute, _constant_input, _set_attribute
+from bnfold.onnx.rules import (
+    Match,
+    Rule,
+    _attribute,
+    _constant_input,
+    _set_attribute,
+    gemm_folded_bias_attributes,
+)
 from bnfold.report import Reason
 
 __all__ = ["ConsumerRule", "BNThenConv", "BNThenConvTranspose", "BNThenGemm", "BNThenMatMul"]
@@ -237,9 +244,7 @@ class BNThenGemm(ConsumerRule):
         )
         if isinstance(folded, Refusal):
             return folded
-        attributes: dict[str, float | int] = {"beta": 1.0}
-        if (graph.context.opset or 0) < 7:
-            attributes["broadcast"] = 1  # Gemm-6 and older broadcast C only when asked
+        attributes = gemm_folded_bias_attributes(graph)
         return Match(gemm, {1: folded[0], 2: folded[1]}, attributes)
 
 
