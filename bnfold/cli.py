@@ -21,6 +21,7 @@ from bnfold.errors import BnfoldError, MissingDependencyError, OutputError
 from bnfold.onnx import RULES, fold_onnx, load_model, rule_names, save_model
 from bnfold.onnx.io import check_output_path, write_atomically
 from bnfold.report import Report
+from bnfold.sources import TORCH_RULE_NAMES, is_torch_source
 from bnfold.verify import PROVIDERS, VerificationResult, Verifier, parse_input_shapes, verify
 
 __all__ = ["cli", "main"]
@@ -125,6 +126,25 @@ def _verification_options(function):
     return function
 
 
+def _rule_options(function):
+    """``--skip-rule`` (names of both backends, listed without importing torch) and
+    ``--rewrite-standalone-bn``."""
+    names = list(dict.fromkeys([*rule_names(RULES), *TORCH_RULE_NAMES]))
+    function = click.option(
+        "--rewrite-standalone-bn",
+        "rewrite_standalone",
+        is_flag=True,
+        help="Rewrite each BN that nothing absorbs as Mul + Add (for runtimes that want no BN).",
+    )(function)
+    return click.option(
+        "--skip-rule",
+        "skip_rules",
+        multiple=True,
+        type=click.Choice(names),
+        help="Do not apply this rule (repeatable).",
+    )(function)
+
+
 @click.group(cls=_FoldByDefault, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bnfold")
 def cli() -> None:
@@ -144,13 +164,7 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="Write the output even when verification fails (exit 1).")
 @click.option("--dry-run", is_flag=True, help="Fold and verify in memory; write no model.")
 @click.option("--simplify", is_flag=True, help="Run onnxsim after folding (pip install 'bnfold[simplify]').")
-@click.option(
-    "--skip-rule",
-    "skip_rules",
-    multiple=True,
-    type=click.Choice(rule_names(RULES)),
-    help="Do not apply this rule (repeatable).",
-)
+@_rule_options
 @click.option(
     "--external-data/--no-external-data",
     default=None,
@@ -165,6 +179,7 @@ def fold(
     dry_run,
     simplify,
     skip_rules,
+    rewrite_standalone,
     external_data,
     provider,
     atol,
@@ -175,9 +190,44 @@ def fold(
     report_path,
     quiet,
 ) -> None:
-    """Fold BatchNormalization nodes of MODEL into Conv/ConvTranspose/Gemm/MatMul."""
+    """Fold BatchNormalization nodes of MODEL into Conv/ConvTranspose/Gemm/MatMul.
+
+    MODEL is an ONNX file, or a PyTorch model (model.pt2 from torch.export.save, or
+    package.module:factory) which is folded in torch, exported to ONNX, folded again and verified
+    against the original module.
+    """
     if output is None and not dry_run:
         raise click.UsageError("missing -o/--output (or pass --dry-run to write nothing)")
+    if is_torch_source(model):
+        if inputs_path or simplify:
+            option = "--inputs" if inputs_path else "--simplify"
+            raise click.UsageError(f"{option} works on ONNX models only; a PyTorch model uses random inputs")
+        if report_path:
+            _check_report_path(report_path, None if dry_run else output)
+        exported = _export_torch_source(
+            model,
+            None if dry_run else output,
+            input_shapes=input_shapes,
+            skip_rules=skip_rules,
+            rewrite_standalone=rewrite_standalone,
+            verify=not no_verify,
+            provider=provider,
+            atol=atol,
+            rtol=rtol,
+            force=force,
+            external_data=external_data,
+        )
+        if not quiet:
+            click.echo(exported.to_text())
+        if report_path:
+            write_atomically(report_path, exported.report.to_json().encode())
+        if not exported.passed:
+            written = "written anyway (--force)" if exported.written else "not written"
+            click.echo(
+                f"bnfold: verification FAILED: {_worst(exported.verification)}; output {written}", err=True
+            )
+            sys.exit(EXIT_MISMATCH)
+        return
     if output is not None and not dry_run:
         check_output_path(output)
         if _same_file(model, output) and (no_verify or force):
@@ -201,7 +251,12 @@ def fold(
         with _naming(model, when="the original model"):
             verifier = Verifier(loaded.model, provider=provider)
     with _naming(model):
-        result = fold_onnx(loaded.model, skip_rules=skip_rules, inplace=True)
+        result = fold_onnx(
+            loaded.model,
+            skip_rules=_onnx_skips(skip_rules),
+            inplace=True,
+            rewrite_standalone=rewrite_standalone,
+        )
     result.report.source = str(model)
     folded_model = _simplify(result.model) if simplify else result.model
 
@@ -269,7 +324,14 @@ def verify_command(
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=True))
-@click.option("--skip-rule", "skip_rules", multiple=True, type=click.Choice(rule_names(RULES)))
+@_rule_options
+@click.option(
+    "--input-shape",
+    "input_shapes",
+    multiple=True,
+    metavar="NAME=D1,D2,...",
+    help="Example input shape of a PyTorch model (repeatable).",
+)
 @click.option(
     "--report",
     "report_path",
@@ -278,17 +340,67 @@ def verify_command(
     help="Also write the report as JSON to this file.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
-def inspect(model, skip_rules, report_path, as_json) -> None:
-    """Report what would happen to every normalization node of MODEL; write no model."""
+def inspect(model, skip_rules, rewrite_standalone, input_shapes, report_path, as_json) -> None:
+    """Report what would happen to every normalization node of MODEL; write no model.
+
+    A PyTorch MODEL (.pt2 or package.module:factory) is folded and exported in memory, unverified.
+    """
     if report_path:
         _check_report_path(report_path, model)
-    loaded = load_model(model)
-    with _naming(model):
-        result = fold_onnx(loaded.model, skip_rules=skip_rules, inplace=True)
-    result.report.source = str(model)
-    click.echo(result.report.to_json() if as_json else result.report.to_text())
+    if is_torch_source(model):
+        exported = _export_torch_source(
+            model,
+            None,
+            input_shapes=input_shapes,
+            skip_rules=skip_rules,
+            rewrite_standalone=rewrite_standalone,
+            verify=False,
+        )
+        report = exported.report
+        click.echo(report.to_json() if as_json else exported.to_text())
+    else:
+        if input_shapes:
+            raise click.UsageError("--input-shape is for PyTorch models; inspect reads no ONNX inputs")
+        loaded = load_model(model)
+        with _naming(model):
+            result = fold_onnx(
+                loaded.model,
+                skip_rules=_onnx_skips(skip_rules),
+                inplace=True,
+                rewrite_standalone=rewrite_standalone,
+            )
+        report = result.report
+        report.source = str(model)
+        click.echo(report.to_json() if as_json else report.to_text())
     if report_path:
-        write_atomically(report_path, result.report.to_json().encode())
+        write_atomically(report_path, report.to_json().encode())
+
+
+def _onnx_skips(skip_rules) -> list[str]:
+    """``--skip-rule`` names for an ONNX model; a name only the PyTorch backend knows is a usage error."""
+    torch_only = sorted(set(skip_rules) - set(rule_names(RULES)))
+    if torch_only:
+        raise click.UsageError(f"rule(s) {', '.join(torch_only)} apply to PyTorch models only")
+    return list(skip_rules)
+
+
+def _export_torch_source(spec: str, output, *, input_shapes, **options):
+    """Load a PyTorch model and run ``bnfold.export`` on it (fold in torch, export, fold, verify)."""
+    try:
+        from bnfold.fx import export, load_torch_source
+    except ImportError as error:
+        if error.name is None or not error.name.startswith("torch"):
+            raise
+        message = f"{spec}: a PyTorch model needs torch: pip install 'bnfold[torch]'"
+        raise MissingDependencyError(message) from None
+    if output is not None:
+        check_output_path(output)
+        if _same_file(spec, output):
+            raise OutputError(f"{output}: is the input model; write the ONNX file elsewhere")
+    module, example_inputs = load_torch_source(spec, parse_input_shapes(input_shapes) or None)
+    result = export(module, example_inputs, output, **options)
+    result.report.source = spec
+    return result
 
 
 def _same_file(first, second) -> bool:

@@ -294,6 +294,26 @@ def test_skipping_an_unrelated_rule_changes_nothing(model_path, tmp_path):
     assert "1 BatchNormalization: 1 folded, 0 kept" in ran.stdout
 
 
+def test_rewrite_standalone_bn_flag(tmp_path):
+    from tests.onnx.test_standalone import relu_bn_model
+
+    model_path, output = tmp_path / "relu_bn.onnx", tmp_path / "folded.onnx"
+    onnx.save(relu_bn_model(), model_path)
+    ran = in_process(model_path, "--dry-run")
+    assert ran.code == 0 and "0 folded, 1 kept" in ran.stdout
+
+    ran = in_process(model_path, "-o", output, "--rewrite-standalone-bn")
+
+    assert ran.code == 0, ran.output
+    assert "rewritten" in ran.stdout and "verification passed" in ran.stdout
+    assert op_types(onnx.load(output)) == ["Relu", "Mul", "Add"]
+    # With the rule that would do it skipped, the BN stays, and says why.
+    skipped = ("--skip-rule", "bn-to-affine")
+    ran = in_process("inspect", model_path, "--rewrite-standalone-bn", *skipped, "--json")
+    (decision,) = json.loads(ran.stdout)["decisions"]
+    assert decision["outcome"] == "kept" and decision["reason"] == "no-foldable-producer"
+
+
 def test_simplify_runs_onnxsim(model_path, tmp_path):
     pytest.importorskip("onnxsim")
     output = tmp_path / "folded.onnx"

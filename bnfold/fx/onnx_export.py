@@ -86,6 +86,7 @@ def export(
     dynamic_axes: Mapping[str, Any] | None = None,
     dynamic_shapes: Any = None,
     skip_rules: Iterable[str] = (),
+    rewrite_standalone: bool = False,
     verify: bool = True,
     provider: str = "auto",
     atol: float | None = None,
@@ -104,7 +105,8 @@ def export(
     ``provider``, graph optimizations off, against the original module's torch outputs), unless
     ``force``; a mismatch is a result (``result.written`` False, ``result.verification`` falsy).
     ``path=None`` does everything but write (a dry run). ``skip_rules`` takes rule names of either
-    backend (``bnfold.fx.rule_names()``, ``bnfold.onnx.rule_names()``).
+    backend (``bnfold.fx.rule_names()``, ``bnfold.onnx.rule_names()``). ``rewrite_standalone``
+    rewrites each BN left after both folds as Mul + Add (see ``fold_onnx``).
     """
     if exporter not in EXPORTERS:
         raise BnfoldError(f"unknown exporter {exporter!r}; choose from {', '.join(EXPORTERS)}")
@@ -130,7 +132,9 @@ def export(
     exported = _export(
         folded.module, args, names_in, names_out, opset, exporter, dynamic_axes, dynamic_shapes
     )
-    onnx_result = fold_onnx(exported, skip_rules=onnx_skips, inplace=True)
+    onnx_result = fold_onnx(
+        exported, skip_rules=onnx_skips, inplace=True, rewrite_standalone=rewrite_standalone
+    )
     onnx_model = onnx_result.model
     try:
         onnx.checker.check_model(onnx_model)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,18 +20,11 @@ from torch import nn
 
 from bnfold.errors import InputSpecError, ModelLoadError
 from bnfold.fx.trace import first_line
+from bnfold.sources import FACTORY_SPEC, PICKLE_SUFFIXES, is_torch_source
 
 __all__ = ["load_torch_source", "is_torch_source"]
 
-_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
-
 InputShapes = Mapping[str, Sequence[int]] | Sequence[Sequence[int]] | None
-
-
-def is_torch_source(spec: str) -> bool:
-    """Whether ``spec`` names a PyTorch model (``.pt2`` file or ``package.module:factory``)."""
-    return spec.endswith(".pt2") or bool(_FACTORY.match(spec))
 
 
 def load_torch_source(spec: str, input_shapes: InputShapes = None) -> tuple[nn.Module, tuple[Any, ...]]:
@@ -46,12 +38,12 @@ def load_torch_source(spec: str, input_shapes: InputShapes = None) -> tuple[nn.M
     """
     if spec.endswith(".pt2"):
         return _load_pt2(Path(spec), input_shapes)
-    if spec.endswith(_PICKLE_SUFFIXES):
+    if spec.endswith(PICKLE_SUFFIXES):
         raise ModelLoadError(
             f"{spec}: bnfold does not unpickle torch.save files (loading them runs arbitrary code); "
             "save with torch.export.save(program, 'model.pt2') or give package.module:factory"
         )
-    if _FACTORY.match(spec):
+    if FACTORY_SPEC.match(spec):
         return _load_factory(spec, input_shapes)
     raise ModelLoadError(
         f"{spec}: expected a torch.export file (model.pt2) or a factory spec (package.module:function)"
@@ -74,7 +66,18 @@ def _load_pt2(path: Path, input_shapes: InputShapes) -> tuple[nn.Module, tuple[A
     placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
     dtypes = [getattr(placeholders[name].meta.get("val"), "dtype", torch.float32) for name in names]
     if input_shapes:
-        return module, _make_inputs(names, dtypes, input_shapes, str(path))
+        inputs = _make_inputs(names, dtypes, input_shapes, str(path))
+        # An exported program is specialized to its export shapes unless exported with dynamic
+        # shapes: a mismatch fails in its guards, which is the user's input, not a bnfold bug.
+        try:
+            with torch.no_grad():
+                module(*inputs)
+        except Exception as error:
+            raise InputSpecError(
+                f"{path}: the program does not run on --input-shape {[list(i.shape) for i in inputs]} "
+                f"({first_line(error)}); export it with dynamic_shapes, or drop --input-shape"
+            ) from None
+        return module, inputs
     saved = program.example_inputs
     if saved is None:
         raise InputSpecError(
