@@ -101,13 +101,20 @@ def _folded_input_side(
     groups: int = 1,
     bias_multiplier: float = 1.0,
     correction_multiplier: float = 1.0,
+    bias_broadcasts: bool = False,
 ) -> tuple[np.ndarray, np.ndarray] | Refusal:
     """``W * s`` along input channels and ``bias_multiplier * b + correction_multiplier * W t``.
 
-    Both in float64 from the original weight, rounded once into the weight's dtype.
+    Both in float64 from the original weight, rounded once into the weight's dtype. The bias must
+    have one value per output channel, or (``bias_broadcasts``, Gemm's C) broadcast against them.
     """
     scaled = scale_input_channels(weight, params.affine.scale, layout, groups)
     correction = input_shift_bias(weight, params.affine.shift, layout, groups) * correction_multiplier
+    if bias is not None and not _bias_fits(bias.shape, correction.shape, bias_broadcasts):
+        return Refusal(
+            Reason.PARAM_SHAPE_MISMATCH,
+            f"bias has shape {list(bias.shape)}, the layer has {correction.shape[0]} output channels",
+        )
     new_bias64 = correction if bias is None else np.asarray(bias, np.float64) * bias_multiplier + correction
     new_weight = round_to_dtype(scaled, weight.dtype)
     new_bias = round_to_dtype(new_bias64, weight.dtype)
@@ -115,6 +122,12 @@ def _folded_input_side(
         if value is None:
             return Refusal(Reason.FOLD_OVERFLOWS_DTYPE, f"folded {role} overflows {weight.dtype.name}")
     return new_weight, new_bias
+
+
+def _bias_fits(bias: tuple[int, ...], channels: tuple[int, ...], broadcasts: bool) -> bool:
+    if not broadcasts:
+        return bias == channels
+    return len(bias) <= 2 and (not bias or bias[-1] in (1, channels[0]))
 
 
 def _channel_refusal(layer: str, channels: int, params: BatchNormParams) -> Refusal | None:
@@ -241,6 +254,7 @@ class BNThenGemm(ConsumerRule):
             layout,
             bias_multiplier=float(_attribute(gemm, "beta", 1.0)),
             correction_multiplier=float(_attribute(gemm, "alpha", 1.0)),
+            bias_broadcasts=True,
         )
         if isinstance(folded, Refusal):
             return folded

@@ -302,6 +302,24 @@ def test_bn_gemm_with_trans_a_is_refused():
     assert decision.reason is Reason.CHANNEL_AXIS_MISMATCH and decision.rule == "bn-gemm"
 
 
+@pytest.mark.parametrize("bias_shape", [(6,), (1, 6), (3, 5)])
+def test_bn_gemm_with_a_c_that_does_not_fit_its_outputs_is_refused(bias_shape):
+    # An invalid model (found by the fuzzer): C cannot broadcast to the 7 output columns.
+    decision = only_decision(fold_onnx(bn_gemm_model(bias_shape=bias_shape)))
+    assert decision.reason is Reason.PARAM_SHAPE_MISMATCH and decision.rule == "bn-gemm"
+    assert f"bias has shape {list(bias_shape)}" in decision.detail
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_bn_conv_with_a_bias_of_the_wrong_length_is_refused(transpose):
+    model = bn_conv_model(transpose=transpose)
+    bias = next(t for t in model.graph.initializer if t.name == "B")
+    bias.CopyFrom(tensor("B", np.ones(5), np.float32))  # 6 output channels, 5 biases
+    decision = only_decision(fold_onnx(model))
+    assert decision.reason is Reason.PARAM_SHAPE_MISMATCH
+    assert decision.rule == ("bn-convtranspose" if transpose else "bn-conv")
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
 def test_bn_matmul_on_2d_input_folds_with_a_bias_add(dtype):
     model = bn_matmul_model(dtype=dtype, seed=11)
