@@ -139,6 +139,24 @@ def _channel_refusal(layer: str, channels: int, params: BatchNormParams) -> Refu
     )
 
 
+def _conv_input_side_match(
+    conv: NodeProto,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    params: BatchNormParams,
+    layout: WeightLayout,
+) -> Match | Refusal:
+    """The fold of a BN into a (transposed) conv whose geometry has been checked: channels, then math."""
+    groups = int(_attribute(conv, "group", 1))
+    refusal = _channel_refusal(conv.op_type, input_channel_count(weight.shape, layout, groups), params)
+    if refusal:
+        return refusal
+    folded = _folded_input_side(weight, bias, params, layout, groups=groups)
+    if isinstance(folded, Refusal):
+        return folded
+    return Match(conv, {1: folded[0], 2: folded[1]})
+
+
 class BNThenConv(ConsumerRule):
     """BN followed by a Conv without padding (any rank, groups, strides, dilations, bias or not).
 
@@ -160,18 +178,9 @@ class BNThenConv(ConsumerRule):
         if auto_pad not in ("NOTSET", "VALID") or any(pads):
             shown = f"auto_pad={auto_pad}" if auto_pad not in ("NOTSET", "VALID") else f"pads={pads}"
             return Refusal(Reason.PADDING_AFTER_BN, f"{graph.node_label(conv)} has {shown}")
-        groups = int(_attribute(conv, "group", 1))
         if weight.ndim < 3:
             return Refusal(Reason.PARAM_SHAPE_MISMATCH, f"Conv weight has rank {weight.ndim}")
-        refusal = _channel_refusal(
-            "Conv", input_channel_count(weight.shape, WeightLayout.CONV, groups), params
-        )
-        if refusal:
-            return refusal
-        folded = _folded_input_side(weight, bias, params, WeightLayout.CONV, groups=groups)
-        if isinstance(folded, Refusal):
-            return folded
-        return Match(conv, {1: folded[0], 2: folded[1]})
+        return _conv_input_side_match(conv, weight, bias, params, WeightLayout.CONV)
 
 
 class BNThenConvTranspose(ConsumerRule):
@@ -207,15 +216,7 @@ class BNThenConvTranspose(ConsumerRule):
             if has_output_shape:
                 detail += ", output_shape set"
             return Refusal(Reason.UNEVEN_TAPS_AFTER_BN, f"{graph.node_label(deconv)}: {detail}")
-        groups = int(_attribute(deconv, "group", 1))
-        layout = WeightLayout.CONV_TRANSPOSE
-        refusal = _channel_refusal("ConvTranspose", input_channel_count(weight.shape, layout, groups), params)
-        if refusal:
-            return refusal
-        folded = _folded_input_side(weight, bias, params, layout, groups=groups)
-        if isinstance(folded, Refusal):
-            return folded
-        return Match(deconv, {1: folded[0], 2: folded[1]})
+        return _conv_input_side_match(deconv, weight, bias, params, WeightLayout.CONV_TRANSPOSE)
 
 
 class BNThenGemm(ConsumerRule):
