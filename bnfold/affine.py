@@ -12,6 +12,7 @@ Both backends (``bnfold.onnx`` and the PyTorch path) call these functions, so a 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -30,6 +31,10 @@ __all__ = [
     "fold_bias",
     "round_to_dtype",
     "is_supported_float",
+    "ConvWindow",
+    "merge_windows",
+    "place_kernel",
+    "dirac_kernel",
 ]
 
 # ml_dtypes' bfloat16 has numpy kind "V", so dtypes are recognised by name, not by kind.
@@ -115,18 +120,23 @@ def scale_output_channels(
     """``weight`` with output channel ``c`` multiplied by ``scale[c]``, as float64."""
     # Non-finite weights (inf * 0, a signalling NaN) must not warn: round_to_dtype refuses them.
     with np.errstate(over="ignore", invalid="ignore"):
-        weight64 = np.asarray(weight, dtype=np.float64)
+        weight = np.asarray(weight)
+        # numpy's own floats are widened inside the multiply (no float64 copy of the weight first);
+        # the product is the same float64 either way.
+        weight64 = weight if weight.dtype.kind == "f" else weight.astype(np.float64)
         scale64 = np.asarray(scale, dtype=np.float64)
         if layout is WeightLayout.CONV or layout is WeightLayout.MATRIX_OUT_IN:
-            return weight64 * scale64.reshape((-1,) + (1,) * (weight64.ndim - 1))
+            return np.multiply(
+                weight64, scale64.reshape((-1,) + (1,) * (weight64.ndim - 1)), dtype=np.float64
+            )
         if layout is WeightLayout.MATRIX_IN_OUT:
-            return weight64 * scale64.reshape(1, -1)
+            return np.multiply(weight64, scale64.reshape(1, -1), dtype=np.float64)
         # ConvTranspose: view [C_in, C_out/g, k...] as [g, C_in/g, C_out/g, k...] so that group g's
         # input rows meet exactly group g's output channels.
         in_channels, out_per_group, *kernel = weight64.shape
         grouped = weight64.reshape(groups, in_channels // groups, out_per_group, *kernel)
         grouped_scale = scale64.reshape(groups, 1, out_per_group, *([1] * len(kernel)))
-        return (grouped * grouped_scale).reshape(weight64.shape)
+        return np.multiply(grouped, grouped_scale, dtype=np.float64).reshape(weight64.shape)
 
 
 def input_channel_count(weight_shape: tuple[int, ...], layout: WeightLayout, groups: int = 1) -> int:
@@ -221,6 +231,96 @@ def round_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
     """
     with np.errstate(over="ignore", invalid="ignore"):
         rounded = np.asarray(values, dtype=np.float64).astype(dtype)
-    if not np.isfinite(rounded.astype(np.float64)).all():
+    # numpy's floats are checked as they are; others (bfloat16) through float64.
+    if not np.isfinite(rounded if rounded.dtype.kind == "f" else rounded.astype(np.float64)).all():
         return None
     return rounded
+
+
+# -- parallel branches summed into one convolution (RepVGG, ACNet, MobileOne) --------------------
+
+
+@dataclass(frozen=True)
+class ConvWindow:
+    """Which input positions a convolution reads, per spatial axis.
+
+    With dilation ``d`` and stride ``s``, output position ``o`` reads input positions
+    ``o * s - pads_begin + d * j`` for the taps ``j = 0 .. kernel - 1``. An identity branch is the
+    window of a 1-tap kernel without padding.
+    """
+
+    kernel: tuple[int, ...]
+    pads_begin: tuple[int, ...]
+    pads_end: tuple[int, ...]
+
+
+def merge_windows(
+    windows: Sequence[ConvWindow], dilations: Sequence[int]
+) -> tuple[ConvWindow, list[tuple[int, ...]]] | str:
+    """One window covering every branch's taps, and where each branch's kernel starts inside it.
+
+    Convolutions of one input with the same strides, dilations and groups sum to one convolution
+    whose kernel is their kernels zero-padded into a common window, when along every axis:
+
+    - they give the same number of outputs for every input length: ``pads_begin + pads_end -
+      d * (kernel - 1)`` agrees (this also rules out an Add that would broadcast);
+    - their first taps are a whole number of dilation steps apart (``pads_begin`` differ by a
+      multiple of ``d``), so every tap of every branch lands on a tap of the merged kernel.
+
+    The merged window pads as much as the most padded branch at each end; padding only ever meets
+    the zero taps a branch was padded with. Returns a sentence saying why not otherwise.
+    """
+    rank = len(dilations)
+    kernel, pads_begin, pads_end = [], [], []
+    for axis, dilation in enumerate(dilations):
+        slack = {w.pads_begin[axis] + w.pads_end[axis] - dilation * (w.kernel[axis] - 1) for w in windows}
+        if len(slack) > 1:
+            sizes = ", ".join(
+                f"{w.kernel[axis]} (pads {w.pads_begin[axis]}, {w.pads_end[axis]})" for w in windows
+            )
+            return f"spatial axis {axis}: kernels {sizes} give outputs of different sizes"
+        begin = max(w.pads_begin[axis] for w in windows)
+        if any((begin - w.pads_begin[axis]) % dilation for w in windows):
+            starts = ", ".join(str(w.pads_begin[axis]) for w in windows)
+            return (
+                f"spatial axis {axis}: pads before {starts} are not a whole number of "
+                f"dilation steps ({dilation}) apart"
+            )
+        end = max(w.pads_end[axis] for w in windows)
+        pads_begin.append(begin)
+        pads_end.append(end)
+        kernel.append((begin + end - slack.pop()) // dilation + 1)
+    offsets = [
+        tuple((pads_begin[axis] - w.pads_begin[axis]) // dilations[axis] for axis in range(rank))
+        for w in windows
+    ]
+    return ConvWindow(tuple(kernel), tuple(pads_begin), tuple(pads_end)), offsets
+
+
+def place_kernel(weight: np.ndarray, offsets: Sequence[int], kernel: Sequence[int]) -> np.ndarray:
+    """A conv ``weight`` ``[C_out, C_in/groups, k...]`` zero-padded to ``kernel``, starting at ``offsets``.
+
+    Float64, so that summed branches are rounded once.
+    """
+    weight64 = np.asarray(weight, dtype=np.float64)
+    placed = np.zeros(weight64.shape[:2] + tuple(kernel), dtype=np.float64)
+    taps = tuple(
+        slice(offset, offset + size) for offset, size in zip(offsets, weight64.shape[2:], strict=True)
+    )
+    placed[(slice(None), slice(None), *taps)] = weight64
+    return placed
+
+
+def dirac_kernel(scale: np.ndarray, groups: int, spatial_rank: int) -> np.ndarray:
+    """The conv weight of ``x -> scale * x`` per channel, ``[C, C/groups, 1, ...]``, as float64.
+
+    A grouped conv's output channel ``c`` reads only its own group's input channels, numbered from
+    0 inside the group: channel ``c`` itself is in-group index ``c mod (C / groups)``.
+    """
+    scale64 = np.asarray(scale, dtype=np.float64).reshape(-1)
+    channels = scale64.size
+    per_group = channels // groups
+    weight = np.zeros((channels, per_group) + (1,) * spatial_rank, dtype=np.float64)
+    rows = np.arange(channels)
+    weight[(rows, rows % per_group) + (0,) * spatial_rank] = scale64
+    return weight

@@ -241,7 +241,9 @@ def fold(
     if simplify:
         _require_onnxsim()
 
-    loaded = load_model(model)
+    # Lazily: the large weights stay on disk and are read only when a fold changes them; save_model
+    # copies the others from the input file (onnxsim needs them all in memory).
+    loaded = load_model(model, lazy=not simplify)
     if output is not None and not dry_run:
         _check_not_input_data(loaded, model, output)
     # The original's session is made before the fold, which then edits the loaded model in place:

@@ -38,6 +38,11 @@ class Reason(StrEnum):
     BN_OUTPUT_HAS_OTHER_CONSUMERS = "bn-output-has-other-consumers"
     PADDING_AFTER_BN = "padding-after-bn"
     UNEVEN_TAPS_AFTER_BN = "uneven-taps-after-bn"
+    # An identity-branch BN that the Add of parallel branches cannot merge into their conv.
+    BRANCHES_INCOMPATIBLE = "branches-incompatible"
+    # Folding through a Reshape/Flatten between the layer and the BN (bnfold.onnx.rules_reshape).
+    RESHAPE_SHAPE_NOT_CONSTANT = "reshape-shape-not-constant"
+    RESHAPE_NOT_CHANNEL_PRESERVING = "reshape-not-channel-preserving"
     # PyTorch path (bnfold.fx): facts about modules and traces that ONNX graphs do not have.
     SHARED_MODULE = "shared-module"
     NO_RUNNING_STATISTICS = "no-running-statistics"
@@ -78,6 +83,13 @@ _EXPLANATIONS: dict[Reason, str] = {
     "layer would need the BN's shift",
     Reason.UNEVEN_TAPS_AFTER_BN: "the transposed conv after the BN adds up a different number of input "
     "values at different output positions, so the BN's shift is not one bias per channel",
+    Reason.BRANCHES_INCOMPATIBLE: "the branches the Add sums cannot be one conv (strides, dilations, groups, "
+    "channels or pads differ)",
+    Reason.RESHAPE_SHAPE_NOT_CONSTANT: "the target shape of the Reshape between the layer and the BN is "
+    "computed at run time, so which layer channel each BN channel sees cannot be checked",
+    Reason.RESHAPE_NOT_CHANNEL_PRESERVING: "the Reshape/Flatten between the layer and the BN does not map "
+    "the BN's channel axis one-to-one onto the layer's output channels (or the shapes that would show it "
+    "are unknown)",
     Reason.SHARED_MODULE: "the layer or the BN (or one of their parameters) is used at more than one "
     "call site, which would all see the folded values",
     Reason.NO_RUNNING_STATISTICS: "track_running_stats=False: it normalizes with batch statistics even "

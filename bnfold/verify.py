@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 import onnx
+from google.protobuf.message import EncodeError
 from onnx import ModelProto
 
 from bnfold.errors import BnfoldError, InputSpecError, ProviderUnavailableError
 from bnfold.onnx.graph import subgraphs_of
-from bnfold.onnx.io import exceeds_protobuf_limit, load_model, save_model
+from bnfold.onnx.io import has_data_on_disk, load_model, save_model
 
 __all__ = [
     "OutputComparison",
@@ -382,10 +383,17 @@ def _session_source(model: ModelSource) -> Iterator[bytes | str]:
         parsed.ParseFromString(model)
         model = parsed
     elif not isinstance(model, ModelProto):
-        model = load_model(model).model
+        model = load_model(model, lazy=True).model
     with _without_trailing_empty_outputs(model):
-        if not exceeds_protobuf_limit(model):
-            yield model.SerializeToString()
+        # A model whose weights are on disk (a lazy load, a fold's spill file), or one over 2 GB, is
+        # written with external data to a temporary directory (file ranges are copied by the kernel,
+        # not read into memory) and ONNX Runtime loads it from there; others go as bytes.
+        serialized = None
+        if not has_data_on_disk(model):
+            with contextlib.suppress(EncodeError, ValueError):
+                serialized = model.SerializeToString()
+        if serialized is not None:
+            yield serialized
             return
         with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as directory:
             path = Path(directory) / "model.onnx"

@@ -29,10 +29,14 @@ __all__ = [
     "GhostModule",
     "GhostNetTiny",
     "LayerNorm2d",
+    "LeViTTiny",
+    "LinearBN",
     "MLPBatchNorm",
     "MobileNetTiny",
     "PreActBlock",
     "PreActResNetTiny",
+    "RepVGGBlock",
+    "RepVGGTiny",
     "ResNetTiny",
 ]
 
@@ -397,3 +401,93 @@ class PreActResNetTiny(nn.Module):
         features = self.block2(self.block1(self.stem(inputs)))
         features = self.relu(self.transition(self.transition_bn(features)))
         return self.head(self.head_bn(torch.flatten(self.pool(features), 1)))
+
+
+class RepVGGBlock(nn.Module):
+    """RepVGG block in its training-time form: ``relu(bn(conv3x3(x)) + bn(conv1x1(x)) [+ bn(x)])``.
+
+    The identity branch (a BN of the input) exists only when the block keeps the shape (same channels,
+    stride 1). Folding each branch's BN into its conv and summing the branches (1x1 kernel padded to
+    3x3, identity as a Dirac kernel, groups respected) leaves one 3x3 conv per block and no BN.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1) -> None:
+        super().__init__()
+        self.dense = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, groups=groups, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        self.pointwise = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, stride, padding=0, groups=groups, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        has_identity = in_channels == out_channels and stride == 1
+        self.identity = nn.BatchNorm2d(in_channels) if has_identity else None
+        self.relu = nn.ReLU()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        features = self.dense(inputs) + self.pointwise(inputs)
+        if self.identity is not None:
+            features = features + self.identity(inputs)
+        return self.relu(features)
+
+
+class RepVGGTiny(nn.Module):
+    """RepVGG: a stride-2 block (no identity branch), a stride-1 block and a grouped stride-1 block
+    (both with an identity BN), then pool -> Linear. Eight BNs, all foldable: two per conv branch,
+    the identity ones by merging the branches."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(
+            RepVGGBlock(in_channels, 8, stride=2),
+            RepVGGBlock(8, 8),
+            RepVGGBlock(8, 8, groups=2),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.pool(self.blocks(inputs)), 1))
+
+
+class LinearBN(nn.Module):
+    """LeViT's ``Linear_BN``: a bias-free Linear whose BatchNorm1d runs over the flattened tokens.
+
+    ``[B, N, C_in] -> Linear -> [B, N, C] -> flatten(0, 1) -> BatchNorm1d(C) -> reshape back``: the
+    BN's channel axis is the Linear's output features, so it folds through the flatten into the
+    Linear's columns.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=False)
+        self.bn = nn.BatchNorm1d(out_features)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        features = self.linear(inputs)
+        return self.bn(features.flatten(0, 1)).reshape_as(features)
+
+
+class LeViTTiny(nn.Module):
+    """LeViT-style, attention-free: Conv+BN+Hardswish stem (two stride-2 convs), tokens, a residual
+    MLP of two ``LinearBN`` (BN over the flattened tokens), then LeViT's ``BN_Linear`` head
+    (mean over tokens -> BatchNorm1d -> Linear). Five BNs, all foldable."""
+
+    def __init__(self, in_channels: int = 3, dim: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, dim // 2, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(dim // 2),
+            nn.Hardswish(),
+            nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(dim),
+        )
+        self.mlp = nn.Sequential(LinearBN(dim, 2 * dim), nn.Hardswish(), LinearBN(2 * dim, dim))
+        self.head_bn = nn.BatchNorm1d(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        tokens = self.stem(inputs).flatten(2).transpose(1, 2)  # [B, H*W, dim]
+        tokens = tokens + self.mlp(tokens)
+        return self.head(self.head_bn(tokens.mean(1)))

@@ -21,9 +21,11 @@ from models.architectures import (
     DecoderTiny,
     GhostNetTiny,
     LayerNorm2d,
+    LeViTTiny,
     MLPBatchNorm,
     MobileNetTiny,
     PreActResNetTiny,
+    RepVGGTiny,
     ResNetTiny,
 )
 
@@ -48,6 +50,9 @@ class ModelSpec:
     expected_batchnorms: int
     # BNs that no rule can fold exactly (kept, with a reason in the report); the rest must fold.
     expected_kept: int = 0
+    # BNs that only the ONNX fold can fold (identity branches merged by branch-merge): the PyTorch
+    # fold keeps them, and bnfold.export's ONNX pass folds them.
+    folded_in_onnx_only: int = 0
 
 
 REFERENCE_MODELS: dict[str, ModelSpec] = {
@@ -116,6 +121,23 @@ REFERENCE_MODELS: dict[str, ModelSpec] = {
             description="Pre-activation ResNet: BN->ReLU->Conv blocks (kept), BN->Conv1x1 and BN1d->Linear",
             expected_batchnorms=6,
             expected_kept=2,
+        ),
+        ModelSpec(
+            name="repvgg_tiny",
+            factory=RepVGGTiny,
+            input_shape=(2, 3, 16, 16),
+            description="RepVGG: 3x3+BN, 1x1+BN and identity-BN branches summed; stride 2, grouped",
+            expected_batchnorms=8,
+            folded_in_onnx_only=2,
+        ),
+        ModelSpec(
+            name="levit_tiny",
+            factory=LeViTTiny,
+            input_shape=(2, 3, 16, 16),
+            description="LeViT-style: Conv+BN stem, residual MLP of Linear+BatchNorm1d over flattened "
+            "tokens, BatchNorm1d->Linear head",
+            expected_batchnorms=5,
+            folded_in_onnx_only=2,  # the two LinearBN: folded through the flatten by matmul-reshape-bn
         ),
     )
 }

@@ -69,3 +69,46 @@ def test_preact_resnet_folds_bns_into_the_layers_after_them_and_keeps_the_pre_ac
     assert "BatchNormalization" not in [n.op_type for n in rewritten.model.graph.node]
     check = verify(path, rewritten.model, provider="cpu", input_shapes={})
     assert check.passed, check.to_text()
+
+
+def test_repvgg_ends_with_one_conv_per_block_and_no_batchnorm(tmp_path):
+    module, example = build("repvgg_tiny", seed=3)
+    path = export_onnx(module, example, tmp_path / "repvgg.onnx")
+    result = fold_onnx(path)
+    ops = [node.op_type for node in result.model.graph.node]
+    assert ops.count("Conv") == 3 and "Add" not in ops and "BatchNormalization" not in ops, ops
+    rules = [(d.node.split("/")[3], d.rule) for d in result.report.decisions]
+    assert rules == [
+        ("dense", "conv-bn"),
+        ("pointwise", "conv-bn"),
+        ("dense", "conv-bn"),
+        ("pointwise", "conv-bn"),
+        ("identity", "branch-merge"),  # block 2: identity BN -> Dirac kernel in the merged conv
+        ("dense", "conv-bn"),
+        ("pointwise", "conv-bn"),
+        ("identity", "branch-merge"),  # block 3: grouped, identity on the in-group channel
+    ], result.report.to_text()
+    check = verify(path, result.model, provider="cpu", input_shapes={})
+    assert check.passed, check.to_text()
+
+
+@pytest.mark.parametrize("dynamic_batch", [False, True])
+def test_levit_linear_bn_over_flattened_tokens_folds_through_the_flatten(tmp_path, dynamic_batch):
+    module, example = build("levit_tiny", seed=4)
+    path = export_onnx(module, example, tmp_path / "levit.onnx", dynamic_batch=dynamic_batch)
+    result = fold_onnx(path)
+    decisions = [(d.node, d.rule, d.into) for d in result.report.decisions]
+    assert decisions == [
+        ("/stem/stem.1/BatchNormalization", "conv-bn", "/stem/stem.0/Conv"),
+        ("/stem/stem.4/BatchNormalization", "conv-bn", "/stem/stem.3/Conv"),
+        # MatMul -> Flatten -> BN -> Reshape(Shape(MatMul)): the BN goes, the Flatten stays, and the
+        # bias-free Linear gets the BN's shift as an Add.
+        ("/mlp/mlp.0/bn/BatchNormalization", "matmul-reshape-bn", "/mlp/mlp.0/linear/MatMul"),
+        ("/mlp/mlp.2/bn/BatchNormalization", "matmul-reshape-bn", "/mlp/mlp.2/linear/MatMul"),
+        ("/head_bn/BatchNormalization", "bn-gemm", "/head/Gemm"),
+    ], result.report.to_text()
+    ops = [node.op_type for node in result.model.graph.node]
+    assert "BatchNormalization" not in ops and ops.count("Flatten") == 2
+    shapes = {"input": [3, 3, 16, 16]} if dynamic_batch else {}
+    check = verify(path, result.model, provider="cpu", input_shapes=shapes)
+    assert check.passed, check.to_text()

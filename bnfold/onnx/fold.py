@@ -99,6 +99,8 @@ def _fold_graph(
             elif node.domain in DEFAULT_DOMAINS and node.op_type in ELEMENTWISE_AFFINE_OPS:
                 decision = _try_fold_affine(graph, node, rules, skipped)
                 if decision is None:
+                    # Not a per-channel map: an Add may sum parallel branches of one input instead.
+                    progress |= _try_merge_branches(graph, node, rules, skipped, decisions)
                     continue
             else:
                 continue
@@ -218,6 +220,45 @@ def _try_fold_affine(
         into = rule.apply(graph, node, match)
         return Decision(**{**decision.__dict__, "into": graph.node_label(into)})
     return None
+
+
+def _try_merge_branches(
+    graph: GraphIndex,
+    add: NodeProto,
+    rules: Sequence[Rule],
+    skipped: set[str],
+    decisions: dict[int, Decision],
+) -> bool:
+    """Merge the parallel branches an Add sums into one Conv; True when it did.
+
+    The Add itself is never reported. An identity-branch BN it sums is: folded by the merge, or kept
+    with the merge's refusal, which replaces the decision the BN got on its own (visited earlier in
+    the same pass, since it feeds the Add) because it says more.
+    """
+    for rule in rules:
+        if rule.side != "branches" or add.op_type not in rule.absorbs:
+            continue
+        branches = rule.read_branches(graph, add)
+        if branches is None:
+            continue
+        bn = branches.identity_bn
+        if rule.name in skipped:
+            match = Refusal(Reason.RULE_DISABLED, f"rule {rule.name} is skipped")
+        else:
+            match = rule.match(graph, add, branches)
+        if isinstance(match, Refusal):
+            logger.debug("%s not merged: %s %s", graph.node_label(add), match.reason, match.detail)
+            if bn is not None:
+                detail = f"identity branch of Add {graph.node_label(add)}: {match.detail}"
+                decisions[id(bn)] = _kept(graph, bn, Refusal(match.reason, detail), rule)
+            return False
+        folded = _decision(graph, bn, Outcome.FOLDED, rule=rule.name) if bn is not None else None
+        into = rule.apply(graph, add, match)
+        logger.debug("merged the branches of %s into %s", graph.node_label(add), graph.node_label(into))
+        if folded is not None:
+            decisions[id(bn)] = Decision(**{**folded.__dict__, "into": graph.node_label(into)})
+        return True
+    return False
 
 
 def _rewrite_standalone(

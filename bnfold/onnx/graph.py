@@ -20,6 +20,7 @@ import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
 
 from bnfold.errors import ModelLoadError
+from bnfold.onnx.io import EXTERNAL_DATA_THRESHOLD, has_data_on_disk, read_tensor, store_tensor
 from bnfold.report import Reason
 
 __all__ = ["ModelContext", "GraphIndex", "ConstantLookup", "subgraphs_of", "default_opset"]
@@ -95,9 +96,12 @@ class ModelContext:
         _all_names(model.graph, self._names)
         self._ranks: dict[str, int] | None = None
         self._elem_types: dict[str, int] = {}
+        self._dims: dict[str, list[int | str | None]] = {}
         self.graphs: list[GraphIndex] = []
         # (graph index, tensor name) pairs that a fold may have left unused; pruned in finalize().
         self.prune_candidates: list[tuple[GraphIndex, str]] = []
+        # Weights left on disk by load_model(lazy=True): new ones go to disk too (see io.store_tensor).
+        self.lazy = has_data_on_disk(model)
 
     def fresh_name(self, base: str) -> str:
         """A tensor or node name that no graph of the model uses yet (subgraphs included)."""
@@ -115,15 +119,22 @@ class ModelContext:
         Inference runs once, lazily, on a skeleton of the model whose large initializers are
         replaced by typed graph inputs, so it never copies the weights.
         """
-        if self._ranks is None:
-            self._ranks, self._elem_types = _infer_ranks(self.model)
+        self._infer()
         return self._ranks.get(name)
 
     def inferred_elem_type(self, name: str) -> int | None:
         """The element type (a ``TensorProto`` data type) shape inference gives ``name``, or None."""
-        if self._ranks is None:
-            self._ranks, self._elem_types = _infer_ranks(self.model)
+        self._infer()
         return self._elem_types.get(name)
+
+    def inferred_dims(self, name: str) -> list[int | str | None] | None:
+        """The sizes shape inference gives ``name`` (see :meth:`GraphIndex.dims`), or None."""
+        self._infer()
+        return self._dims.get(name)
+
+    def _infer(self) -> None:
+        if self._ranks is None:
+            self._ranks, self._elem_types, self._dims = _infer_ranks(self.model)
 
     def finalize(self) -> None:
         """Drop removed nodes, then initializers, Constant nodes and value_info the folds orphaned."""
@@ -148,7 +159,9 @@ def _used_names(graph: GraphProto, into: set[str]) -> None:
             _used_names(subgraph, into)
 
 
-def _infer_ranks(model: ModelProto) -> tuple[dict[str, int], dict[str, int]]:
+def _infer_ranks(
+    model: ModelProto,
+) -> tuple[dict[str, int], dict[str, int], dict[str, list[int | str | None]]]:
     skeleton = ModelProto()
     skeleton.ir_version = model.ir_version
     skeleton.opset_import.extend(model.opset_import)
@@ -171,23 +184,35 @@ def _infer_ranks(model: ModelProto) -> tuple[dict[str, int], dict[str, int]]:
         inferred = onnx.shape_inference.infer_shapes(skeleton)
     except Exception as error:  # shape inference is best effort; rules refuse on unknown ranks
         logger.debug("shape inference failed: %s", error)
-        return {}, {}
+        return {}, {}, {}
     ranks: dict[str, int] = {}
     elem_types: dict[str, int] = {}
-    _collect_ranks(inferred.graph, ranks, elem_types)
-    return ranks, elem_types
+    dims: dict[str, list[int | str | None]] = {}
+    _collect_ranks(inferred.graph, ranks, elem_types, dims)
+    return ranks, elem_types, dims
 
 
-def _collect_ranks(graph: GraphProto, ranks: dict[str, int], elem_types: dict[str, int]) -> None:
+def _collect_ranks(
+    graph: GraphProto, ranks: dict[str, int], elem_types: dict[str, int], dims: dict[str, list]
+) -> None:
     for info in (*graph.input, *graph.output, *graph.value_info):
         tensor_type = info.type.tensor_type
         if tensor_type.HasField("shape"):
             ranks[info.name] = len(tensor_type.shape.dim)
+            dims[info.name] = _dim_values(tensor_type.shape)
         if tensor_type.elem_type:
             elem_types[info.name] = tensor_type.elem_type
     for node in graph.node:
         for _, subgraph in subgraphs_of(node):
-            _collect_ranks(subgraph, ranks, elem_types)
+            _collect_ranks(subgraph, ranks, elem_types, dims)
+
+
+def _dim_values(shape: onnx.TensorShapeProto) -> list[int | str | None]:
+    """Per axis: its size, its symbolic name (``dim_param``), or None."""
+    return [
+        dim.dim_value if dim.HasField("dim_value") else (dim.dim_param if dim.HasField("dim_param") else None)
+        for dim in shape.dim
+    ]
 
 
 class GraphIndex:
@@ -255,6 +280,21 @@ class GraphIndex:
             return constant.value.ndim
         return self.context.inferred_rank(name)
 
+    def dims(self, name: str) -> list[int | str | None] | None:
+        """Per axis of a tensor: its size (int), its symbolic name (``dim_param``), or None when unknown.
+
+        Sizes come from declared types, else from (lazy) shape inference; when only the rank is
+        known, every axis is None. None overall when the rank is unknown.
+        """
+        for info in (*self.graph.value_info, *self.graph.input, *self.graph.output):
+            if info.name == name and info.type.tensor_type.HasField("shape"):
+                return _dim_values(info.type.tensor_type.shape)
+        inferred = self.context.inferred_dims(name)
+        if inferred is not None:
+            return inferred
+        rank = self.rank(name)
+        return None if rank is None else [None] * rank
+
     def elem_type(self, name: str) -> int | None:
         """The element type of a tensor (``TensorProto`` data type) from declarations or inference."""
         for info in (*self.graph.value_info, *self.graph.input, *self.graph.output):
@@ -301,21 +341,27 @@ class GraphIndex:
         old_name = node.input[slot] if slot < len(node.input) else ""
         if old_name and not self.other_consumers(old_name, node) and not self.is_graph_output(old_name):
             if old_name in self.initializers and old_name not in self.graph_inputs:
-                self.initializers[old_name].CopyFrom(numpy_helper.from_array(value, old_name))
+                store_tensor(self.initializers[old_name], value, on_disk=self._keep_on_disk(value))
                 return
             producer = self.producer.get(old_name)
             if producer is not None and producer.op_type == "Constant" and _has_value_tensor(producer):
                 for attribute in producer.attribute:
                     if attribute.name == "value":
-                        attribute.t.CopyFrom(numpy_helper.from_array(value, old_name))
+                        store_tensor(attribute.t, value)
                 return
         new_name = self.context.fresh_name(base_name)
-        tensor = numpy_helper.from_array(value, new_name)
-        self.graph.initializer.append(tensor)
-        self.initializers[new_name] = self.graph.initializer[-1]
+        tensor = self.graph.initializer.add()
+        tensor.name = new_name
+        store_tensor(tensor, value, on_disk=self._keep_on_disk(value))
+        self.initializers[new_name] = tensor
         while len(node.input) <= slot:
             node.input.append("")
         self.replace_input(node, slot, new_name)
+
+    def _keep_on_disk(self, value: np.ndarray) -> bool:
+        """Whether a new main-graph weight goes to the spill file: when the model was loaded lazily
+        (its weights on disk), so that the folded weights do not accumulate in memory."""
+        return self.context.lazy and self.parent is None and value.nbytes >= EXTERNAL_DATA_THRESHOLD
 
     def replace_input(self, node: NodeProto, slot: int, new_name: str) -> None:
         old_name = node.input[slot]
@@ -411,8 +457,10 @@ def _decoded(tensor: TensorProto) -> np.ndarray:
     """A tensor's value; a clear error for data the checker lets through but numpy cannot read
     (raw_data longer than its shape, an unknown data_type, too many float_data values)."""
     try:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            return read_tensor(tensor)  # left on disk by a lazy load: read this one tensor
         return numpy_helper.to_array(tensor)
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, OSError) as error:
         raise ModelLoadError(
             f"tensor `{tensor.name}` has data that does not match its type and shape ({error})"
         ) from None

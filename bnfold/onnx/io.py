@@ -1,29 +1,47 @@
 """Loading ONNX files with clear errors, and writing them atomically (external data included).
 
 Loading: every failure is a :class:`ModelLoadError` whose message names the file and the problem.
+With ``lazy=True`` the weights stay on disk: the loader reads the protobuf structure and leaves each
+large initializer of the main graph as a reference (absolute path, offset, length) to its bytes in
+the source file — the ``.onnx`` itself for inline weights, found by walking the protobuf wire format,
+or the external data file. :func:`read_tensor` reads one such tensor when a fold needs it, new values
+of such tensors go to a spill file (:func:`store_tensor`), and :func:`save_model` streams every
+referenced range into the output (``os.copy_file_range``), so no weight is held in memory that a
+fold does not change. The structure is checked with ``onnx.checker`` on a copy whose large tensors
+are one-element stand-ins, with the sizes checked here; the weights are never serialized to check.
+
 Saving: the model is written to a temporary file in the target directory and renamed over the
 target only once complete, so a reader (or an interrupted run) sees the old file or the new one,
-never half of one. Models that used external data are written with external data; the model and
-its data file are both written to temporary files first and then renamed one after the other with
-SIGINT/SIGTERM held back, so an interrupt never leaves the old model naming the new data.
+never half of one. The protobuf is written piece by piece (the graph's initializers one at a time),
+never serialized whole. Models that used external data are written with external data; the model
+and its data file are both written to temporary files first and then renamed one after the other
+with SIGINT/SIGTERM held back, so an interrupt never leaves the old model naming the new data.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import mmap
 import os
 import signal
 import stat
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
-from onnx import AttributeProto, GraphProto, ModelProto, TensorProto
-from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, numpy_helper
+from onnx.external_data_helper import (
+    load_external_data_for_model,
+    load_external_data_for_tensor,
+    uses_external_data,
+)
 
 from bnfold.errors import ModelLoadError, OutputError
 
@@ -34,6 +52,9 @@ __all__ = [
     "check_output_path",
     "write_atomically",
     "exceeds_protobuf_limit",
+    "has_data_on_disk",
+    "read_tensor",
+    "store_tensor",
 ]
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -49,15 +70,48 @@ class LoadedModel:
     # The external data files the model was read from (resolved), so callers can refuse to write
     # over them.
     external_files: tuple[Path, ...] = ()
+    # Whether large initializers were left on disk (load_model(..., lazy=True)); see has_data_on_disk.
+    lazy: bool = False
 
 
-def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
-    """Read an ONNX file; raise :class:`ModelLoadError` with a one-line reason when it is not one."""
+def load_model(path: str | os.PathLike, *, check: bool = True, lazy: bool = False) -> LoadedModel:
+    """Read an ONNX file; raise :class:`ModelLoadError` with a one-line reason when it is not one.
+
+    ``lazy=True`` leaves the large initializers of the main graph on disk, as external-data
+    references with absolute paths into the source files (see the module docstring): the model is
+    then only good for bnfold's own fold, :func:`save_model` and verifier, which read them.
+    """
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file")
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a directory, expected an .onnx file")
+    model, lazy_ranges = (_scan_file(path) if lazy else None) or (_parse_file(path), [])
+    if not model.HasField("graph") or not model.opset_import or model.ir_version <= 0:
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph, opset or IR version)")
+    field = _non_utf8_field(model)
+    if field is not None:
+        raise ModelLoadError(f"{path}: invalid ONNX model (text in {field} is not UTF-8)")
+    used_external_data = _uses_external_data(model)
+    external_files: tuple[Path, ...] = ()
+    if used_external_data:
+        external_files = _external_files(model, path.parent)
+        try:
+            if lazy:
+                _resolve_external_data(model, path.parent)
+            else:
+                load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError, onnx.checker.ValidationError) as error:
+            raise ModelLoadError(f"{path}: cannot load its external data ({_one_line(error)})") from None
+    if check:
+        _check(model, path, lazy_ranges)
+    source = str(path.resolve())
+    for tensor, offset, length in lazy_ranges:
+        _point_at(tensor, source, offset, length)
+    return LoadedModel(model, path, used_external_data, external_files, lazy=lazy)
+
+
+def _parse_file(path: Path) -> ModelProto:
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -69,23 +123,180 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as error:
         raise ModelLoadError(f"{path}: not an ONNX model (protobuf parse failed: {error})") from None
-    del data
-    if not model.HasField("graph") or not model.opset_import or model.ir_version <= 0:
-        raise ModelLoadError(f"{path}: not an ONNX model (no graph, opset or IR version)")
-    field = _non_utf8_field(model)
-    if field is not None:
-        raise ModelLoadError(f"{path}: invalid ONNX model (text in {field} is not UTF-8)")
-    used_external_data = _uses_external_data(model)
-    external_files: tuple[Path, ...] = ()
-    if used_external_data:
-        external_files = _external_files(model, path.parent)
+    return model
+
+
+# -- the protobuf wire format, just enough to find where each initializer's raw_data lies ----------
+class _WireError(Exception):
+    """The bytes are not the simple protobuf this scanner reads: parse the whole file instead."""
+
+
+def _varint(buffer, position: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if position >= end or shift > 63:
+            raise _WireError
+        byte = buffer[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+
+
+def _fields(buffer, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, start of the field, start of its value, end) for each field in ``buffer[start:end]``."""
+    position = start
+    while position < end:
+        field_start = position
+        tag, position = _varint(buffer, position, end)
+        number, wire_type = tag >> 3, tag & 7
+        if wire_type == 0:
+            value_start = position
+            _, position = _varint(buffer, position, end)
+        elif wire_type == 2:
+            length, position = _varint(buffer, position, end)
+            value_start = position
+            position += length
+        elif wire_type in (1, 5):
+            value_start = position
+            position += 8 if wire_type == 1 else 4
+        else:  # groups: not in ONNX
+            raise _WireError
+        if number == 0 or position > end:
+            raise _WireError
+        yield number, field_start, value_start, position
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(number: int, length: int) -> bytes:
+    """The tag and length that precede a length-delimited field of ``length`` bytes."""
+    return _encode_varint(number << 3 | 2) + _encode_varint(length)
+
+
+def _split_after(serialized: bytes, number: int) -> int:
+    """The offset of the first field numbered above ``number`` (protobuf writes fields in order)."""
+    for field_number, field_start, _, _ in _fields(serialized, 0, len(serialized)):
+        if field_number > number:
+            return field_start
+    return len(serialized)
+
+
+_MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
+_TENSOR_DATA_TYPE, _TENSOR_RAW_DATA, _TENSOR_DATA_LOCATION = 2, 9, 14
+
+
+def _scan_file(path: Path) -> tuple[ModelProto, list[tuple[TensorProto, int, int]]] | None:
+    """The model without the raw_data of its large main-graph initializers, and where those lie.
+
+    None when the file has no such tensors or is not the plain protobuf this walk reads (then the
+    whole file is parsed, which also gives the right error for a broken one).
+    """
+    try:
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+            return _scan(buffer)
+    except (OSError, ValueError, _WireError, DecodeError, RuntimeError):
+        return None
+
+
+def _scan(buffer) -> tuple[ModelProto, list[tuple[TensorProto, int, int]]] | None:
+    top: list[bytes] = []
+    graph_range = None
+    for number, field_start, value_start, end in _fields(buffer, 0, len(buffer)):
+        if number == _MODEL_GRAPH:
+            if graph_range is not None or buffer[field_start] != (_MODEL_GRAPH << 3 | 2):
+                raise _WireError
+            graph_range = (value_start, end)
+        else:
+            top.append(buffer[field_start:end])
+    if graph_range is None:
+        return None
+    graph_parts: list[bytes] = []
+    initializers: list[bytes] = []
+    ranges: list[tuple[int, int, int]] = []  # (initializer position, offset, length)
+    for number, field_start, value_start, end in _fields(buffer, *graph_range):
+        if number != _GRAPH_INITIALIZER or buffer[field_start] != (_GRAPH_INITIALIZER << 3 | 2):
+            graph_parts.append(buffer[field_start:end])
+            continue
+        raw, located, count, data_type = None, False, 0, 0
+        for tensor_number, tensor_field, tensor_value, tensor_end in _fields(buffer, value_start, end):
+            if tensor_number == _TENSOR_RAW_DATA:
+                count += 1
+                raw = (tensor_field, tensor_value, tensor_end)
+            elif tensor_number == _TENSOR_DATA_TYPE and buffer[tensor_field] == _TENSOR_DATA_TYPE << 3:
+                data_type = _varint(buffer, tensor_value, tensor_end)[0]
+            located |= tensor_number == _TENSOR_DATA_LOCATION
+        plain = _item_size(data_type) is not None
+        if count == 1 and plain and not located and raw[2] - raw[1] >= EXTERNAL_DATA_THRESHOLD:
+            ranges.append((len(initializers), raw[1], raw[2] - raw[1]))
+            initializers.append(buffer[value_start : raw[0]] + buffer[raw[2] : end])
+        else:
+            initializers.append(buffer[value_start:end])
+    if not ranges:
+        return None
+    graph = b"".join(graph_parts) + b"".join(
+        _length_delimited(_GRAPH_INITIALIZER, len(tensor)) + tensor for tensor in initializers
+    )
+    model = ModelProto()
+    model.ParseFromString(b"".join(top) + _length_delimited(_MODEL_GRAPH, len(graph)) + graph)
+    return model, [(model.graph.initializer[index], offset, length) for index, offset, length in ranges]
+
+
+def _point_at(tensor: TensorProto, location: str, offset: int, length: int) -> None:
+    """Make ``tensor`` an external-data reference to ``length`` bytes at ``offset`` of ``location``."""
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _external_info(tensor: TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _resolve_external_data(model: ModelProto, directory: Path) -> None:
+    """Check every external tensor's file and range; keep the large main-graph initializers on disk
+    (absolute locations), load the rest (small ones, subgraph initializers, Constant values)."""
+    root = directory.resolve()
+    initializers = list(model.graph.initializer)  # alive, so that their ids stay theirs
+    main = {id(tensor) for tensor in initializers}
+    for tensor, _ in list(_all_tensors(model.graph)):
+        if not uses_external_data(tensor):
+            continue
+        info = _external_info(tensor)
+        location = info.get("location", "")
+        target = (directory / location).resolve()
+        if not location or os.path.isabs(location) or not target.is_relative_to(root):
+            raise ValueError(f"tensor `{tensor.name}`: location {location!r} is not inside {directory}")
+        if not target.is_file():
+            raise ValueError(f"tensor `{tensor.name}`: {location} is not a regular file")
+        size = target.stat().st_size
         try:
-            load_external_data_for_model(model, str(path.parent))
-        except (OSError, ValueError, onnx.checker.ValidationError) as error:
-            raise ModelLoadError(f"{path}: cannot load its external data ({error})") from None
-    if check:
-        _check(model, path)
-    return LoadedModel(model, path, used_external_data, external_files)
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else size - offset
+        except ValueError:
+            raise ValueError(f"tensor `{tensor.name}`: offset or length is not a number") from None
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ValueError(
+                f"tensor `{tensor.name}`: bytes {offset}..{offset + length} lie outside {location} "
+                f"({size} bytes)"
+            )
+        if id(tensor) in main and length >= EXTERNAL_DATA_THRESHOLD and _item_size(tensor.data_type):
+            _point_at(tensor, str(target), offset, length)
+        else:
+            load_external_data_for_tensor(tensor, str(directory))
+            tensor.data_location = TensorProto.DEFAULT
+            del tensor.external_data[:]
 
 
 def _external_files(model: ModelProto, directory: Path) -> tuple[Path, ...]:
@@ -105,9 +316,7 @@ def _non_utf8_field(message) -> str | None:
     (tensor data, string attributes) are not read, so no weights are copied.
     """
     for field in message.DESCRIPTOR.fields:
-        repeated = getattr(field, "is_repeated", None)
-        if repeated is None:  # older protobuf
-            repeated = field.label == field.LABEL_REPEATED
+        repeated = _is_repeated(field)
         if field.type == field.TYPE_STRING:
             value = getattr(message, field.name)
             if any(isinstance(item, bytes) for item in (value if repeated else (value,))):
@@ -149,14 +358,98 @@ def _all_tensors(graph: GraphProto) -> Iterator[tuple[TensorProto, bool]]:
                     yield from _all_tensors(subgraph)
 
 
-def _check(model: ModelProto, path: Path) -> None:
+def _check(model: ModelProto, path: Path, lazy_ranges=()) -> None:
+    """``onnx.checker`` on a copy whose large tensors are one-element stand-ins (so the weights are
+    neither copied nor serialized), with the one check that needs their bytes — raw_data at least
+    as long as the shape says — done here."""
+    lengths = {id(tensor): length for tensor, _, length in lazy_ranges}
     try:
-        if not exceeds_protobuf_limit(model):
-            onnx.checker.check_model(model)
-        else:
-            onnx.checker.check_model(str(path))
+        onnx.checker.check_model(_checkable_copy(model, lengths))
     except (onnx.checker.ValidationError, ValueError) as error:
         raise ModelLoadError(f"{path}: invalid ONNX model ({_one_line(error)})") from None
+
+
+def _checkable_copy(model: ModelProto, lengths: dict[int, int]) -> ModelProto:
+    copy = ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(copy, field, value)
+    graph = copy.graph
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(graph, field, value)
+    for tensor in model.graph.initializer:
+        _copy_as_stand_in(tensor, graph.initializer.add(), lengths.get(id(tensor)))
+    return copy
+
+
+def _is_repeated(field) -> bool:
+    repeated = getattr(field, "is_repeated", None)
+    return field.label == field.LABEL_REPEATED if repeated is None else repeated  # older protobuf
+
+
+def _copy_field(target, field, value) -> None:
+    if _is_repeated(field):
+        getattr(target, field.name).extend(value)
+    elif field.type == field.TYPE_MESSAGE:
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
+
+
+_DATA_FIELDS = ("raw_data", "external_data", "data_location")
+
+
+def _copy_header(tensor: TensorProto, target: TensorProto) -> TensorProto:
+    """Copy every field of ``tensor`` but its raw_data and external-data location into ``target``."""
+    for field in TensorProto.DESCRIPTOR.fields:
+        if field.name in _DATA_FIELDS:
+            continue
+        if _is_repeated(field):
+            values = getattr(tensor, field.name)
+            if len(values):
+                getattr(target, field.name).extend(values)
+        elif tensor.HasField(field.name):
+            setattr(target, field.name, getattr(tensor, field.name))
+    return target
+
+
+# Whole-byte types whose raw_data is exactly count * item size (not the packed 4-bit ones).
+_PLAIN_TYPES = frozenset(range(1, 14)) - {TensorProto.STRING} | {16, 17, 18, 19, 20}
+
+
+def _item_size(data_type: int) -> int | None:
+    if data_type not in _PLAIN_TYPES:
+        return None
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _copy_as_stand_in(tensor: TensorProto, target: TensorProto, length: int | None) -> None:
+    """A copy of ``tensor`` for the checker: a large one becomes one element of its type."""
+    item_size = _item_size(tensor.data_type)
+    external = tensor.data_location == TensorProto.EXTERNAL
+    if item_size is None or not (external or length is not None or tensor.HasField("raw_data")):
+        target.CopyFrom(tensor)
+        return
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    if length is None:
+        length = int(_external_info(tensor)["length"]) if external else len(tensor.raw_data)
+    if length < EXTERNAL_DATA_THRESHOLD:
+        target.CopyFrom(tensor)
+        return
+    needed = count * item_size
+    if length < needed:
+        raise ValueError(
+            f"TensorProto (tensor name: {tensor.name}) raw_data size ({length} bytes) is too small for "
+            f"the declared shape and type ({needed} bytes required)."
+        )
+    _copy_header(tensor, target)
+    del target.dims[:]
+    target.dims.append(1)
+    target.raw_data = bytes(item_size)
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
@@ -191,29 +484,7 @@ def check_output_path(path: str | os.PathLike) -> Path:
 
 def write_atomically(path: str | os.PathLike, data: bytes) -> None:
     """Write bytes to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    path = check_output_path(path)
-    temporary = None
-    try:
-        temporary = _write_temporary(path, data)
-        os.replace(temporary, path)
-    except BaseException:
-        _remove(temporary)
-        raise
-
-
-def _write_temporary(path: Path, data: bytes) -> str:
-    """A complete, fsynced copy of ``data`` in a temporary file beside ``path``, with ``path``'s mode."""
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, _file_mode(path))
-    except BaseException:
-        _remove(temporary)
-        raise
-    return temporary
+    _commit(check_output_path(path), [data])
 
 
 def _remove(temporary: str | None) -> None:
@@ -259,16 +530,209 @@ def _file_mode(path: Path) -> int:
     return 0o666 & ~umask
 
 
+# -- tensors whose bytes are on disk -------------------------------------------------------------
+def has_data_on_disk(model: ModelProto) -> bool:
+    """Whether any main-graph initializer is a reference to bytes in a file (a lazy load, or a
+    tensor a fold stored with :func:`store_tensor` in spill mode)."""
+    return any(tensor.data_location == TensorProto.EXTERNAL for tensor in model.graph.initializer)
+
+
+def _on_disk(tensor: TensorProto) -> tuple[str, int, int] | None:
+    """(absolute path, offset, length) of a tensor whose bytes were left on disk, else None."""
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return None
+    info = _external_info(tensor)
+    location = info.get("location", "")
+    if not os.path.isabs(location) or "length" not in info:
+        return None
+    return location, int(info.get("offset", 0)), int(info["length"])
+
+
+def read_tensor(tensor: TensorProto) -> np.ndarray:
+    """The value of a tensor whose bytes are on disk (absolute location), read from its file range.
+
+    Raises ValueError when the bytes do not match the type and shape.
+    """
+    where = _on_disk(tensor)
+    if where is None:
+        raise ValueError(f"its external data was not loaded ({_external_info(tensor).get('location')!r})")
+    location, offset, length = where
+    with open(location, "rb") as handle:
+        handle.seek(offset)
+        data = handle.read(length)
+    if len(data) != length:
+        raise ValueError(f"{location} ends before byte {offset + length}")
+    header = _copy_header(tensor, TensorProto())
+    item_size = _item_size(tensor.data_type)
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    if item_size is not None and sys.byteorder == "little" and tensor.data_type != TensorProto.BOOL:
+        if count * item_size != length:
+            raise ValueError(f"{length} bytes for {count} elements of {item_size} bytes")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        return np.frombuffer(data, dtype=dtype).reshape(tuple(tensor.dims))
+    header.raw_data = data
+    return numpy_helper.to_array(header)
+
+
+class _Spill:
+    """A temporary file (in the system temporary directory) holding the new values of tensors that
+    were on disk, so that folding a model larger than memory keeps one tensor in memory at a time.
+    Removed at exit."""
+
+    def __init__(self) -> None:
+        descriptor, self.path = tempfile.mkstemp(prefix="bnfold-spill-", suffix=".bin")
+        self.handle = os.fdopen(descriptor, "wb", buffering=0)
+        self.size = 0
+        self.lock = threading.Lock()
+        atexit.register(self.close)
+
+    def append(self, array: np.ndarray) -> tuple[int, int]:
+        data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        with self.lock:
+            offset = self.size
+            written = 0
+            while written < len(data):
+                written += self.handle.write(data[written:])
+            self.size += len(data)
+        return offset, len(data)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.handle.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+_spill: _Spill | None = None
+_spill_lock = threading.Lock()
+
+
+def _spill_file() -> _Spill:
+    global _spill
+    with _spill_lock:
+        if _spill is None:
+            _spill = _Spill()
+        return _spill
+
+
+def store_tensor(tensor: TensorProto, value: np.ndarray, *, on_disk: bool = False) -> None:
+    """Make ``tensor`` (name, doc string and metadata kept) hold ``value``.
+
+    In raw_data, or with ``on_disk=True`` appended to the spill file and referenced from there (for
+    models loaded lazily, so new weights do not pile up in memory).
+    """
+    array = np.asarray(value)
+    plain = sys.byteorder == "little" and array.dtype.kind in "fiu" and array.dtype.itemsize > 0
+    if not plain:  # strings, bool, byte-swapped data: numpy_helper knows the layout
+        name = tensor.name
+        tensor.CopyFrom(numpy_helper.from_array(array, name))
+        return
+    for field in TensorProto.DESCRIPTOR.fields:
+        if field.name in ("name", "doc_string", "metadata_props", "segment"):
+            continue
+        tensor.ClearField(field.name)
+    tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+    tensor.dims.extend(array.shape)
+    if on_disk:
+        offset, length = _spill_file().append(array)
+        _point_at(tensor, _spill_file().path, offset, length)
+    else:
+        tensor.raw_data = np.ascontiguousarray(array).tobytes()
+
+
+# -- saving ----------------------------------------------------------------------------------------
+@dataclass
+class _Range:
+    """``length`` bytes at ``offset`` of the file ``path``, copied into the output by the kernel."""
+
+    path: str
+    offset: int
+    length: int
+
+
+@dataclass
+class _Serialized:
+    """A tensor serialized only when written (so at most one is held in memory at a time)."""
+
+    tensor: TensorProto
+    length: int
+
+
+_Piece = bytes | _Range | _Serialized
+
+
+def _piece_length(piece: _Piece) -> int:
+    return len(piece) if isinstance(piece, bytes) else piece.length
+
+
+class _Sink:
+    """Writes pieces to a file descriptor: bytes batched, file ranges by ``os.copy_file_range``."""
+
+    BATCH = 1 << 20
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.written = 0
+
+    def write(self, piece: _Piece) -> None:
+        if isinstance(piece, _Range):
+            self.flush()
+            self._copy(piece)
+            return
+        data = piece.tensor.SerializeToString() if isinstance(piece, _Serialized) else piece
+        self.pending.append(data)
+        self.pending_size += len(data)
+        self.written += len(data)
+        if self.pending_size >= self.BATCH:
+            self.flush()
+
+    def pad_to(self, alignment: int) -> int:
+        padding = -self.written % alignment
+        if padding:
+            self.write(b"\0" * padding)
+        return self.written
+
+    def flush(self) -> None:
+        if self.pending:
+            self.handle.write(b"".join(self.pending) if len(self.pending) > 1 else self.pending[0])
+            self.pending, self.pending_size = [], 0
+
+    def _copy(self, piece: _Range) -> None:
+        with open(piece.path, "rb") as source:
+            offset, remaining = piece.offset, piece.length
+            destination = self.handle.fileno()
+            while remaining:
+                try:
+                    copied = os.copy_file_range(source.fileno(), destination, remaining, offset)
+                except (AttributeError, OSError):  # another file system, an old kernel: read and write
+                    copied = len(chunk := os.pread(source.fileno(), min(remaining, 1 << 24), offset))
+                    if copied:
+                        self.handle.write(chunk)
+                if copied == 0:
+                    raise OSError(f"{piece.path} ends before byte {piece.offset + piece.length}")
+                offset += copied
+                remaining -= copied
+        self.written += piece.length
+
+
 def save_model(model: ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
     """Write ``model`` atomically; with external data when asked, or when it exceeds 2 GB.
 
     External data goes to ``<name>.data`` beside the model; the in-memory model is left as it was.
+    Tensors whose bytes are on disk (a lazy load) are copied from their files, never read into memory.
     """
     path = check_output_path(path)
-    if external_data is None:
-        external_data = exceeds_protobuf_limit(model)
+    if external_data is None or not external_data:
+        pieces = _inline_pieces(model)
+        size = sum(_piece_length(piece) for piece in pieces)
+        if external_data is None:
+            external_data = size >= PROTOBUF_LIMIT
+        elif size >= PROTOBUF_LIMIT:
+            raise OutputError(f"{path}: the model is over 2 GB; write it with --external-data")
     if not external_data:
-        write_atomically(path, model.SerializeToString())
+        _commit(path, pieces)
         return
     data_path = path.with_name(path.name + ".data")
     descriptor, data_temporary = tempfile.mkstemp(
@@ -276,12 +740,14 @@ def save_model(model: ModelProto, path: str | os.PathLike, *, external_data: boo
     )
     model_temporary = None
     try:
-        with os.fdopen(descriptor, "wb") as handle, _externalized(model, data_path.name, handle):
-            handle.flush()
+        with os.fdopen(descriptor, "wb", buffering=0) as handle:
+            sink = _Sink(handle)
+            with _externalized(_subgraph_initializers(model), data_path.name, sink):
+                pieces = _external_pieces(model, data_path.name, sink)
+            sink.flush()
             os.fsync(handle.fileno())
-            serialized = model.SerializeToString()
         os.chmod(data_temporary, _file_mode(data_path))
-        model_temporary = _write_temporary(path, serialized)
+        model_temporary = _write_temporary_pieces(path, pieces)
         # Both files are complete: rename the data, then the model that points at it (the model
         # never names a missing file), with no interrupt in between to split the pair.
         with _signals_held():
@@ -294,30 +760,138 @@ def save_model(model: ModelProto, path: str | os.PathLike, *, external_data: boo
         raise
 
 
+def _commit(path: Path, pieces: list[_Piece]) -> None:
+    temporary = None
+    try:
+        temporary = _write_temporary_pieces(path, pieces)
+        os.replace(temporary, path)
+    except BaseException:
+        _remove(temporary)
+        raise
+
+
+def _write_temporary_pieces(path: Path, pieces: list[_Piece]) -> str:
+    """A complete, fsynced file of ``pieces`` beside ``path`` (a temporary name), with ``path``'s mode."""
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb", buffering=0) as handle:
+            sink = _Sink(handle)
+            for piece in pieces:
+                sink.write(piece)
+            sink.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, _file_mode(path))
+    except BaseException:
+        _remove(temporary)
+        raise
+    return temporary
+
+
+def _model_pieces(model: ModelProto, initializer_entries: list[list[_Piece]]) -> list[_Piece]:
+    """The serialized model, in protobuf field order, with the graph's initializers given as pieces.
+
+    The model and the graph are serialized without their initializers (small), and the
+    initializers are placed where protobuf would have put them, so an unchanged model's bytes are
+    what ``SerializeToString`` gives.
+    """
+    head = ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(head, field, value)
+    graph = onnx.GraphProto()
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(graph, field, value)
+    head_bytes, graph_bytes = head.SerializeToString(), graph.SerializeToString()
+    graph_split = _split_after(graph_bytes, _GRAPH_INITIALIZER)
+    body: list[_Piece] = [graph_bytes[:graph_split]]
+    for entry in initializer_entries:
+        body.append(_length_delimited(_GRAPH_INITIALIZER, sum(map(_piece_length, entry))))
+        body += entry
+    body.append(graph_bytes[graph_split:])
+    head_split = _split_after(head_bytes, _MODEL_GRAPH)
+    graph_length = sum(map(_piece_length, body))
+    return [
+        head_bytes[:head_split],
+        _length_delimited(_MODEL_GRAPH, graph_length),
+        *body,
+        head_bytes[head_split:],
+    ]
+
+
+def _inline_entry(tensor: TensorProto, where: tuple[str, int, int]) -> list[_Piece]:
+    """A tensor on disk written inline: its header, with the raw_data field copied from the file."""
+    header = _copy_header(tensor, TensorProto()).SerializeToString()
+    split = _split_after(header, _TENSOR_RAW_DATA)
+    location, offset, length = where
+    return [
+        header[:split] + _length_delimited(_TENSOR_RAW_DATA, length),
+        _Range(location, offset, length),
+        header[split:],
+    ]
+
+
+def _inline_pieces(model: ModelProto) -> list[_Piece]:
+    entries = []
+    for tensor in model.graph.initializer:
+        where = _on_disk(tensor)
+        if where is not None:
+            entries.append(_inline_entry(tensor, where))
+        else:
+            entries.append([_Serialized(tensor, tensor.ByteSize())])
+    return _model_pieces(model, entries)
+
+
+def _external_pieces(model: ModelProto, location: str, sink: _Sink) -> list[_Piece]:
+    """Write the large initializers' bytes to ``sink`` (the data file); the model's pieces."""
+    entries = []
+    for tensor in model.graph.initializer:
+        where = _on_disk(tensor)
+        if where is not None:
+            if where[2] < EXTERNAL_DATA_THRESHOLD:
+                entries.append(_inline_entry(tensor, where))
+                continue
+            offset = sink.pad_to(EXTERNAL_DATA_ALIGNMENT)
+            sink.write(_Range(*where))
+            length = where[2]
+        elif tensor.data_location != TensorProto.EXTERNAL and tensor.HasField("raw_data"):
+            raw = tensor.raw_data
+            if len(raw) < EXTERNAL_DATA_THRESHOLD:
+                entries.append([_Serialized(tensor, tensor.ByteSize())])
+                continue
+            offset = sink.pad_to(EXTERNAL_DATA_ALIGNMENT)
+            sink.write(raw)
+            sink.flush()
+            length = len(raw)
+            del raw
+        else:
+            entries.append([_Serialized(tensor, tensor.ByteSize())])
+            continue
+        header = _copy_header(tensor, TensorProto())
+        _point_at(header, location, offset, length)
+        entries.append([header.SerializeToString()])
+    return _model_pieces(model, entries)
+
+
 @contextlib.contextmanager
-def _externalized(model: ModelProto, location: str, handle) -> Iterator[None]:
-    """Stream large initializers to ``handle`` and point the model at them; restore on exit."""
+def _externalized(tensors: list[TensorProto], location: str, sink: _Sink) -> Iterator[None]:
+    """Write large in-memory tensors to ``sink`` and point them at it; restore them on exit.
+
+    (Used for subgraph initializers, which the model's own pieces serialize with their nodes.)
+    """
     moved: list[tuple[TensorProto, bytes, bool]] = []
     try:
-        offset = 0
-        for tensor in _all_initializers(model):
+        for tensor in tensors:
             if tensor.data_location == TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
                 continue
             raw = tensor.raw_data
             if len(raw) < EXTERNAL_DATA_THRESHOLD:
                 continue
-            padding = -offset % EXTERNAL_DATA_ALIGNMENT
-            handle.write(b"\0" * padding)
-            offset += padding
-            handle.write(raw)
+            offset = sink.pad_to(EXTERNAL_DATA_ALIGNMENT)
+            sink.write(raw)
             moved.append((tensor, raw, tensor.HasField("data_location")))
-            tensor.ClearField("raw_data")
-            tensor.data_location = TensorProto.EXTERNAL
-            del tensor.external_data[:]
-            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            offset += len(raw)
+            _point_at(tensor, location, offset, len(raw))
+        sink.flush()
         yield
     finally:
         for tensor, raw, had_location in moved:
@@ -329,6 +903,12 @@ def _externalized(model: ModelProto, location: str, handle) -> Iterator[None]:
             tensor.raw_data = raw
 
 
-def _all_initializers(model: ModelProto) -> Iterator[TensorProto]:
-    """Initializers of the main graph and of every subgraph (If/Loop/Scan bodies)."""
-    return (tensor for tensor, is_initializer in _all_tensors(model.graph) if is_initializer)
+def _subgraph_initializers(model: ModelProto) -> list[TensorProto]:
+    """Initializers of every subgraph (If/Loop/Scan bodies), not of the main graph."""
+    initializers = list(model.graph.initializer)  # alive, so that their ids stay theirs
+    main = {id(tensor) for tensor in initializers}
+    return [
+        tensor
+        for tensor, is_initializer in _all_tensors(model.graph)
+        if is_initializer and id(tensor) not in main
+    ]

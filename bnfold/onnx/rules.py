@@ -57,11 +57,23 @@ def _set_attribute(node: NodeProto, name: str, value) -> None:
     node.attribute.append(helper.make_attribute(name, value))
 
 
-def _sole_consumer_refusal(graph: GraphIndex, tensor: str, reader: NodeProto) -> Refusal | None:
-    """Refuse when anything besides ``reader`` sees ``tensor``: it would see the folded values."""
+def _sole_consumer_refusal(
+    graph: GraphIndex, tensor: str, reader: NodeProto, *, shape_readers_ok: bool = False
+) -> Refusal | None:
+    """Refuse when anything besides ``reader`` sees ``tensor``: it would see the folded values.
+
+    With ``shape_readers_ok``, ``Shape``/``Size`` readers are allowed: they see only the shape, which a
+    fold that keeps ``tensor``'s name (one through a Reshape) leaves as it is.
+    """
     if graph.is_graph_output(tensor):
         return Refusal(Reason.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT, f"`{tensor}` is a graph output")
     others = graph.other_consumers(tensor, reader)
+    if shape_readers_ok:
+        others = [
+            node
+            for node in others
+            if not (node.op_type in ("Shape", "Size") and node.domain in DEFAULT_DOMAINS)
+        ]
     if others:
         labels = ", ".join(graph.node_label(node) for node in others[:3])
         return Refusal(Reason.PRODUCER_HAS_OTHER_CONSUMERS, f"`{tensor}` also feeds {labels}")
@@ -91,10 +103,10 @@ def _broadcasts_to_columns(bias: np.ndarray, columns: int) -> bool:
 
 
 def _layer_constants(
-    graph: GraphIndex, bn: NodeProto, producer: NodeProto, weight_role: str, bias_role: str
+    rule: Rule, graph: GraphIndex, bn: NodeProto, producer: NodeProto, weight_role: str, bias_role: str
 ) -> tuple[np.ndarray, np.ndarray | None] | Refusal:
     """The layer's constant weight (input 1) and optional bias (input 2), once the BN is its only reader."""
-    refusal = _sole_consumer_refusal(graph, producer.output[0], bn)
+    refusal = rule.output_refusal(graph, bn, producer.output[0])
     if refusal:
         return refusal
     weight = _constant_input(graph, producer, 1, weight_role)
@@ -158,6 +170,24 @@ class Rule:
     def match(self, graph: GraphIndex, bn: NodeProto, params: BatchNormParams) -> Match | Refusal:
         raise NotImplementedError
 
+    def output_refusal(self, graph: GraphIndex, bn: NodeProto, tensor: str) -> Refusal | None:
+        """Why folding into the layer that writes ``tensor`` would change what another reader sees.
+
+        Here the BN must be its only reader. Rules that fold through a Reshape between the layer and
+        the BN (bnfold.onnx.rules_reshape) override this and :meth:`tail`.
+        """
+        return _sole_consumer_refusal(graph, tensor, bn)
+
+    def tail(self, graph: GraphIndex, bn: NodeProto, layer: NodeProto) -> NodeProto:
+        """The node whose output the BN reads once ``layer`` is folded: it takes over the BN's output."""
+        return layer
+
+    def bypass(self, graph: GraphIndex, bn: NodeProto, layer: NodeProto) -> None:
+        """Remove the BN; the node it read from takes over its output name, so nothing downstream changes."""
+        tail = self.tail(graph, bn, layer)
+        graph.remove_node(bn)
+        graph.take_over_output(tail, 0, bn.output[0])
+
     def apply(self, graph: GraphIndex, bn: NodeProto, match: Match) -> NodeProto:
         """Write the folded constants, then let the layer take over the BN's output name."""
         producer = match.producer
@@ -166,8 +196,7 @@ class Rule:
             graph.set_constant_input(producer, slot, value, f"{label}_folded_{slot}")
         for name, value in match.attributes.items():
             _set_attribute(producer, name, value)
-        graph.remove_node(bn)
-        graph.take_over_output(producer, 0, bn.output[0])
+        self.bypass(graph, bn, producer)
         return producer
 
 
@@ -178,7 +207,7 @@ class _OutputChannelRule(Rule):
 
     def match(self, graph: GraphIndex, bn: NodeProto, params: BatchNormParams) -> Match | Refusal:
         producer = self.producer_of(graph, bn)
-        constants = _layer_constants(graph, bn, producer, "weight", "bias")
+        constants = _layer_constants(self, graph, bn, producer, "weight", "bias")
         if isinstance(constants, Refusal):
             return constants
         weight, bias = constants
@@ -239,7 +268,7 @@ class GemmThenBN(Rule):
 
     def match(self, graph: GraphIndex, bn: NodeProto, params: BatchNormParams) -> Match | Refusal:
         producer = self.producer_of(graph, bn)
-        constants = _layer_constants(graph, bn, producer, "B", "C")
+        constants = _layer_constants(self, graph, bn, producer, "B", "C")
         if isinstance(constants, Refusal):
             return constants
         weight, bias = constants
@@ -296,7 +325,7 @@ class MatMulThenBN(Rule):
 
     def match(self, graph: GraphIndex, bn: NodeProto, params: BatchNormParams) -> Match | Refusal:
         head = self.producer_of(graph, bn)
-        refusal = _sole_consumer_refusal(graph, head.output[0], bn)
+        refusal = self.output_refusal(graph, bn, head.output[0])
         if refusal:
             return refusal
         bias_add, bias, bias_slot = None, None, None
@@ -315,13 +344,9 @@ class MatMulThenBN(Rule):
             return weight or Refusal(Reason.WEIGHT_NOT_CONSTANT, "MatMul has no right-hand side")
         if weight.ndim != 2:
             return Refusal(Reason.CHANNEL_AXIS_MISMATCH, f"MatMul right-hand side has rank {weight.ndim}")
-        left_rank = graph.rank(matmul.input[0])
-        if left_rank != 2:
-            shown = "unknown" if left_rank is None else str(left_rank)
-            return Refusal(
-                Reason.CHANNEL_AXIS_MISMATCH,
-                f"MatMul output rank is {shown}, not 2: BN axis 1 is not its column axis",
-            )
+        refusal = self.channel_axis_refusal(graph, matmul)
+        if refusal:
+            return refusal
         if weight.shape[1] != params.channels:
             return Refusal(
                 Reason.PARAM_SHAPE_MISMATCH,
@@ -341,6 +366,17 @@ class MatMulThenBN(Rule):
             return Match(matmul, {1: new_weight}, new_bias=new_bias)
         return Match(matmul, {1: new_weight}, bias_add=bias_add, bias_add_inputs={bias_slot: new_bias})
 
+    def channel_axis_refusal(self, graph: GraphIndex, matmul: NodeProto) -> Refusal | None:
+        """BN axis 1 is the MatMul's column axis only when its output is 2-D."""
+        left_rank = graph.rank(matmul.input[0])
+        if left_rank == 2:
+            return None
+        shown = "unknown" if left_rank is None else str(left_rank)
+        return Refusal(
+            Reason.CHANNEL_AXIS_MISMATCH,
+            f"MatMul output rank is {shown}, not 2: BN axis 1 is not its column axis",
+        )
+
     def apply(self, graph: GraphIndex, bn: NodeProto, match: Match) -> NodeProto:
         matmul = match.producer
         label = matmul.name or "MatMul"
@@ -348,19 +384,17 @@ class MatMulThenBN(Rule):
         if match.bias_add is not None:
             for slot, value in match.bias_add_inputs.items():
                 graph.set_constant_input(match.bias_add, slot, value, f"{label}_folded_bias")
-            graph.remove_node(bn)
-            graph.take_over_output(match.bias_add, 0, bn.output[0])
+            self.bypass(graph, bn, match.bias_add)
             return matmul
         if match.new_bias is None:
-            graph.remove_node(bn)
-            graph.take_over_output(matmul, 0, bn.output[0])
+            self.bypass(graph, bn, matmul)
             return matmul
         bias_name = graph.context.fresh_name(f"{label}_folded_bias")
         graph.graph.initializer.append(numpy_helper.from_array(match.new_bias, bias_name))
         graph.initializers[bias_name] = graph.graph.initializer[-1]
         add = helper.make_node(
             "Add",
-            [matmul.output[0], bias_name],
+            [self.tail(graph, bn, matmul).output[0], bias_name],
             [bn.output[0]],
             name=graph.context.fresh_name(f"{label}_bias_add"),
         )
@@ -376,7 +410,9 @@ from bnfold.onnx.rules_affine import (  # noqa: E402
     GemmThenAffine,
     MatMulThenAffine,
 )
+from bnfold.onnx.rules_branches import BranchMerge  # noqa: E402
 from bnfold.onnx.rules_input_side import BNThenConv, BNThenConvTranspose, BNThenGemm, BNThenMatMul  # noqa: E402
+from bnfold.onnx.rules_reshape import ConvReshapeBN, GemmReshapeBN, MatMulReshapeBN  # noqa: E402
 from bnfold.onnx.rules_standalone import BNToAffine  # noqa: E402
 
 RULES: tuple[Rule, ...] = (
@@ -385,6 +421,10 @@ RULES: tuple[Rule, ...] = (
     ConvTransposeThenBN(),
     GemmThenBN(),
     MatMulThenBN(),
+    # ... through a channel-preserving Reshape/Flatten between the layer and the BN
+    ConvReshapeBN(),
+    GemmReshapeBN(),
+    MatMulReshapeBN(),
     # BN -> the layer after it (input channels), tried when no producer-side rule folds it
     BNThenConv(),
     BNThenConvTranspose(),
@@ -395,6 +435,8 @@ RULES: tuple[Rule, ...] = (
     ConvTransposeThenAffine(),
     GemmThenAffine(),
     MatMulThenAffine(),
+    # Add of parallel Conv / BN / identity branches of one input -> one Conv (RepVGG, ACNet)
+    BranchMerge(),
     # a BN nothing absorbed -> Mul + Add, only with fold_onnx(rewrite_standalone=True)
     BNToAffine(),
 )

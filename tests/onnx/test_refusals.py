@@ -166,6 +166,24 @@ def bn_output_also_feeds_relu():
     return model
 
 
+def identity_beside_misaligned_dilated_conv():
+    from tests.onnx.test_branch_merge import identity_beside_misaligned_dilated_conv as build
+
+    return build()
+
+
+def flatten_shape_computed_at_run_time():
+    from tests.onnx.test_reshape_through import reshape_shape_computed_at_run_time
+
+    return reshape_shape_computed_at_run_time()
+
+
+def bn_over_the_token_axis():
+    from tests.onnx.test_reshape_through import bn_over_the_token_axis as build
+
+    return build()
+
+
 CASES = {
     Reason.NO_FOLDABLE_PRODUCER: [bn_after_relu, bn_on_graph_input],
     Reason.PRODUCER_HAS_OTHER_CONSUMERS: [conv_output_feeds_another_node],
@@ -186,6 +204,9 @@ CASES = {
     Reason.BN_OUTPUT_HAS_OTHER_CONSUMERS: [bn_output_also_feeds_relu],
     Reason.PADDING_AFTER_BN: [bn_before_padded_conv],
     Reason.UNEVEN_TAPS_AFTER_BN: [bn_before_strided_convtranspose],
+    Reason.RESHAPE_SHAPE_NOT_CONSTANT: [flatten_shape_computed_at_run_time],
+    Reason.RESHAPE_NOT_CHANNEL_PRESERVING: [bn_over_the_token_axis],
+    Reason.BRANCHES_INCOMPATIBLE: [identity_beside_misaligned_dilated_conv],
 }
 
 

@@ -1,0 +1,245 @@
+"""Weights left on disk: lazy loads, folds that read and spill only what they change, and saves that
+copy every untouched tensor's bytes from the input file (inline or external data) into the output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import bnfold.onnx.io as io
+from bnfold import fold_onnx
+from bnfold.errors import ModelLoadError
+from bnfold.onnx.io import load_model, read_tensor, save_model
+from tests.builders import op_types, run
+from tests.test_cli import in_process, snapshot, temporary_files
+from tests.test_io import _save_external, run_path
+
+
+def conv_bn_and_plain_conv(channels: int = 32, seed: int = 3) -> onnx.ModelProto:
+    """x -Conv(W1)-> BN -> Conv(W2) -> y: W1 (and B1) change in the fold, W2 must come through as is."""
+    rng = np.random.default_rng(seed)
+    values = {
+        "W1": rng.standard_normal((channels, channels, 3, 3)).astype(np.float32) * 0.1,
+        "B1": rng.standard_normal(channels).astype(np.float32),
+        "gamma": rng.uniform(0.5, 1.5, channels).astype(np.float32),
+        "beta": rng.standard_normal(channels).astype(np.float32),
+        "mean": rng.standard_normal(channels).astype(np.float32),
+        "var": rng.uniform(0.5, 2.0, channels).astype(np.float32),
+        "W2": rng.standard_normal((channels, channels, 3, 3)).astype(np.float32) * 0.1,
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("BatchNormalization", ["c1", "gamma", "beta", "mean", "var"], ["n1"], name="bn"),
+        helper.make_node("Conv", ["n1", "W2"], ["y"], pads=[1, 1, 1, 1], name="conv2"),
+    ]
+    shape = [1, channels, 5, 5]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        [numpy_helper.from_array(value, name) for name, value in values.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+def feeds(channels: int = 32) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(0).standard_normal((1, channels, 5, 5)).astype(np.float32)}
+
+
+def external_bytes(model_path: Path, name: str) -> bytes:
+    """The bytes of tensor ``name`` as the file stores them (external data file or raw_data)."""
+    model = onnx.load(model_path, load_external_data=False)
+    (tensor,) = [t for t in model.graph.initializer if t.name == name]
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return tensor.raw_data
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    with open(model_path.parent / info["location"], "rb") as handle:
+        handle.seek(int(info.get("offset", 0)))
+        return handle.read(int(info["length"]))
+
+
+def test_lazy_load_leaves_large_weights_on_disk_and_saves_the_same_bytes(tmp_path):
+    source = tmp_path / "model.onnx"
+    onnx.save_model(conv_bn_and_plain_conv(), source)
+    output = tmp_path / "copy.onnx"
+
+    loaded = load_model(source, lazy=True)
+    save_model(loaded.model, output)
+
+    on_disk = {t.name for t in loaded.model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    assert on_disk == {"W1", "W2"}  # the 128-byte statistics are parsed as usual
+    assert loaded.used_external_data is False
+    assert output.read_bytes() == source.read_bytes()  # piecewise writing keeps protobuf's field order
+    np.testing.assert_array_equal(
+        read_tensor(loaded.model.graph.initializer[0]),
+        numpy_helper.to_array(conv_bn_and_plain_conv().graph.initializer[0]),
+    )
+
+
+def test_external_data_fold_copies_untouched_tensors_byte_for_byte(tmp_path):
+    original = conv_bn_and_plain_conv()
+    source = _save_external(original, tmp_path / "model.onnx", "weights.bin")
+    before = snapshot(tmp_path)
+    output = tmp_path / "out" / "folded.onnx"
+    output.parent.mkdir()
+
+    ran = in_process(source, "-o", output, "-q")
+
+    assert ran.code == 0, ran.output
+    assert snapshot(tmp_path / "out") and all(
+        snapshot(tmp_path)[name] == digest for name, digest in before.items()
+    )
+    assert sorted(p.name for p in output.parent.iterdir()) == ["folded.onnx", "folded.onnx.data"]
+    assert external_bytes(output, "W2") == external_bytes(source, "W2")
+    expected = fold_onnx(original).model  # the in-memory fold of the same model
+    folded = load_model(output).model
+    assert "BatchNormalization" not in op_types(folded)
+    for name in ("W1", "B1", "W2"):
+        np.testing.assert_array_equal(
+            numpy_helper.to_array(next(t for t in folded.graph.initializer if t.name == name)),
+            numpy_helper.to_array(next(t for t in expected.graph.initializer if t.name == name)),
+            err_msg=name,
+        )
+    np.testing.assert_allclose(run_path(output, feeds())[0], run(original, feeds())[0], rtol=1e-4, atol=1e-4)
+    assert temporary_files(tmp_path) == []
+
+
+def test_inline_fold_through_the_cli_equals_the_in_memory_fold(tmp_path):
+    original = conv_bn_and_plain_conv()
+    source = tmp_path / "model.onnx"
+    onnx.save_model(original, source)
+    source_bytes = source.read_bytes()
+    output = tmp_path / "folded.onnx"
+
+    ran = in_process(source, "-o", output, "--no-verify", "-q")
+
+    assert ran.code == 0, ran.output
+    assert source.read_bytes() == source_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folded.onnx", "model.onnx"]
+    assert output.read_bytes() == fold_onnx(original).model.SerializeToString()
+
+
+def test_a_fold_of_a_lazy_model_spills_new_weights_to_disk(tmp_path):
+    source = tmp_path / "model.onnx"
+    onnx.save_model(conv_bn_and_plain_conv(), source)
+    loaded = load_model(source, lazy=True)
+
+    fold_onnx(loaded.model, inplace=True)
+
+    (weight,) = [t for t in loaded.model.graph.initializer if t.name == "W1"]
+    location = {entry.key: entry.value for entry in weight.external_data}["location"]
+    assert weight.data_location == TensorProto.EXTERNAL and location != str(source.resolve())
+    expected = fold_onnx(conv_bn_and_plain_conv()).model
+    (want,) = [t for t in expected.graph.initializer if t.name == "W1"]
+    np.testing.assert_array_equal(read_tensor(weight), numpy_helper.to_array(want))
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
+def test_lazy_models_save_either_way(external, tmp_path):
+    original = conv_bn_and_plain_conv()
+    source = tmp_path / "model.onnx"
+    if external:
+        _save_external(original, source, "model.data")
+    else:
+        onnx.save_model(original, source)
+    loaded = load_model(source, lazy=True)
+    fold_onnx(loaded.model, inplace=True)
+
+    for as_external in (False, True):
+        output = tmp_path / f"out_{as_external}.onnx"
+        save_model(loaded.model, output, external_data=as_external)
+        assert (tmp_path / f"out_{as_external}.onnx.data").exists() == as_external
+        onnx.checker.check_model(str(output))
+        np.testing.assert_allclose(
+            run_path(output, feeds())[0], run(original, feeds())[0], rtol=1e-4, atol=1e-4
+        )
+
+
+def test_lazy_load_still_refuses_raw_data_shorter_than_its_shape(tmp_path):
+    model = conv_bn_and_plain_conv()
+    (weight,) = [t for t in model.graph.initializer if t.name == "W2"]
+    weight.raw_data = weight.raw_data[:-4]
+    source = tmp_path / "model.onnx"
+    onnx.save_model(model, source)
+
+    for lazy in (False, True):
+        with pytest.raises(ModelLoadError, match="is too small for the declared shape"):
+            load_model(source, lazy=lazy)
+
+
+def test_lazy_load_of_a_truncated_file_gives_the_parse_error(tmp_path):
+    source = tmp_path / "model.onnx"
+    source.write_bytes(conv_bn_and_plain_conv().SerializeToString()[:-3000])
+
+    with pytest.raises(ModelLoadError, match="not an ONNX model"):
+        load_model(source, lazy=True)
+
+
+def test_external_ranges_outside_the_data_file_are_refused_lazily(tmp_path):
+    source = _save_external(conv_bn_and_plain_conv(), tmp_path / "model.onnx", "model.data")
+    data = tmp_path / "model.data"
+    data.write_bytes(data.read_bytes()[:5000])
+
+    with pytest.raises(ModelLoadError, match="cannot load its external data.*lie outside"):
+        load_model(source, lazy=True)
+
+
+def test_models_over_the_limit_from_a_lazy_load_get_external_data(tmp_path, monkeypatch):
+    source = tmp_path / "model.onnx"
+    onnx.save_model(conv_bn_and_plain_conv(), source)
+    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 50_000)
+    output = tmp_path / "folded.onnx"
+
+    ran = in_process(source, "-o", output, "-q", "--provider", "cpu")
+
+    assert ran.code == 0, ran.output
+    assert (tmp_path / "folded.onnx.data").exists()
+    np.testing.assert_allclose(
+        run_path(output, feeds())[0], run(conv_bn_and_plain_conv(), feeds())[0], rtol=1e-4, atol=1e-4
+    )
+
+
+PEAK = """
+import sys
+from bnfold.cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    line = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]
+    sys.stderr.write('PEAK_KB ' + line.split()[1] + '\\n')
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+def test_folding_a_large_external_model_keeps_its_weights_out_of_memory(tmp_path):
+    from benchmarks.fold_speed import vgg_style_external_model
+
+    source = tmp_path / "model.onnx"
+    layers = vgg_style_external_model(0.42, source)  # 12 x 36 MB weights with external data
+    data_size = (tmp_path / "model.onnx.data").stat().st_size
+    output = tmp_path / "folded.onnx"
+
+    ran = subprocess.run(
+        [sys.executable, "-c", PEAK, str(source), "-o", str(output), "--no-verify", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+
+    assert ran.returncode == 0, ran.stderr
+    peak_mb = int(ran.stderr.rsplit("PEAK_KB ", 1)[1].split()[0]) / 1024
+    assert peak_mb < 300, f"peak RSS {peak_mb:.0f} MB for {layers} weights of 36 MB"
+    assert "BatchNormalization" not in op_types(onnx.load(output, load_external_data=False))
+    assert (tmp_path / "folded.onnx.data").stat().st_size >= data_size
