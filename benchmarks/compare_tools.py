@@ -109,7 +109,8 @@ def _tool_bnfold(source: str, target: str, external: bool, watch: Stopwatch) -> 
     from bnfold.onnx.io import load_model, save_model
 
     watch.lap("import_s")
-    model = load_model(source).model  # with the checker, as the CLI does
+    # As the CLI does: checked, weights left on disk until a fold needs them (lazy) and streamed on save.
+    model = load_model(source, lazy=True).model
     watch.lap("load_s")
     result = fold_onnx(model, inplace=True)
     watch.lap("fold_s")

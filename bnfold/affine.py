@@ -12,6 +12,7 @@ Both backends (``bnfold.onnx`` and the PyTorch path) call these functions, so a 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -25,8 +26,10 @@ __all__ = [
     "statistics_problem",
     "output_channel_count",
     "scale_output_channels",
+    "round_scaled_output_channels",
     "input_channel_count",
     "scale_input_channels",
+    "round_scaled_input_channels",
     "input_shift_bias",
     "fold_bias",
     "round_to_dtype",
@@ -36,6 +39,13 @@ __all__ = [
     "place_kernel",
     "dirac_kernel",
 ]
+
+BLOCK_BYTES = 1 << 20
+"""How many float64 bytes of a weight are scaled at a time (:func:`round_scaled_output_channels`).
+
+A block's products are rounded while they are still in the cache (L2 is 512 KiB to 2 MiB per core
+on current CPUs), so a weight is read once and written once, with no full-size float64 temporary.
+"""
 
 # ml_dtypes' bfloat16 has numpy kind "V", so dtypes are recognised by name, not by kind.
 SUPPORTED_FLOATS = ("float16", "bfloat16", "float32", "float64")
@@ -118,25 +128,105 @@ def scale_output_channels(
     weight: np.ndarray, scale: np.ndarray, layout: WeightLayout, groups: int = 1
 ) -> np.ndarray:
     """``weight`` with output channel ``c`` multiplied by ``scale[c]``, as float64."""
-    # Non-finite weights (inf * 0, a signalling NaN) must not warn: round_to_dtype refuses them.
+    return _scaled(weight, scale, layout, groups, _OUTPUT_AXIS, None)
+
+
+def round_scaled_output_channels(
+    weight: np.ndarray, scale: np.ndarray, layout: WeightLayout, groups: int = 1
+) -> np.ndarray | None:
+    """``round_to_dtype(scale_output_channels(weight, scale, layout, groups), weight.dtype)``.
+
+    The same float64 products and the same single rounding, computed a block of rows at a time
+    (:data:`BLOCK_BYTES`) instead of through full-size float64 temporaries; None when a rounded
+    value is not finite.
+    """
+    weight = np.asarray(weight)
+    return _scaled(weight, scale, layout, groups, _OUTPUT_AXIS, weight.dtype)
+
+
+# The axis of a weight along which each layout's output (or input) channels lie. On axis 1 the
+# channels are those of the row's group: ConvTranspose's outputs, Conv's inputs (see WeightLayout).
+_OUTPUT_AXIS = {
+    WeightLayout.CONV: 0,
+    WeightLayout.MATRIX_OUT_IN: 0,
+    WeightLayout.MATRIX_IN_OUT: 1,
+    WeightLayout.CONV_TRANSPOSE: 1,
+}
+_INPUT_AXIS = {layout: 1 - axis for layout, axis in _OUTPUT_AXIS.items()}
+
+
+def _scaled(
+    weight: np.ndarray,
+    scale: np.ndarray,
+    layout: WeightLayout,
+    groups: int,
+    axes: dict[WeightLayout, int],
+    dtype: np.dtype | None,
+) -> np.ndarray | None:
+    """``weight`` times ``scale`` along ``axes[layout]`` in float64, rounded into ``dtype``.
+
+    Works through blocks of axis 0: each block's products go to a float64 buffer the size of one
+    block and are rounded from there into the result (for float64, straight into it). None when a
+    rounded value is not finite; ``dtype=None``: the float64 products, unchecked (the caller rounds).
+    """
+    weight = np.asarray(weight)
+    scale64 = np.asarray(scale, dtype=np.float64).reshape(-1)
+    axis = axes[layout]
+    if layout is WeightLayout.MATRIX_IN_OUT or layout is WeightLayout.MATRIX_OUT_IN:
+        groups = 1
+    rows = weight.shape[0]
+    if axis == 1 and rows % groups:
+        raise ValueError(f"{rows} rows do not split into {groups} groups")
+    channels = rows if axis == 0 else groups * weight.shape[1]
+    if scale64.size == 1:  # one factor for every channel, as numpy would broadcast it
+        scale64 = np.full(channels, scale64[0])
+    elif scale64.size != channels:
+        raise ValueError(f"{scale64.size} factors for {channels} channels of a {list(weight.shape)} weight")
+    result = np.empty(weight.shape, np.float64 if dtype is None else dtype)
+    row_items = math.prod(weight.shape[1:])
+    step = max(1, BLOCK_BYTES // (8 * row_items)) if row_items else max(rows, 1)
+    direct = result.dtype == np.float64  # products go straight into the result
+    buffer = None if direct else np.empty((min(step, rows), *weight.shape[1:]), np.float64)
+    # Non-finite values (inf * 0, a signalling NaN, overflow in the rounding) must not warn: they
+    # are refused (None) here, or by round_to_dtype for float64 results.
     with np.errstate(over="ignore", invalid="ignore"):
-        weight = np.asarray(weight)
-        # numpy's own floats are widened inside the multiply (no float64 copy of the weight first);
-        # the product is the same float64 either way.
-        weight64 = weight if weight.dtype.kind == "f" else weight.astype(np.float64)
-        scale64 = np.asarray(scale, dtype=np.float64)
-        if layout is WeightLayout.CONV or layout is WeightLayout.MATRIX_OUT_IN:
-            return np.multiply(
-                weight64, scale64.reshape((-1,) + (1,) * (weight64.ndim - 1)), dtype=np.float64
-            )
-        if layout is WeightLayout.MATRIX_IN_OUT:
-            return np.multiply(weight64, scale64.reshape(1, -1), dtype=np.float64)
-        # ConvTranspose: view [C_in, C_out/g, k...] as [g, C_in/g, C_out/g, k...] so that group g's
-        # input rows meet exactly group g's output channels.
-        in_channels, out_per_group, *kernel = weight64.shape
-        grouped = weight64.reshape(groups, in_channels // groups, out_per_group, *kernel)
-        grouped_scale = scale64.reshape(groups, 1, out_per_group, *([1] * len(kernel)))
-        return np.multiply(grouped, grouped_scale, dtype=np.float64).reshape(weight64.shape)
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            products = result[start:stop] if buffer is None else buffer[: stop - start]
+            factors = _factors(scale64, weight.shape, start, stop, axis, groups)
+            if weight.dtype.kind == "f":  # numpy's floats are widened inside the multiply
+                np.multiply(weight[start:stop], factors, out=products, dtype=np.float64)
+            else:  # bfloat16 (numpy kind "V"), integers: widened first, the same float64 values
+                np.copyto(products, weight[start:stop], casting="unsafe")
+                np.multiply(products, factors, out=products)
+            if dtype is None:
+                continue
+            rounded = result[start:stop]
+            if not direct:
+                rounded[...] = products  # the one rounding (the cast astype does)
+                if dtype.kind != "f":  # bfloat16: checked through float64, as round_to_dtype does
+                    np.copyto(products, rounded, casting="unsafe")
+            if not np.isfinite(rounded if dtype.kind == "f" else products).all():
+                return None
+    return result
+
+
+def _factors(
+    scale64: np.ndarray, shape: tuple[int, ...], start: int, stop: int, axis: int, groups: int
+) -> np.ndarray:
+    """The factors of ``weight[start:stop]``, broadcastable against it.
+
+    Axis 0: row ``r`` is channel ``r``. Axis 1: the rows split evenly into ``groups`` and row ``r``
+    holds, along axis 1, the ``shape[1]`` channels of its group.
+    """
+    if axis == 0:
+        return scale64[start:stop].reshape((-1,) + (1,) * (len(shape) - 1))
+    kernel = (1,) * (len(shape) - 2)
+    per_group = scale64.reshape(groups, shape[1])
+    if groups == 1:
+        return per_group.reshape(1, shape[1], *kernel)
+    row_groups = np.arange(start, stop) // (shape[0] // groups)
+    return per_group[row_groups].reshape(-1, shape[1], *kernel)
 
 
 def input_channel_count(weight_shape: tuple[int, ...], layout: WeightLayout, groups: int = 1) -> int:
@@ -174,25 +264,16 @@ def scale_input_channels(
 
     This folds an affine map that runs *before* the layer: ``layer(scale * x) = layer'(x)``.
     """
-    with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are refused when rounded
-        return _scale_input_channels(
-            np.asarray(weight, dtype=np.float64), np.asarray(scale, np.float64), layout, groups
-        )
+    return _scaled(weight, scale, layout, groups, _INPUT_AXIS, None)
 
 
-def _scale_input_channels(
-    weight64: np.ndarray, scale64: np.ndarray, layout: WeightLayout, groups: int
-) -> np.ndarray:
-    if layout is WeightLayout.MATRIX_IN_OUT or layout is WeightLayout.CONV_TRANSPOSE:
-        # Input channels on axis 0 (for ConvTranspose, globally numbered across groups).
-        return weight64 * scale64.reshape((-1,) + (1,) * (weight64.ndim - 1))
-    if layout is WeightLayout.MATRIX_OUT_IN:
-        return weight64 * scale64.reshape(1, -1)
-    # Conv: axis 1 holds the C_in/groups channels of the output channel's own group.
-    out_channels, in_per_group, *kernel = weight64.shape
-    grouped = weight64.reshape(groups, out_channels // groups, in_per_group, *kernel)
-    grouped_scale = scale64.reshape(groups, 1, in_per_group, *([1] * len(kernel)))
-    return (grouped * grouped_scale).reshape(weight64.shape)
+def round_scaled_input_channels(
+    weight: np.ndarray, scale: np.ndarray, layout: WeightLayout, groups: int = 1
+) -> np.ndarray | None:
+    """``round_to_dtype(scale_input_channels(weight, scale, layout, groups), weight.dtype)``, block
+    by block like :func:`round_scaled_output_channels`; None when a rounded value is not finite."""
+    weight = np.asarray(weight)
+    return _scaled(weight, scale, layout, groups, _INPUT_AXIS, weight.dtype)
 
 
 def input_shift_bias(

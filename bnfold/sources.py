@@ -18,9 +18,11 @@ TORCH_RULE_NAMES = (
     "convtranspose-bn",
     "linear-bn",
     "functional-bn",
+    "linear-reshape-bn",
     "bn-conv",
     "bn-convtranspose",
     "bn-linear",
+    "branch-merge",
 )
 
 FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")

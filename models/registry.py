@@ -50,8 +50,9 @@ class ModelSpec:
     expected_batchnorms: int
     # BNs that no rule can fold exactly (kept, with a reason in the report); the rest must fold.
     expected_kept: int = 0
-    # BNs that only the ONNX fold can fold (identity branches merged by branch-merge): the PyTorch
-    # fold keeps them, and bnfold.export's ONNX pass folds them.
+    # BNs that only the ONNX fold can fold: the PyTorch fold keeps them, and bnfold.export's ONNX
+    # pass folds them. None of the reference models has one since the torch fold merges branches
+    # (branch-merge) and folds through reshapes (linear-reshape-bn) too.
     folded_in_onnx_only: int = 0
 
 
@@ -128,7 +129,6 @@ REFERENCE_MODELS: dict[str, ModelSpec] = {
             input_shape=(2, 3, 16, 16),
             description="RepVGG: 3x3+BN, 1x1+BN and identity-BN branches summed; stride 2, grouped",
             expected_batchnorms=8,
-            folded_in_onnx_only=2,
         ),
         ModelSpec(
             name="levit_tiny",
@@ -137,7 +137,6 @@ REFERENCE_MODELS: dict[str, ModelSpec] = {
             description="LeViT-style: Conv+BN stem, residual MLP of Linear+BatchNorm1d over flattened "
             "tokens, BatchNorm1d->Linear head",
             expected_batchnorms=5,
-            folded_in_onnx_only=2,  # the two LinearBN: folded through the flatten by matmul-reshape-bn
         ),
     )
 }

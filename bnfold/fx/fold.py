@@ -39,6 +39,7 @@ from bnfold.fx.rules import (
     read_batchnorm,
     readers,
 )
+from bnfold.fx.rules_reshape import find_producer_through_reshape
 from bnfold.fx.trace import as_args, describe_inputs, is_exported_module, trace
 from bnfold.report import Decision, Outcome, Reason, Report
 from bnfold.verify import VerificationResult
@@ -139,20 +140,68 @@ def _deepcopy(model: nn.Module) -> nn.Module:
 
 
 def _fold_graph(context: FoldContext, rules: Sequence[Rule], skipped: set[str], report: Report) -> None:
+    """One pass in graph order is a fixed point: a node's inputs are visited (and folded) before it.
+
+    So each branch of a RepVGG block has had its conv-bn fold when the add summing the branches is
+    reached, and an inner add of a chain ``add(add(a, b), c)`` is merged before the outer one.
+    """
+    decisions: dict[fx.Node, Decision] = {}  # in graph order; a merge may replace a BN's decision
     for node in list(context.graph_module.graph.nodes):
         if node.graph is not context.graph_module.graph or _erased(node):
             continue
         call = identify(context, node)
         if call is None:
+            if _try_merge_branches(context, node, rules, skipped, decisions):
+                context.refresh()
             continue
         if call.kind == "per-sample":
-            report.add(_decision(call, Outcome.NEVER_FOLDABLE, reason=Reason.PER_SAMPLE_STATISTICS))
+            decisions[node] = _decision(call, Outcome.NEVER_FOLDABLE, reason=Reason.PER_SAMPLE_STATISTICS)
             continue
         decision = _try_fold(context, call, rules, skipped)
-        report.add(decision)
+        decisions[node] = decision
         if decision.outcome is Outcome.FOLDED:
             logger.debug("folded %s into %s by %s", decision.node, decision.into, decision.rule)
             context.refresh()
+    for decision in decisions.values():
+        report.add(decision)
+
+
+def _try_merge_branches(
+    context: FoldContext,
+    add: fx.Node,
+    rules: Sequence[Rule],
+    skipped: set[str],
+    decisions: dict[fx.Node, Decision],
+) -> bool:
+    """Merge the parallel branches an add sums into one conv; True when it did.
+
+    The add itself is never reported. An identity-branch BN it sums is: folded by the merge, or kept
+    with the merge's refusal, which replaces the decision the BN got on its own (visited earlier,
+    since it feeds the add) because it says more.
+    """
+    for rule in rules:
+        if rule.side != "branches":
+            continue
+        branches = rule.read_branches(context, add)
+        if branches is None:
+            continue
+        norm = branches.identity_norm
+        if rule.name in skipped:
+            match = Refusal(Reason.RULE_DISABLED, f"rule {rule.name} is skipped")
+        else:
+            match = rule.match(context, branches)
+        if isinstance(match, Refusal):
+            logger.debug("%s not merged: %s %s", add.name, match.reason, match.detail)
+            if norm is not None and norm.node in decisions:
+                detail = f"identity branch of `{add.name}`: {match.detail}"
+                decisions[norm.node] = _kept(norm, Refusal(match.reason, detail), rule)
+            return False
+        into = rule.apply(context, match)
+        logger.debug("merged the branches of %s into %s", add.name, into)
+        if norm is not None:
+            decisions[norm.node] = _decision(norm, Outcome.FOLDED, rule=rule.name, into=into)
+        return True
+    return False
 
 
 def _report_subgraphs(
@@ -236,9 +285,10 @@ def _try_fold(context: FoldContext, call: NormCall, rules: Sequence[Rule], skipp
     if refusal:
         return _kept(call, refusal)
     producer = find_producer(context, batchnorm)
+    through = find_producer_through_reshape(context, batchnorm) if isinstance(producer, Refusal) else None
     consumer = find_consumer(context, batchnorm)
     candidates: list[tuple[Rule, Layer]] = []
-    for side, layer in (("producer", producer), ("consumer", consumer)):
+    for side, layer in (("producer", producer), ("through-reshape", through), ("consumer", consumer)):
         if isinstance(layer, Layer):
             rule = next((r for r in rules if r.side == side and r.accepts(batchnorm, layer)), None)
             if rule is not None:

@@ -39,6 +39,8 @@ __all__ = [
     "resolve_attr",
     "owner_path",
     "output_rank",
+    "output_shape",
+    "argument_names",
     "TensorUses",
 ]
 
@@ -176,14 +178,17 @@ def _schema(target: Any):
     return None
 
 
-def bind(node: fx.Node) -> dict[str, Any]:
-    """The node's arguments by parameter name (positional and keyword alike); {} when unknown."""
-    target = node.target
+def argument_names(target: Any) -> tuple[str, ...]:
+    """The positional parameter names of a torch function or ATen operator; () when unknown."""
     schema = _schema(target)
     if schema is not None:
-        names = tuple(argument.name for argument in schema.arguments)
-    else:
-        names = _SIGNATURES.get(target, ())
+        return tuple(argument.name for argument in schema.arguments)
+    return _SIGNATURES.get(target, ())
+
+
+def bind(node: fx.Node) -> dict[str, Any]:
+    """The node's arguments by parameter name (positional and keyword alike); {} when unknown."""
+    names = argument_names(node.target)
     if len(node.args) > len(names):
         return {}
     bound = dict(zip(names, node.args, strict=False))
@@ -305,12 +310,21 @@ def get_attr_tensor(root: nn.Module, value: Any) -> tuple[str, torch.Tensor] | N
     return None
 
 
-def output_rank(node: fx.Node) -> int | None:
-    """The rank of the node's value, from ShapeProp (``tensor_meta``) or torch.export (``val``)."""
+def output_shape(node: fx.Node) -> tuple[Any, ...] | None:
+    """The node's output shape, from ShapeProp (``tensor_meta``) or torch.export (``val``).
+
+    Sizes are ints, or SymInts where torch.export kept a dimension dynamic.
+    """
     meta = node.meta.get("tensor_meta")
     shape = getattr(meta, "shape", None)
     if shape is None:
         shape = getattr(node.meta.get("val"), "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def output_rank(node: fx.Node) -> int | None:
+    """The rank of the node's value, from ShapeProp (``tensor_meta``) or torch.export (``val``)."""
+    shape = output_shape(node)
     return len(shape) if shape is not None else None
 
 

@@ -70,6 +70,8 @@ __all__ = [
     "BNThenConv",
     "BNThenConvTranspose",
     "BNThenLinear",
+    "BranchMerge",
+    "LinearReshapeBN",
     "RULES",
     "TORCH_REASONS",
     "identify",
@@ -78,6 +80,12 @@ __all__ = [
     "find_consumer",
     "batchnorm_refusal",
     "readers",
+    "erase_batchnorm",
+    "drop_unused_owner",
+    "write_functional_tensors",
+    "editable_layer_refusal",
+    "statistics_dtype_refusal",
+    "sole_reader_refusal",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -552,46 +560,6 @@ class BNThenLinear(Rule):
         return layer.kind == "linear"
 
 
-RULES: tuple[Rule, ...] = (
-    ConvThenBN(),
-    ConvTransposeThenBN(),
-    LinearThenBN(),
-    FunctionalBN(),
-    BNThenConv(),
-    BNThenConvTranspose(),
-    BNThenLinear(),
-)
-
-#: Every reason code the PyTorch path can give (the tests hold one negative case for each).
-TORCH_REASONS = frozenset(
-    {
-        Reason.NO_FOLDABLE_PRODUCER,
-        Reason.PRODUCER_HAS_OTHER_CONSUMERS,
-        Reason.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT,
-        Reason.BN_OUTPUT_HAS_OTHER_CONSUMERS,
-        Reason.PADDING_AFTER_BN,
-        Reason.UNEVEN_TAPS_AFTER_BN,
-        Reason.PARAM_NOT_CONSTANT,
-        Reason.PARAM_SHAPE_MISMATCH,
-        Reason.TRAINING_MODE,
-        Reason.EXTRA_OUTPUTS_USED,
-        Reason.NONPOSITIVE_VARIANCE,
-        Reason.NONFINITE_STATISTICS,
-        Reason.WEIGHT_NOT_CONSTANT,
-        Reason.UNSUPPORTED_DTYPE,
-        Reason.CHANNEL_AXIS_MISMATCH,
-        Reason.FOLD_OVERFLOWS_DTYPE,
-        Reason.RULE_DISABLED,
-        Reason.PER_SAMPLE_STATISTICS,
-        Reason.SHARED_MODULE,
-        Reason.NO_RUNNING_STATISTICS,
-        Reason.UNKNOWN_SHAPE,
-        Reason.HOOKS_REGISTERED,
-        Reason.CUSTOM_FORWARD,
-    }
-)
-
-
 def batchnorm_refusal(context: FoldContext, batchnorm: BatchNorm) -> Refusal | None:
     """Why this BN cannot fold into anything (a shared module), or None."""
     return _sharing_refusal(
@@ -601,6 +569,24 @@ def batchnorm_refusal(context: FoldContext, batchnorm: BatchNorm) -> Refusal | N
 
 def _layer_refusal(context: FoldContext, batchnorm: BatchNorm, layer: Layer) -> Refusal | None:
     """The checks on the layer that both sides share: sharing, hooks, constants, dtypes."""
+    return editable_layer_refusal(context, layer) or statistics_dtype_refusal(batchnorm)
+
+
+def sole_reader_refusal(layer: Layer, reader: fx.Node) -> Refusal | None:
+    """Refuse when anything besides ``reader`` sees the layer's output: it would see the folded values."""
+    others = [user for user in layer.node.users if user is not reader]
+    if any(user.op == "output" for user in others):
+        return Refusal(Reason.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT, f"the output of `{layer.name}` is returned")
+    if others:
+        names = ", ".join(user.name for user in others[:3])
+        return Refusal(
+            Reason.PRODUCER_HAS_OTHER_CONSUMERS, f"the output of `{layer.name}` also feeds {names}"
+        )
+    return None
+
+
+def editable_layer_refusal(context: FoldContext, layer: Layer) -> Refusal | None:
+    """Why the layer's weights cannot be replaced: shared, hooked, computed at run time, not float."""
     shared = _sharing_refusal(context, layer.name, layer.node, layer.tensors, layer.module)
     if shared:
         return shared
@@ -612,6 +598,10 @@ def _layer_refusal(context: FoldContext, batchnorm: BatchNorm, layer: Layer) -> 
     for role, tensor in (("weight", layer.weight), ("bias", layer.bias)):
         if tensor is not None and tensor.dtype not in _FLOAT_DTYPES:
             return Refusal(Reason.UNSUPPORTED_DTYPE, f"the {role} of `{layer.name}` is {tensor.dtype}")
+    return None
+
+
+def statistics_dtype_refusal(batchnorm: BatchNorm) -> Refusal | None:
     for tensor in (batchnorm.weight, batchnorm.bias, batchnorm.running_mean, batchnorm.running_var):
         if tensor is not None and tensor.dtype not in _FLOAT_DTYPES:
             return Refusal(
@@ -644,14 +634,9 @@ def _match(context: FoldContext, batchnorm: BatchNorm, producer: Layer) -> Match
     refusal = _layer_refusal(context, batchnorm, producer)
     if refusal:
         return refusal
-    others = [user for user in producer.node.users if user is not batchnorm.node]
-    if any(user.op == "output" for user in others):
-        return Refusal(Reason.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT, f"the output of `{producer.name}` is returned")
-    if others:
-        names = ", ".join(user.name for user in others[:3])
-        return Refusal(
-            Reason.PRODUCER_HAS_OTHER_CONSUMERS, f"the output of `{producer.name}` also feeds {names}"
-        )
+    refusal = sole_reader_refusal(producer, batchnorm.node)
+    if refusal:
+        return refusal
     channels = output_channel_count(tuple(producer.weight.shape), producer.layout, producer.groups)
     refusal = _channel_refusal(batchnorm, producer, channels, "output") or _channel_axis_refusal(producer)
     if refusal:
@@ -802,16 +787,23 @@ def _rounded(values: np.ndarray, like: torch.Tensor) -> torch.Tensor | None:
 # -- applying -----------------------------------------------------------------------------------
 def _apply(context: FoldContext, match: Match) -> str:
     layer, batchnorm = match.layer, match.batchnorm
-    graph = context.graph_module.graph
     _write_weights(context, layer, match)
-    inputs = [value for value in batchnorm.node.all_input_nodes if value.op == "get_attr"]
     for output in batchnorm.outputs:
-        # Producer side: the layer's output takes the BN's place. Consumer side: the layer reads
-        # what the BN read.
+        # Producer side: what the BN read (the layer's output, or a reshape of it) takes the BN's
+        # place. Consumer side: the layer reads what the BN read.
         if match.side == "producer":
-            output.replace_all_uses_with(layer.node)
+            output.replace_all_uses_with(batchnorm.input)
         else:
             layer.node.replace_input_with(output, batchnorm.input)
+    erase_batchnorm(context, batchnorm)
+    return layer.name
+
+
+def erase_batchnorm(context: FoldContext, batchnorm: BatchNorm) -> None:
+    """Remove a BN whose readers were all redirected: its nodes, its unused tensors and module."""
+    graph = context.graph_module.graph
+    inputs = [value for value in batchnorm.node.all_input_nodes if value.op == "get_attr"]
+    for output in batchnorm.outputs:
         if output is not batchnorm.node:
             graph.erase_node(output)
     for unused in batchnorm.unused:
@@ -820,22 +812,30 @@ def _apply(context: FoldContext, match: Match) -> str:
     for value in inputs:
         if not value.users:
             graph.erase_node(value)
-    _drop_unused_owner(context.graph_module, batchnorm)
-    return layer.name
+    drop_unused_owner(context.graph_module, batchnorm.call.owner, _BATCHNORM_STATE)
 
 
 def _write_weights(context: FoldContext, layer: Layer, match: Match) -> None:
-    graph_module, graph = context.graph_module, context.graph_module.graph
     if layer.module is not None:
-        _replace_module(graph_module, layer.node.target, _folded_module(layer.module, match))
+        _replace_module(context.graph_module, layer.node.target, _folded_module(layer.module, match))
         return
-    _set_tensor(graph_module, layer.weight_arg.target, match.weight, like=layer.weight)
+    write_functional_tensors(context, layer, match.weight, match.bias)
+
+
+def write_functional_tensors(
+    context: FoldContext, layer: Layer, weight: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """New weight and bias tensors for a functional layer call (a bias attribute is added if it had none)."""
+    graph_module, graph = context.graph_module, context.graph_module.graph
+    _set_tensor(graph_module, layer.weight_arg.target, weight, like=layer.weight)
+    if bias is None:
+        return
     if isinstance(layer.bias_arg, fx.Node):
-        _set_tensor(graph_module, layer.bias_arg.target, match.bias, like=layer.weight)
+        _set_tensor(graph_module, layer.bias_arg.target, bias, like=layer.weight)
         return
     owner = owner_path(layer.weight_arg.target)
     target = _fresh_attribute(graph_module, owner, "bias")
-    _set_tensor(graph_module, target, match.bias, like=layer.weight)
+    _set_tensor(graph_module, target, bias, like=layer.weight)
     with graph.inserting_before(layer.node):
         bias_node = graph.get_attr(target)
     _set_argument(layer.node, 2, "bias", bias_node)
@@ -898,13 +898,13 @@ def _set_argument(node: fx.Node, position: int, name: str, value: Any) -> None:
 _BATCHNORM_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-def _drop_unused_owner(graph_module: fx.GraphModule, batchnorm: BatchNorm) -> None:
-    """Remove the folded BN's tensors, and its module when nothing else in it is used any more.
+def drop_unused_owner(graph_module: fx.GraphModule, owner: str, names: tuple[str, ...]) -> None:
+    """Remove the tensors ``names`` of the module at ``owner`` that nothing reads any more, and the
+    module itself when nothing in it is used.
 
     A BatchNormAct2d traced through keeps its activation (``b2.act``) as a module of the graph, so
     its owner stays; only the statistics and affine parameters go.
     """
-    owner = batchnorm.call.owner
     module = resolve_attr(graph_module, owner) if owner else None
     if not isinstance(module, nn.Module):
         return
@@ -915,7 +915,7 @@ def _drop_unused_owner(graph_module: fx.GraphModule, batchnorm: BatchNorm) -> No
     if any(node.op == "call_module" and node.target == owner for node in graph.nodes):
         return
     read = {node.target for node in graph.nodes if node.op == "get_attr"}
-    for name in _BATCHNORM_STATE:
+    for name in names:
         if prefix + name not in read:
             module._parameters.pop(name, None)
             module._buffers.pop(name, None)
@@ -924,3 +924,56 @@ def _drop_unused_owner(graph_module: fx.GraphModule, batchnorm: BatchNorm) -> No
     )
     if not referenced:
         graph_module.delete_submodule(owner)
+
+
+# -- the registry ---------------------------------------------------------------------------
+# One family of patterns per module; they build on the reading and checking above.
+from bnfold.fx.rules_branches import BranchMerge  # noqa: E402
+from bnfold.fx.rules_reshape import LinearReshapeBN  # noqa: E402
+
+RULES: tuple[Rule, ...] = (
+    # BN -> the layer before it (output channels)
+    ConvThenBN(),
+    ConvTransposeThenBN(),
+    LinearThenBN(),
+    FunctionalBN(),
+    # ... through flatten/reshape/view calls between a Linear and the BN (LeViT's Linear_BN)
+    LinearReshapeBN(),
+    # BN -> the layer after it (input channels), tried when no producer-side rule folds it
+    BNThenConv(),
+    BNThenConvTranspose(),
+    BNThenLinear(),
+    # add of parallel Conv / BN / identity branches of one input -> one Conv (RepVGG, ACNet)
+    BranchMerge(),
+)
+
+#: Every reason code the PyTorch path can give (the tests hold one negative case for each).
+TORCH_REASONS = frozenset(
+    {
+        Reason.NO_FOLDABLE_PRODUCER,
+        Reason.PRODUCER_HAS_OTHER_CONSUMERS,
+        Reason.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT,
+        Reason.BN_OUTPUT_HAS_OTHER_CONSUMERS,
+        Reason.PADDING_AFTER_BN,
+        Reason.UNEVEN_TAPS_AFTER_BN,
+        Reason.PARAM_NOT_CONSTANT,
+        Reason.PARAM_SHAPE_MISMATCH,
+        Reason.TRAINING_MODE,
+        Reason.EXTRA_OUTPUTS_USED,
+        Reason.NONPOSITIVE_VARIANCE,
+        Reason.NONFINITE_STATISTICS,
+        Reason.WEIGHT_NOT_CONSTANT,
+        Reason.UNSUPPORTED_DTYPE,
+        Reason.CHANNEL_AXIS_MISMATCH,
+        Reason.FOLD_OVERFLOWS_DTYPE,
+        Reason.RULE_DISABLED,
+        Reason.PER_SAMPLE_STATISTICS,
+        Reason.SHARED_MODULE,
+        Reason.NO_RUNNING_STATISTICS,
+        Reason.UNKNOWN_SHAPE,
+        Reason.HOOKS_REGISTERED,
+        Reason.CUSTOM_FORWARD,
+        Reason.BRANCHES_INCOMPATIBLE,
+        Reason.RESHAPE_NOT_CHANNEL_PRESERVING,
+    }
+)

@@ -29,6 +29,17 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
+NEW_WEIGHTS_MEMORY_BUDGET = 512 * 2**20
+"""How many bytes of new weights a fold of a lazily loaded model keeps in memory (raw_data); the
+weights after those go to the spill file (:func:`bnfold.onnx.io.store_tensor`).
+
+Big enough that a model under the 2 GB protobuf limit mostly stays in memory (the weights of the
+530 MB all-conv benchmark model nearly all fit, and writing them to a file only to copy them into
+the output again costs as much as the fold's arithmetic), small enough that a fold of a larger model
+(external data) stays under 1 GB of peak RSS: about 200 MB for the rest of the process, this budget,
+and the few copies of the one weight being stored.
+"""
+
 
 def default_opset(model: ModelProto) -> int | None:
     """The opset version of the default ONNX domain, or None when the model does not import it."""
@@ -100,8 +111,10 @@ class ModelContext:
         self.graphs: list[GraphIndex] = []
         # (graph index, tensor name) pairs that a fold may have left unused; pruned in finalize().
         self.prune_candidates: list[tuple[GraphIndex, str]] = []
-        # Weights left on disk by load_model(lazy=True): new ones go to disk too (see io.store_tensor).
+        # Weights left on disk by load_model(lazy=True): new ones stay in memory up to a budget and
+        # go to the spill file beyond it (see GraphIndex._keep_on_disk).
         self.lazy = has_data_on_disk(model)
+        self.new_weight_bytes = 0  # new main-graph weights of a lazy model kept in memory so far
 
     def fresh_name(self, base: str) -> str:
         """A tensor or node name that no graph of the model uses yet (subgraphs included)."""
@@ -360,8 +373,14 @@ class GraphIndex:
 
     def _keep_on_disk(self, value: np.ndarray) -> bool:
         """Whether a new main-graph weight goes to the spill file: when the model was loaded lazily
-        (its weights on disk), so that the folded weights do not accumulate in memory."""
-        return self.context.lazy and self.parent is None and value.nbytes >= EXTERNAL_DATA_THRESHOLD
+        (its weights on disk) and the new weights kept in memory have used up the budget
+        (:data:`NEW_WEIGHTS_MEMORY_BUDGET`), so that they cannot pile up in memory."""
+        if not (self.context.lazy and self.parent is None and value.nbytes >= EXTERNAL_DATA_THRESHOLD):
+            return False
+        if self.context.new_weight_bytes + value.nbytes <= NEW_WEIGHTS_MEMORY_BUDGET:
+            self.context.new_weight_bytes += value.nbytes
+            return False
+        return True
 
     def replace_input(self, node: NodeProto, slot: int, new_name: str) -> None:
         old_name = node.input[slot]
@@ -454,16 +473,24 @@ class GraphIndex:
 
 
 def _decoded(tensor: TensorProto) -> np.ndarray:
-    """A tensor's value; a clear error for data the checker lets through but numpy cannot read
-    (raw_data longer than its shape, an unknown data_type, too many float_data values)."""
+    """A tensor's value, read-only; a clear error for data the checker lets through but numpy cannot
+    read (raw_data longer than its shape, an unknown data_type, too many float_data values).
+
+    A tensor left on disk by a lazy load is a read-only view of its mapped file range; every other
+    value is made read-only too, so that a rule writing into a constant fails in every test, not
+    only on lazily loaded models.
+    """
     try:
         if tensor.data_location == TensorProto.EXTERNAL:
-            return read_tensor(tensor)  # left on disk by a lazy load: read this one tensor
-        return numpy_helper.to_array(tensor)
+            value = read_tensor(tensor)  # left on disk by a lazy load: map this one tensor
+        else:
+            value = numpy_helper.to_array(tensor)
     except (ValueError, KeyError, TypeError, OSError) as error:
         raise ModelLoadError(
             f"tensor `{tensor.name}` has data that does not match its type and shape ({error})"
         ) from None
+    value.flags.writeable = False
+    return value
 
 
 def _has_value_tensor(node: NodeProto) -> bool:

@@ -4,8 +4,9 @@ Loading: every failure is a :class:`ModelLoadError` whose message names the file
 With ``lazy=True`` the weights stay on disk: the loader reads the protobuf structure and leaves each
 large initializer of the main graph as a reference (absolute path, offset, length) to its bytes in
 the source file — the ``.onnx`` itself for inline weights, found by walking the protobuf wire format,
-or the external data file. :func:`read_tensor` reads one such tensor when a fold needs it, new values
-of such tensors go to a spill file (:func:`store_tensor`), and :func:`save_model` streams every
+or the external data file. :func:`read_tensor` maps one such tensor (read-only, not copied) when a
+fold needs it; new values stay in memory up to a budget (``bnfold.onnx.graph.NEW_WEIGHTS_MEMORY_BUDGET``)
+and go to a spill file beyond it (:func:`store_tensor`), and :func:`save_model` streams every
 referenced range into the output (``os.copy_file_range``), so no weight is held in memory that a
 fold does not change. The structure is checked with ``onnx.checker`` on a copy whose large tensors
 are one-element stand-ins, with the sizes checked here; the weights are never serialized to check.
@@ -557,12 +558,7 @@ def read_tensor(tensor: TensorProto) -> np.ndarray:
     if where is None:
         raise ValueError(f"its external data was not loaded ({_external_info(tensor).get('location')!r})")
     location, offset, length = where
-    with open(location, "rb") as handle:
-        handle.seek(offset)
-        data = handle.read(length)
-    if len(data) != length:
-        raise ValueError(f"{location} ends before byte {offset + length}")
-    header = _copy_header(tensor, TensorProto())
+    data = _mapped(location, offset, length)
     item_size = _item_size(tensor.data_type)
     count = int(np.prod(tensor.dims, dtype=np.int64))
     if item_size is not None and sys.byteorder == "little" and tensor.data_type != TensorProto.BOOL:
@@ -570,8 +566,29 @@ def read_tensor(tensor: TensorProto) -> np.ndarray:
             raise ValueError(f"{length} bytes for {count} elements of {item_size} bytes")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
         return np.frombuffer(data, dtype=dtype).reshape(tuple(tensor.dims))
-    header.raw_data = data
+    header = _copy_header(tensor, TensorProto())
+    header.raw_data = bytes(data)
     return numpy_helper.to_array(header)
+
+
+def _mapped(location: str, offset: int, length: int) -> memoryview:
+    """``length`` bytes at ``offset`` of a file, mapped read-only rather than copied.
+
+    The mapping covers this range only and lives as long as the returned view (and any array made
+    from it), so the pages it touched stop counting towards the process's memory once the value is
+    dropped — one mapping of the whole file would keep every weight ever read resident, and a
+    3 GB model's fold would look like a 3 GB process. bnfold never writes to a source file (an
+    in-place fold renames a new file over it; this mapping keeps the old one), and the spill file
+    only grows, so a mapped range never changes under the view.
+    """
+    with open(location, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size < offset + length:
+            raise ValueError(f"{location} ends before byte {offset + length}")
+        if length == 0:
+            return memoryview(b"")
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY  # mmap offsets are page-aligned
+        mapping = mmap.mmap(handle.fileno(), offset + length - start, access=mmap.ACCESS_READ, offset=start)
+    return memoryview(mapping)[offset - start :]
 
 
 class _Spill:
@@ -735,11 +752,10 @@ def save_model(model: ModelProto, path: str | os.PathLike, *, external_data: boo
         _commit(path, pieces)
         return
     data_path = path.with_name(path.name + ".data")
-    descriptor, data_temporary = tempfile.mkstemp(
-        prefix=f".{data_path.name}.", suffix=".tmp", dir=path.parent
-    )
-    model_temporary = None
+    data_temporary = model_temporary = None
     try:
+        with _signals_held():  # an interrupt lands once the name is known, so the file is removed
+            descriptor, data_temporary = _temporary_beside(data_path)
         with os.fdopen(descriptor, "wb", buffering=0) as handle:
             sink = _Sink(handle)
             with _externalized(_subgraph_initializers(model), data_path.name, sink):
@@ -772,8 +788,10 @@ def _commit(path: Path, pieces: list[_Piece]) -> None:
 
 def _write_temporary_pieces(path: Path, pieces: list[_Piece]) -> str:
     """A complete, fsynced file of ``pieces`` beside ``path`` (a temporary name), with ``path``'s mode."""
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temporary = None
     try:
+        with _signals_held():  # as in save_model
+            descriptor, temporary = _temporary_beside(path)
         with os.fdopen(descriptor, "wb", buffering=0) as handle:
             sink = _Sink(handle)
             for piece in pieces:
@@ -785,6 +803,15 @@ def _write_temporary_pieces(path: Path, pieces: list[_Piece]) -> str:
         _remove(temporary)
         raise
     return temporary
+
+
+def _temporary_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path``: (descriptor, name).
+
+    Callers create it with SIGINT/SIGTERM held back until they hold the name: an interrupt between
+    the file's creation and the assignment would leave a file nobody removes.
+    """
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
 
 
 def _model_pieces(model: ModelProto, initializer_entries: list[list[_Piece]]) -> list[_Piece]:

@@ -18,8 +18,8 @@ from bnfold.affine import (
     fold_bias,
     is_supported_float,
     output_channel_count,
+    round_scaled_output_channels,
     round_to_dtype,
-    scale_output_channels,
 )
 from bnfold.onnx.batchnorm import BatchNormParams, Refusal
 from bnfold.onnx.graph import DEFAULT_DOMAINS, GraphIndex
@@ -132,8 +132,7 @@ def _folded(
     # statistics) is degenerate even where the folded weights happen to fit: keep the BN.
     if round_to_dtype(params.affine.scale, weight.dtype) is None:
         return Refusal(Reason.FOLD_OVERFLOWS_DTYPE, f"BatchNormalization scale overflows {weight.dtype.name}")
-    scaled = scale_output_channels(weight, params.affine.scale, layout, groups)
-    new_weight = round_to_dtype(scaled, weight.dtype)
+    new_weight = round_scaled_output_channels(weight, params.affine.scale, layout, groups)
     new_bias = round_to_dtype(fold_bias(bias, params.affine, bias_multiplier), weight.dtype)
     for role, value in (("weight", new_weight), ("bias", new_bias)):
         if value is None:

@@ -20,8 +20,8 @@ from bnfold.affine import (
     WeightLayout,
     input_channel_count,
     input_shift_bias,
+    round_scaled_input_channels,
     round_to_dtype,
-    scale_input_channels,
 )
 from bnfold.onnx.batchnorm import BatchNormParams, Refusal
 from bnfold.onnx.graph import GraphIndex
@@ -108,7 +108,6 @@ def _folded_input_side(
     Both in float64 from the original weight, rounded once into the weight's dtype. The bias must
     have one value per output channel, or (``bias_broadcasts``, Gemm's C) broadcast against them.
     """
-    scaled = scale_input_channels(weight, params.affine.scale, layout, groups)
     correction = input_shift_bias(weight, params.affine.shift, layout, groups) * correction_multiplier
     if bias is not None and not _bias_fits(bias.shape, correction.shape, bias_broadcasts):
         return Refusal(
@@ -116,7 +115,7 @@ def _folded_input_side(
             f"bias has shape {list(bias.shape)}, the layer has {correction.shape[0]} output channels",
         )
     new_bias64 = correction if bias is None else np.asarray(bias, np.float64) * bias_multiplier + correction
-    new_weight = round_to_dtype(scaled, weight.dtype)
+    new_weight = round_scaled_input_channels(weight, params.affine.scale, layout, groups)
     new_bias = round_to_dtype(new_bias64, weight.dtype)
     for role, value in (("weight", new_weight), ("bias", new_bias)):
         if value is None:

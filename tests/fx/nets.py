@@ -388,3 +388,71 @@ class SharedOutputThenBN(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         features = self.before(inputs)
         return self.after(self.bn(features)) + features
+
+
+# -- parallel branches summed (RepVGG / ACNet / MobileOne) and LeViT's Linear_BN ---------------
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BATCHNORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+class Branches(nn.Module):
+    """``sum(bn(conv(x)) for each branch) [+ bn(x) | + x]``, the sum spelled ``a + b + c`` (or ``+=``).
+
+    ``branches`` holds one dict of conv options per branch (``kernel_size``, ``padding`` ...);
+    ``identity`` is ``"bn"``, ``"plain"`` or None; ``with_bn=False`` leaves the convs without BN.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        branches: list[dict],
+        *,
+        dims: int = 2,
+        out_channels: int | None = None,
+        identity: str | None = "bn",
+        with_bn: bool = True,
+        in_place: bool = False,
+    ) -> None:
+        super().__init__()
+        out_channels = out_channels or channels
+        self.convs = nn.ModuleList(_CONVS[dims](channels, out_channels, **options) for options in branches)
+        self.bns = nn.ModuleList(_BATCHNORMS[dims](out_channels) for _ in branches) if with_bn else None
+        self.identity = _BATCHNORMS[dims](channels) if identity == "bn" else None
+        self.plain_identity = identity == "plain"
+        self.in_place = in_place
+
+    def branch(self, index: int, inputs: torch.Tensor) -> torch.Tensor:
+        features = self.convs[index](inputs)
+        return self.bns[index](features) if self.bns is not None else features
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        features = self.branch(0, inputs)
+        for index in range(1, len(self.convs)):
+            if self.in_place:
+                features += self.branch(index, inputs)
+            else:
+                features = features + self.branch(index, inputs)
+        if self.identity is not None:
+            features = features + self.identity(inputs)
+        elif self.plain_identity:
+            features = features + inputs
+        return torch.relu(features)
+
+
+def repvgg_block(channels: int = 4, dims: int = 2, **options) -> Branches:
+    """RepVGG: k3 (padding 1) + k1 branches, each with BN, plus an identity BN."""
+    return Branches(channels, [dict(kernel_size=3, padding=1), dict(kernel_size=1)], dims=dims, **options)
+
+
+class LeViTLinearBN(nn.Module):
+    """``bn(linear(x).<reshape>).reshape_as(features)`` with the reshape given as a function."""
+
+    def __init__(self, in_features: int, out_features: int, reshape, bn_features: int | None = None) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=False)
+        self.bn = nn.BatchNorm1d(bn_features or out_features)
+        self.reshape = reshape
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        features = self.linear(inputs)
+        return self.bn(self.reshape(features)).reshape_as(features)

@@ -34,7 +34,7 @@ def test_reference_model_folds_completely(name: str, tracer: str) -> None:
     model, example = build(name)
     result = bnfold.fold_module(model, example, tracer=tracer)
 
-    # Identity-branch BNs (RepVGG) are merged by the ONNX fold only; torch keeps them.
+    # BNs only the ONNX fold can fold (folded_in_onnx_only; none today) are kept by the torch fold.
     kept = spec.expected_kept + spec.folded_in_onnx_only
     assert result.tracer == ("torch.fx.symbolic_trace" if tracer == "fx" else "torch.export")
     assert result.report.count(Outcome.FOLDED) == spec.expected_batchnorms - kept

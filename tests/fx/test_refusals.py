@@ -138,6 +138,18 @@ def bn_output_also_returned():
     return model, torch.randn(2, 4, 5, 5)
 
 
+def identity_branch_changes_channels():
+    # conv 1 -> 4 channels plus bn(x) of 1 channel: broadcasts, but no identity kernel maps 1 to 4.
+    model = nets.Branches(1, [dict(kernel_size=3, padding=1)], out_channels=4, with_bn=False)
+    return nets.randomized(model), torch.randn(2, 1, 5, 5)
+
+
+def reshape_moves_the_features():
+    # [2, 6, 3] -> [2, 3, 6]: the BN's axis 1 has 3 channels, but not the Linear's 3 features.
+    model = nets.LeViTLinearBN(4, 3, lambda features: features.reshape(features.shape[0], 3, -1))
+    return nets.randomized(model), torch.randn(2, 6, 4)
+
+
 CASES = {
     Reason.NO_FOLDABLE_PRODUCER: [bn_after_relu],
     Reason.PRODUCER_HAS_OTHER_CONSUMERS: [conv_output_reused],
@@ -161,6 +173,8 @@ CASES = {
     Reason.UNKNOWN_SHAPE: [linear_without_example_inputs],
     Reason.HOOKS_REGISTERED: [hook_on_conv, hook_on_bn],
     Reason.CUSTOM_FORWARD: [],  # a GraphModule input: see test_leaf_bn_with_custom_forward_is_kept
+    Reason.BRANCHES_INCOMPATIBLE: [identity_branch_changes_channels],
+    Reason.RESHAPE_NOT_CHANNEL_PRESERVING: [reshape_moves_the_features],
 }
 
 

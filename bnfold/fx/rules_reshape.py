@@ -1,0 +1,164 @@
+"""Linear -> flatten/reshape/view -> BatchNorm: LeViT's ``Linear_BN``, folded through the reshape.
+
+The PyTorch side of ``bnfold.onnx.rules_reshape``. LeViT runs a BatchNorm1d over flattened tokens:
+``bn(linear(x).flatten(0, 1)).reshape_as(linear(x))`` with ``linear(x)`` of shape ``[B, N, C]``.
+Reshapes only renumber elements in row-major order, so flat element ``f`` is in Linear feature
+``f mod C``; the BN input ``[M, C', 1, ...]`` puts it in BN channel ``f mod C'``. The BN scales every
+element by its own Linear feature's factor exactly when ``C' = C`` and every axis after the BN's
+axis 1 has size 1 — then the fold is linear-bn's (the Linear's rows scaled, the bias folded) and
+the reshapes stay (a no-op round trip).
+
+    Before:  x -Linear(W, b)-> [B, N, C] -flatten(0, 1)-> [B*N, C] -BN(s, t)-> y
+    After:   x -Linear(W*s, b*s + t)-> [B, N, C] -flatten(0, 1)-> y
+
+The shapes come from ``example_inputs`` (ShapeProp, or torch.export's metadata). Refuses: shapes
+unknown (``unknown-shape``); a BN axis 1 that is not the Linear's features, e.g.
+``linear(x).reshape(B, C, N)`` (``reshape-not-channel-preserving``); a Linear or reshape output read by
+anything but the next step (reading only its shape, as ``reshape_as(features)`` does, is fine).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from bnfold.affine import fold_bias, scale_output_channels
+from bnfold.fx.nodes import output_shape
+from bnfold.fx.rules import (
+    BatchNorm,
+    FoldContext,
+    Layer,
+    Match,
+    Refusal,
+    Rule,
+    _affine,
+    _channel_refusal,
+    _layer,
+    _layer_refusal,
+    _numpy64,
+    _rounded_match,
+)
+from bnfold.report import Reason
+
+__all__ = ["LinearReshapeBN", "find_producer_through_reshape", "reshape_chain"]
+
+aten = torch.ops.aten
+_RESHAPE_METHODS = frozenset({"flatten", "reshape", "view", "reshape_as", "view_as", "unflatten"})
+_RESHAPE_FUNCTIONS = frozenset({torch.flatten, torch.reshape, torch.unflatten})
+_RESHAPE_OPS = frozenset(
+    {aten.flatten, aten.reshape, aten.view, aten._unsafe_view, aten.reshape_as, aten.view_as, aten.unflatten}
+)
+# Readers that see only a tensor's shape: ``size()``, ``dim()``, and the second argument of
+# ``reshape_as(other, features)``, which reads only ``features``' sizes.
+_SIZE_METHODS = frozenset({"size", "dim"})
+_AS_METHODS = frozenset({"reshape_as", "view_as", "expand_as"})
+_AS_OPS = frozenset({aten.reshape_as, aten.view_as, aten.expand_as})
+
+
+def _packet(node: fx.Node):
+    target = node.target
+    return target.overloadpacket if isinstance(target, torch._ops.OpOverload) else target
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    """A node that only renumbers its first argument's elements (row-major order kept)."""
+    if node.op == "call_method":
+        return node.target in _RESHAPE_METHODS
+    if node.op == "call_function":
+        return node.target in _RESHAPE_FUNCTIONS or _packet(node) in _RESHAPE_OPS
+    return False
+
+
+def _reads_only_shape(user: fx.Node, tensor: fx.Node) -> bool:
+    """Whether ``user`` reads nothing of ``tensor`` but its sizes."""
+    if user.op == "call_function" and user.target is getattr and user.args[1:] == ("shape",):
+        return True
+    if user.op == "call_method":
+        return user.target in _SIZE_METHODS or (user.target in _AS_METHODS and user.args[0] is not tensor)
+    if user.op == "call_function":
+        packet = _packet(user)
+        return packet is aten.sym_size or (packet in _AS_OPS and user.args[0] is not tensor)
+    return False
+
+
+def reshape_chain(batchnorm: BatchNorm) -> tuple[fx.Node, list[fx.Node]] | None:
+    """(the node before the reshapes, the reshapes from the BN's input back), or None without one."""
+    node, chain = batchnorm.input, []
+    while isinstance(node, fx.Node) and _is_reshape(node) and node.args:
+        chain.append(node)
+        node = node.args[0]
+    if not chain or not isinstance(node, fx.Node):
+        return None
+    return node, chain
+
+
+def find_producer_through_reshape(context: FoldContext, batchnorm: BatchNorm) -> Layer | None:
+    """The Linear that the BN normalizes through flatten/reshape/view calls, or None."""
+    found = reshape_chain(batchnorm)
+    if found is None:
+        return None
+    layer = _layer(context, found[0])
+    return layer if isinstance(layer, Layer) and layer.kind == "linear" else None
+
+
+class LinearReshapeBN(Rule):
+    """Linear -> flatten/reshape/view -> BatchNorm with the Linear's features on the BN's axis 1."""
+
+    name = "linear-reshape-bn"
+    side = "through-reshape"
+
+    def accepts(self, batchnorm: BatchNorm, layer: Layer) -> bool:
+        return layer.kind == "linear"
+
+    def match(self, context: FoldContext, batchnorm: BatchNorm, layer: Layer) -> Match | Refusal:
+        refusal = _layer_refusal(context, batchnorm, layer)
+        if refusal:
+            return refusal
+        _, chain = reshape_chain(batchnorm)
+        steps = [layer.node, *reversed(chain)]
+        for step, following in zip(steps, steps[1:], strict=False):
+            refusal = _other_readers_refusal(step, following, layer)
+            if refusal:
+                return refusal
+        channels = layer.weight.shape[0]
+        refusal = _channel_refusal(batchnorm, layer, channels, "output") or _axis_refusal(
+            batchnorm, layer, chain[0], channels
+        )
+        if refusal:
+            return refusal
+        affine = _affine(batchnorm, channels)
+        if isinstance(affine, Refusal):
+            return affine
+        weight64 = scale_output_channels(_numpy64(layer.weight), affine.scale, layer.layout, layer.groups)
+        bias64 = fold_bias(_numpy64(layer.bias) if layer.bias is not None else None, affine)
+        return _rounded_match(batchnorm, layer, weight64, bias64, "producer")
+
+
+def _other_readers_refusal(step: fx.Node, following: fx.Node, layer: Layer) -> Refusal | None:
+    """Refuse when anything besides the next reshape sees ``step``'s values (they would be folded)."""
+    others = [user for user in step.users if user is not following and not _reads_only_shape(user, step)]
+    if any(user.op == "output" for user in others):
+        return Refusal(
+            Reason.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT, f"`{step.name}` (from `{layer.name}`) is returned"
+        )
+    if others:
+        names = ", ".join(user.name for user in others[:3])
+        detail = f"`{step.name}` (from `{layer.name}`) also feeds {names}"
+        return Refusal(Reason.PRODUCER_HAS_OTHER_CONSUMERS, detail)
+    return None
+
+
+def _axis_refusal(batchnorm: BatchNorm, layer: Layer, reshaped: fx.Node, channels: int) -> Refusal | None:
+    """The BN's axis 1 must be the Linear's features: ``[M, C]``, or ``[M, C, 1, ...]``."""
+    shape = output_shape(reshaped)
+    if shape is None:
+        detail = f"the shape of `{reshaped.name}` (reshaped `{layer.name}`) is unknown; pass example_inputs"
+        return Refusal(Reason.UNKNOWN_SHAPE, detail)
+    sizes = [size if isinstance(size, int) else "?" for size in shape]
+    if len(sizes) >= 2 and sizes[1] == channels and all(size == 1 for size in sizes[2:]):
+        return None
+    detail = (
+        f"`{batchnorm.call.name}` normalizes axis 1 of `{reshaped.name}` {sizes}, which is not "
+        f"`{layer.name}`'s {channels} features (its last axis) one-to-one"
+    )
+    return Refusal(Reason.RESHAPE_NOT_CHANNEL_PRESERVING, detail)
