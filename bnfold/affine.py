@@ -33,6 +33,8 @@ __all__ = [
     "input_shift_bias",
     "fold_bias",
     "round_to_dtype",
+    "Rounded",
+    "as_float64",
     "is_supported_float",
     "ConvWindow",
     "merge_windows",
@@ -113,6 +115,29 @@ def statistics_problem(
     return None
 
 
+class Rounded(np.ndarray):
+    """A fold's result in the model's dtype that remembers the float64 value it was rounded from.
+
+    When a folded weight is folded again — ``Conv -> BN -> BN``, a per-channel ``Mul`` after a
+    folded BN, a RepVGG merge of branches whose BNs were just folded — the next fold starts from
+    ``exact`` (see :func:`as_float64`), so the chain is rounded once, not once per step. Views and
+    results of arithmetic are plain (``exact`` None): only :func:`round_to_dtype` sets it.
+    """
+
+    exact: np.ndarray | None
+
+    def __array_finalize__(self, obj) -> None:
+        self.exact = None
+
+
+def as_float64(values: np.ndarray) -> np.ndarray:
+    """``values`` in float64: the exact value a :class:`Rounded` carries, else ``values`` widened."""
+    exact = getattr(values, "exact", None)
+    if exact is not None and exact.shape == np.shape(values):
+        return exact
+    return np.asarray(values, dtype=np.float64)
+
+
 def output_channel_count(weight_shape: tuple[int, ...], layout: WeightLayout, groups: int = 1) -> int:
     """How many output channels a weight of this shape and layout produces."""
     if layout is WeightLayout.CONV:
@@ -132,16 +157,19 @@ def scale_output_channels(
 
 
 def round_scaled_output_channels(
-    weight: np.ndarray, scale: np.ndarray, layout: WeightLayout, groups: int = 1
+    weight: np.ndarray, scale: np.ndarray, layout: WeightLayout, groups: int = 1, *, keep_exact: bool = False
 ) -> np.ndarray | None:
     """``round_to_dtype(scale_output_channels(weight, scale, layout, groups), weight.dtype)``.
 
     The same float64 products and the same single rounding, computed a block of rows at a time
     (:data:`BLOCK_BYTES`) instead of through full-size float64 temporaries; None when a rounded
-    value is not finite.
+    value is not finite. ``keep_exact``: a :class:`Rounded` holding the float64 products too (for a
+    weight that may be folded again), computed whole.
     """
-    weight = np.asarray(weight)
-    return _scaled(weight, scale, layout, groups, _OUTPUT_AXIS, weight.dtype)
+    dtype = np.asarray(weight).dtype
+    if keep_exact:
+        return round_to_dtype(scale_output_channels(weight, scale, layout, groups), dtype, keep_exact=True)
+    return _scaled(weight, scale, layout, groups, _OUTPUT_AXIS, dtype)
 
 
 # The axis of a weight along which each layout's output (or input) channels lie. On axis 1 the
@@ -168,8 +196,10 @@ def _scaled(
     Works through blocks of axis 0: each block's products go to a float64 buffer the size of one
     block and are rounded from there into the result (for float64, straight into it). None when a
     rounded value is not finite; ``dtype=None``: the float64 products, unchecked (the caller rounds).
+    A :class:`Rounded` weight is read through its exact float64 value.
     """
-    weight = np.asarray(weight)
+    exact = getattr(weight, "exact", None)
+    weight = np.asarray(weight if exact is None or exact.shape != np.shape(weight) else exact)
     scale64 = np.asarray(scale, dtype=np.float64).reshape(-1)
     axis = axes[layout]
     if layout is WeightLayout.MATRIX_IN_OUT or layout is WeightLayout.MATRIX_OUT_IN:
@@ -268,12 +298,15 @@ def scale_input_channels(
 
 
 def round_scaled_input_channels(
-    weight: np.ndarray, scale: np.ndarray, layout: WeightLayout, groups: int = 1
+    weight: np.ndarray, scale: np.ndarray, layout: WeightLayout, groups: int = 1, *, keep_exact: bool = False
 ) -> np.ndarray | None:
     """``round_to_dtype(scale_input_channels(weight, scale, layout, groups), weight.dtype)``, block
-    by block like :func:`round_scaled_output_channels`; None when a rounded value is not finite."""
-    weight = np.asarray(weight)
-    return _scaled(weight, scale, layout, groups, _INPUT_AXIS, weight.dtype)
+    by block like :func:`round_scaled_output_channels` (``keep_exact`` as there); None when a
+    rounded value is not finite."""
+    dtype = np.asarray(weight).dtype
+    if keep_exact:
+        return round_to_dtype(scale_input_channels(weight, scale, layout, groups), dtype, keep_exact=True)
+    return _scaled(weight, scale, layout, groups, _INPUT_AXIS, dtype)
 
 
 def input_shift_bias(
@@ -285,7 +318,7 @@ def input_shift_bias(
     tap, in float64. It is the bias correction for folding ``x -> x + shift`` into the layer, exact
     only when every output position reads every kernel tap from inside the input (no padding).
     """
-    grouped = _grouped_by_input(np.asarray(weight, dtype=np.float64), layout, groups)
+    grouped = _grouped_by_input(as_float64(weight), layout, groups)
     group_count, _, in_per_group, _ = grouped.shape
     per_group_shift = np.asarray(shift, dtype=np.float64).reshape(group_count, in_per_group)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -301,20 +334,25 @@ def fold_bias(bias: np.ndarray | None, affine: Affine, bias_multiplier: float = 
     if bias is None:
         return affine.shift.copy()
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite results: see round_to_dtype
-        bias64 = np.asarray(bias, dtype=np.float64) * np.float64(bias_multiplier)
+        bias64 = as_float64(bias) * np.float64(bias_multiplier)
         return bias64 * affine.scale + affine.shift
 
 
-def round_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
+def round_to_dtype(values: np.ndarray, dtype: np.dtype, *, keep_exact: bool = False) -> np.ndarray | None:
     """Round float64 ``values`` once into ``dtype``; None when the result is not all finite.
 
     Returning None (instead of inf/NaN weights) lets the caller keep the BN and say why.
+    ``keep_exact``: return a :class:`Rounded` that carries ``values`` for a later fold.
     """
+    values64 = np.asarray(values, dtype=np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
-        rounded = np.asarray(values, dtype=np.float64).astype(dtype)
+        rounded = values64.astype(dtype)
     # numpy's floats are checked as they are; others (bfloat16) through float64.
     if not np.isfinite(rounded if rounded.dtype.kind == "f" else rounded.astype(np.float64)).all():
         return None
+    if keep_exact:
+        rounded = rounded.view(Rounded)
+        rounded.exact = values64
     return rounded
 
 
@@ -383,7 +421,7 @@ def place_kernel(weight: np.ndarray, offsets: Sequence[int], kernel: Sequence[in
 
     Float64, so that summed branches are rounded once.
     """
-    weight64 = np.asarray(weight, dtype=np.float64)
+    weight64 = as_float64(weight)
     placed = np.zeros(weight64.shape[:2] + tuple(kernel), dtype=np.float64)
     taps = tuple(
         slice(offset, offset + size) for offset, size in zip(offsets, weight64.shape[2:], strict=True)

@@ -11,7 +11,7 @@ the node lists and prunes what the folds left unused, once, at the end.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
 
+from bnfold.affine import Rounded
 from bnfold.errors import ModelLoadError
 from bnfold.onnx.io import EXTERNAL_DATA_THRESHOLD, has_data_on_disk, read_tensor, store_tensor
 from bnfold.report import Reason
@@ -97,6 +98,20 @@ class ConstantLookup:
         return self.value is not None
 
 
+EXACT_VALUES_BUDGET = 256 * 2**20
+"""How many bytes of float64 values of folded weights are kept for folds that may follow.
+
+A weight that a fold wrote may be folded again (``Conv -> BN -> BN``, conv-bn then a branch merge);
+starting from its float64 value keeps the chain rounded once. Only weights whose layer feeds
+another foldable node keep it (:meth:`GraphIndex.may_fold_again`), and the oldest go first beyond
+this budget (a later fold then starts from the rounded weight: one more rounding, never a wrong
+value). Such chains are local in the graph, so the budget is rarely reached.
+"""
+
+# Nodes that may absorb the layer before them in a later fold, or that a fold looks through.
+_MAY_FOLD_AGAIN = frozenset({"BatchNormalization", "Mul", "Add", "Reshape", "Flatten"})
+
+
 class ModelContext:
     """Model-wide state shared by the indices of the main graph and all its subgraphs."""
 
@@ -115,6 +130,24 @@ class ModelContext:
         # go to the spill file beyond it (see GraphIndex._keep_on_disk).
         self.lazy = has_data_on_disk(model)
         self.new_weight_bytes = 0  # new main-graph weights of a lazy model kept in memory so far
+        # Folded weights that carry their float64 value (affine.Rounded), by tensor name, oldest first.
+        self.exact_values: OrderedDict[str, Rounded] = OrderedDict()
+        self.exact_bytes = 0
+
+    def remember_exact(self, name: str, value: Rounded) -> None:
+        """Keep a folded weight's float64 value under its tensor name, within EXACT_VALUES_BUDGET."""
+        self.forget_exact(name)
+        value.flags.writeable = False
+        self.exact_values[name] = value
+        self.exact_bytes += value.exact.nbytes
+        while self.exact_bytes > EXACT_VALUES_BUDGET and self.exact_values:
+            _, oldest = self.exact_values.popitem(last=False)
+            self.exact_bytes -= oldest.exact.nbytes
+
+    def forget_exact(self, name: str) -> None:
+        previous = self.exact_values.pop(name, None)
+        if previous is not None:
+            self.exact_bytes -= previous.exact.nbytes
 
     def fresh_name(self, base: str) -> str:
         """A tensor or node name that no graph of the model uses yet (subgraphs included)."""
@@ -337,7 +370,8 @@ class GraphIndex:
                 return ConstantLookup(
                     None, Reason.PARAM_IS_GRAPH_INPUT, f"`{name}` is an initializer and a graph input"
                 )
-            return ConstantLookup(_decoded(self.initializers[name]))
+            exact = self.context.exact_values.get(name)
+            return ConstantLookup(exact if exact is not None else _decoded(self.initializers[name]))
         if name in self.graph_inputs:
             return ConstantLookup(None, Reason.PARAM_NOT_CONSTANT, f"`{name}` is a graph input")
         if self.parent is not None:
@@ -355,6 +389,7 @@ class GraphIndex:
         if old_name and not self.other_consumers(old_name, node) and not self.is_graph_output(old_name):
             if old_name in self.initializers and old_name not in self.graph_inputs:
                 store_tensor(self.initializers[old_name], value, on_disk=self._keep_on_disk(value))
+                self._remember_exact(old_name, value)
                 return
             producer = self.producer.get(old_name)
             if producer is not None and producer.op_type == "Constant" and _has_value_tensor(producer):
@@ -367,9 +402,24 @@ class GraphIndex:
         tensor.name = new_name
         store_tensor(tensor, value, on_disk=self._keep_on_disk(value))
         self.initializers[new_name] = tensor
+        self._remember_exact(new_name, value)
         while len(node.input) <= slot:
             node.input.append("")
         self.replace_input(node, slot, new_name)
+
+    def _remember_exact(self, name: str, value: np.ndarray) -> None:
+        if isinstance(value, Rounded) and value.exact is not None:
+            self.context.remember_exact(name, value)
+        else:
+            self.context.forget_exact(name)
+
+    def may_fold_again(self, name: str) -> bool:
+        """Whether a node reading ``name`` (what a folded layer will output) may fold it again, so
+        that the layer's new weights should keep their float64 values (see EXACT_VALUES_BUDGET)."""
+        return any(
+            id(reader) not in self.removed and reader.op_type in _MAY_FOLD_AGAIN
+            for reader in self.consumers.get(name, [])
+        )
 
     def _keep_on_disk(self, value: np.ndarray) -> bool:
         """Whether a new main-graph weight goes to the spill file: when the model was loaded lazily

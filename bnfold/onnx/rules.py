@@ -126,14 +126,21 @@ def _folded(
     *,
     groups: int = 1,
     bias_multiplier: float = 1.0,
+    keep_exact: bool = False,
 ) -> tuple[np.ndarray, np.ndarray] | Refusal:
-    """New weight and bias in float64, rounded once into the weight's dtype; refused if not finite."""
+    """New weight and bias in float64, rounded once into the weight's dtype; refused if not finite.
+
+    ``keep_exact``: the results carry their float64 values, for a fold that may follow
+    (:meth:`GraphIndex.may_fold_again`).
+    """
     # A scale the weights' dtype cannot hold (e.g. over 65504 for float16 weights with float32
     # statistics) is degenerate even where the folded weights happen to fit: keep the BN.
     if round_to_dtype(params.affine.scale, weight.dtype) is None:
         return Refusal(Reason.FOLD_OVERFLOWS_DTYPE, f"BatchNormalization scale overflows {weight.dtype.name}")
-    new_weight = round_scaled_output_channels(weight, params.affine.scale, layout, groups)
-    new_bias = round_to_dtype(fold_bias(bias, params.affine, bias_multiplier), weight.dtype)
+    scale = params.affine.scale
+    new_weight = round_scaled_output_channels(weight, scale, layout, groups, keep_exact=keep_exact)
+    bias64 = fold_bias(bias, params.affine, bias_multiplier)
+    new_bias = round_to_dtype(bias64, weight.dtype, keep_exact=keep_exact)
     for role, value in (("weight", new_weight), ("bias", new_bias)):
         if value is None:
             return Refusal(Reason.FOLD_OVERFLOWS_DTYPE, f"folded {role} overflows {weight.dtype.name}")
@@ -227,7 +234,8 @@ class _OutputChannelRule(Rule):
         if bias is not None and bias.shape != (channels,):
             detail = f"bias shape {list(bias.shape)}, expected [{channels}]"
             return Refusal(Reason.PARAM_SHAPE_MISMATCH, detail)
-        folded = _folded(weight, bias, params, self.layout, groups=groups)
+        again = graph.may_fold_again(bn.output[0])
+        folded = _folded(weight, bias, params, self.layout, groups=groups, keep_exact=again)
         if isinstance(folded, Refusal):
             return folded
         return Match(producer, {1: folded[0], 2: folded[1]})
@@ -285,7 +293,8 @@ class GemmThenBN(Rule):
         if bias is not None and (bias.ndim > 2 or not _broadcasts_to_columns(bias, channels)):
             return Refusal(Reason.PARAM_SHAPE_MISMATCH, f"Gemm C shape {list(bias.shape)}")
         beta = float(_attribute(producer, "beta", 1.0))
-        folded = _folded(weight, bias, params, layout, bias_multiplier=beta)
+        again = graph.may_fold_again(bn.output[0])
+        folded = _folded(weight, bias, params, layout, bias_multiplier=beta, keep_exact=again)
         if isinstance(folded, Refusal):
             return folded
         attributes = gemm_folded_bias_attributes(graph)
@@ -355,7 +364,8 @@ class MatMulThenBN(Rule):
             bias.ndim > 2 or bias.dtype != weight.dtype or not _broadcasts_to_columns(bias, params.channels)
         ):
             return Refusal(Reason.PARAM_SHAPE_MISMATCH, f"bias shape {bias.shape} / dtype {bias.dtype}")
-        folded = _folded(weight, bias, params, WeightLayout.MATRIX_IN_OUT)
+        again = graph.may_fold_again(bn.output[0])
+        folded = _folded(weight, bias, params, WeightLayout.MATRIX_IN_OUT, keep_exact=again)
         if isinstance(folded, Refusal):
             return folded
         new_weight, new_bias = folded

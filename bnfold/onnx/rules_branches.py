@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import NodeProto
 
-from bnfold.affine import ConvWindow, dirac_kernel, merge_windows, place_kernel, round_to_dtype
+from bnfold.affine import ConvWindow, as_float64, dirac_kernel, merge_windows, place_kernel, round_to_dtype
 from bnfold.onnx.batchnorm import BATCHNORM, BatchNormParams, Refusal, read_batchnorm
 from bnfold.onnx.graph import DEFAULT_DOMAINS, GraphIndex
 from bnfold.onnx.rules import Rule, _attribute, _constant_input, _set_attribute, _sole_consumer_refusal
@@ -141,7 +141,7 @@ class BranchMerge(Rule):
         reference = convs[0]
         windows, weights = [conv.window for conv in convs], [conv.weight for conv in convs]
         bias64 = sum(
-            (np.asarray(conv.bias, np.float64) for conv in convs if conv.bias is not None),
+            (as_float64(conv.bias) for conv in convs if conv.bias is not None),
             np.zeros(reference.weight.shape[0]),
         )
         has_bias = any(conv.bias is not None for conv in convs)
@@ -165,8 +165,9 @@ class BranchMerge(Rule):
             for weight, offset in zip(weights, offsets, strict=True)
         )
         dtype = reference.weight.dtype
-        new_weight = round_to_dtype(weight64, dtype)
-        new_bias = round_to_dtype(bias64, dtype) if has_bias else None
+        again = graph.may_fold_again(add.output[0])
+        new_weight = round_to_dtype(weight64, dtype, keep_exact=again)
+        new_bias = round_to_dtype(bias64, dtype, keep_exact=again) if has_bias else None
         if new_weight is None or (has_bias and new_bias is None):
             return Refusal(Reason.FOLD_OVERFLOWS_DTYPE, f"merged weight or bias overflows {dtype.name}")
         first = min((conv.node for conv in convs), key=lambda node: graph.position[id(node)])

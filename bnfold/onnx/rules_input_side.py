@@ -18,6 +18,7 @@ from onnx import NodeProto, helper, numpy_helper
 
 from bnfold.affine import (
     WeightLayout,
+    as_float64,
     input_channel_count,
     input_shift_bias,
     round_scaled_input_channels,
@@ -102,6 +103,7 @@ def _folded_input_side(
     bias_multiplier: float = 1.0,
     correction_multiplier: float = 1.0,
     bias_broadcasts: bool = False,
+    keep_exact: bool = False,
 ) -> tuple[np.ndarray, np.ndarray] | Refusal:
     """``W * s`` along input channels and ``bias_multiplier * b + correction_multiplier * W t``.
 
@@ -114,9 +116,10 @@ def _folded_input_side(
             Reason.PARAM_SHAPE_MISMATCH,
             f"bias has shape {list(bias.shape)}, the layer has {correction.shape[0]} output channels",
         )
-    new_bias64 = correction if bias is None else np.asarray(bias, np.float64) * bias_multiplier + correction
-    new_weight = round_scaled_input_channels(weight, params.affine.scale, layout, groups)
-    new_bias = round_to_dtype(new_bias64, weight.dtype)
+    new_bias64 = correction if bias is None else as_float64(bias) * bias_multiplier + correction
+    scale = params.affine.scale
+    new_weight = round_scaled_input_channels(weight, scale, layout, groups, keep_exact=keep_exact)
+    new_bias = round_to_dtype(new_bias64, weight.dtype, keep_exact=keep_exact)
     for role, value in (("weight", new_weight), ("bias", new_bias)):
         if value is None:
             return Refusal(Reason.FOLD_OVERFLOWS_DTYPE, f"folded {role} overflows {weight.dtype.name}")
@@ -139,6 +142,7 @@ def _channel_refusal(layer: str, channels: int, params: BatchNormParams) -> Refu
 
 
 def _conv_input_side_match(
+    graph: GraphIndex,
     conv: NodeProto,
     weight: np.ndarray,
     bias: np.ndarray | None,
@@ -150,7 +154,8 @@ def _conv_input_side_match(
     refusal = _channel_refusal(conv.op_type, input_channel_count(weight.shape, layout, groups), params)
     if refusal:
         return refusal
-    folded = _folded_input_side(weight, bias, params, layout, groups=groups)
+    again = graph.may_fold_again(conv.output[0])
+    folded = _folded_input_side(weight, bias, params, layout, groups=groups, keep_exact=again)
     if isinstance(folded, Refusal):
         return folded
     return Match(conv, {1: folded[0], 2: folded[1]})
@@ -179,7 +184,7 @@ class BNThenConv(ConsumerRule):
             return Refusal(Reason.PADDING_AFTER_BN, f"{graph.node_label(conv)} has {shown}")
         if weight.ndim < 3:
             return Refusal(Reason.PARAM_SHAPE_MISMATCH, f"Conv weight has rank {weight.ndim}")
-        return _conv_input_side_match(conv, weight, bias, params, WeightLayout.CONV)
+        return _conv_input_side_match(graph, conv, weight, bias, params, WeightLayout.CONV)
 
 
 class BNThenConvTranspose(ConsumerRule):
@@ -215,7 +220,8 @@ class BNThenConvTranspose(ConsumerRule):
             if has_output_shape:
                 detail += ", output_shape set"
             return Refusal(Reason.UNEVEN_TAPS_AFTER_BN, f"{graph.node_label(deconv)}: {detail}")
-        return _conv_input_side_match(deconv, weight, bias, params, WeightLayout.CONV_TRANSPOSE)
+        layout = WeightLayout.CONV_TRANSPOSE
+        return _conv_input_side_match(graph, deconv, weight, bias, params, layout)
 
 
 class BNThenGemm(ConsumerRule):
@@ -255,6 +261,7 @@ class BNThenGemm(ConsumerRule):
             bias_multiplier=float(_attribute(gemm, "beta", 1.0)),
             correction_multiplier=float(_attribute(gemm, "alpha", 1.0)),
             bias_broadcasts=True,
+            keep_exact=graph.may_fold_again(gemm.output[0]),
         )
         if isinstance(folded, Refusal):
             return folded
