@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,7 @@ from bnfold.fx.nodes import (
     resolve_attr,
     returns_tuple,
 )
+from bnfold.onnx.graph import EXACT_VALUES_BUDGET
 from bnfold.report import Reason
 
 __all__ = [
@@ -105,13 +107,51 @@ class Refusal:
     detail: str = ""
 
 
+class ExactValues:
+    """The float64 values that folded tensors were rounded from, so a chain of folds rounds once.
+
+    A tensor a fold wrote may be folded again (``Conv -> BN -> BN``, conv-bn then branch-merge):
+    :meth:`float64` then gives the float64 value it came from, not the rounded one. Keyed by the
+    tensor's storage (the Parameter made from a rounded tensor shares it), holding the tensor so
+    that its storage cannot be freed and reused; the oldest entries go beyond
+    ``EXACT_VALUES_BUDGET`` bytes (a later fold then starts from the rounded tensor: one more
+    rounding, never a wrong value).
+    """
+
+    def __init__(self) -> None:
+        self._values: OrderedDict[tuple, tuple[torch.Tensor, np.ndarray]] = OrderedDict()
+        self._bytes = 0
+
+    @staticmethod
+    def _key(tensor: torch.Tensor) -> tuple:
+        return (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.device)
+
+    def remember(self, tensor: torch.Tensor, values64: np.ndarray) -> None:
+        key = self._key(tensor)
+        previous = self._values.pop(key, None)
+        if previous is not None:
+            self._bytes -= previous[1].nbytes
+        self._values[key] = (tensor, values64)
+        self._bytes += values64.nbytes
+        while self._bytes > EXACT_VALUES_BUDGET and self._values:
+            _, (_, dropped) = self._values.popitem(last=False)
+            self._bytes -= dropped.nbytes
+
+    def float64(self, tensor: torch.Tensor) -> np.ndarray:
+        """``tensor`` in float64: the value a fold rounded it from, when one did."""
+        entry = self._values.get(self._key(tensor))
+        return entry[1] if entry is not None else _numpy64(tensor)
+
+
 @dataclass
 class FoldContext:
-    """The graph being folded, the model it came from (for class names), and who uses which tensor."""
+    """The graph being folded, the model it came from (for class names), who uses which tensor, and
+    the float64 values of the tensors folds wrote."""
 
     graph_module: fx.GraphModule
     root: nn.Module | None = None
     uses: TensorUses = field(init=False)
+    exact: ExactValues = field(init=False, default_factory=ExactValues)
 
     def __post_init__(self) -> None:
         self.refresh()
@@ -645,10 +685,11 @@ def _match(context: FoldContext, batchnorm: BatchNorm, producer: Layer) -> Match
     if isinstance(affine, Refusal):
         return affine
     weight64 = scale_output_channels(
-        _numpy64(producer.weight), affine.scale, producer.layout, producer.groups
+        context.exact.float64(producer.weight), affine.scale, producer.layout, producer.groups
     )
-    bias64 = fold_bias(_numpy64(producer.bias) if producer.bias is not None else None, affine)
-    return _rounded_match(batchnorm, producer, weight64, bias64, "producer")
+    bias = context.exact.float64(producer.bias) if producer.bias is not None else None
+    bias64 = fold_bias(bias, affine)
+    return _rounded_match(context, batchnorm, producer, weight64, bias64, "producer")
 
 
 def _match_consumer(context: FoldContext, batchnorm: BatchNorm, consumer: Layer) -> Match | Refusal:
@@ -676,11 +717,11 @@ def _match_consumer(context: FoldContext, batchnorm: BatchNorm, consumer: Layer)
     affine = _affine(batchnorm, channels)
     if isinstance(affine, Refusal):
         return affine
-    weight = _numpy64(consumer.weight)
+    weight = context.exact.float64(consumer.weight)
     weight64 = scale_input_channels(weight, affine.scale, consumer.layout, consumer.groups)
     correction = input_shift_bias(weight, affine.shift, consumer.layout, consumer.groups)
-    bias64 = correction if consumer.bias is None else _numpy64(consumer.bias) + correction
-    return _rounded_match(batchnorm, consumer, weight64, bias64, "consumer")
+    bias64 = correction if consumer.bias is None else context.exact.float64(consumer.bias) + correction
+    return _rounded_match(context, batchnorm, consumer, weight64, bias64, "consumer")
 
 
 def _taps_refusal(consumer: Layer) -> Refusal | None:
@@ -709,10 +750,15 @@ def _as_tuple(value: Any) -> tuple:
 
 
 def _rounded_match(
-    batchnorm: BatchNorm, layer: Layer, weight64: np.ndarray, bias64: np.ndarray, side: str
+    context: FoldContext,
+    batchnorm: BatchNorm,
+    layer: Layer,
+    weight64: np.ndarray,
+    bias64: np.ndarray,
+    side: str,
 ) -> Match | Refusal:
-    weight = _rounded(weight64, layer.weight)
-    bias = _rounded(bias64, layer.weight)
+    weight = _rounded(weight64, layer.weight, context.exact)
+    bias = _rounded(bias64, layer.weight, context.exact)
     if weight is None or bias is None:
         return Refusal(Reason.FOLD_OVERFLOWS_DTYPE, f"{layer.weight.dtype} cannot hold the folded values")
     return Match(batchnorm, layer, weight, bias, side)
@@ -771,8 +817,11 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
     return np.dtype({torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}[dtype])
 
 
-def _rounded(values: np.ndarray, like: torch.Tensor) -> torch.Tensor | None:
-    """Round float64 ``values`` once into ``like``'s dtype, on its device; None on overflow."""
+def _rounded(values: np.ndarray, like: torch.Tensor, exact: ExactValues | None = None) -> torch.Tensor | None:
+    """Round float64 ``values`` once into ``like``'s dtype, on its device; None on overflow.
+
+    With ``exact``, the new tensor's float64 values are remembered there for a later fold.
+    """
     rounded = round_to_dtype(values, _numpy_dtype(like.dtype))
     if rounded is None:
         return None
@@ -781,7 +830,10 @@ def _rounded(values: np.ndarray, like: torch.Tensor) -> torch.Tensor | None:
         tensor = torch.from_numpy(rounded.view(np.uint16)).view(torch.bfloat16)
     else:
         tensor = torch.from_numpy(rounded)
-    return tensor.to(like.device)
+    tensor = tensor.to(like.device)
+    if exact is not None:
+        exact.remember(tensor, np.asarray(values, dtype=np.float64))
+    return tensor
 
 
 # -- applying -----------------------------------------------------------------------------------

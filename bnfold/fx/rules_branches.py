@@ -49,7 +49,6 @@ from bnfold.fx.rules import (
     _affine,
     _channel_refusal,
     _layer,
-    _numpy64,
     _replace_module,
     _rounded,
     _set_argument,
@@ -182,8 +181,9 @@ class BranchMerge(Rule):
         reference, geometry = convs[0], geometries[0]
         channels = reference.weight.shape[0]
         windows = [g.window for g in geometries]
-        weights = [_numpy64(conv.weight) for conv in convs]
-        bias64 = sum((_numpy64(conv.bias) for conv in convs if conv.bias is not None), np.zeros(channels))
+        weights = [context.exact.float64(conv.weight) for conv in convs]
+        biases = [context.exact.float64(conv.bias) for conv in convs if conv.bias is not None]
+        bias64 = sum(biases, np.zeros(channels))
         has_bias = any(conv.bias is not None for conv in convs)
         batchnorm = None
         identity = next((branch for branch in branches.branches if branch.layer is None), None)
@@ -208,8 +208,8 @@ class BranchMerge(Rule):
             place_kernel(weight, offset, window.kernel)
             for weight, offset in zip(weights, offsets, strict=True)
         )
-        weight = _rounded(weight64, reference.weight)
-        bias = _rounded(bias64, reference.weight) if has_bias else None
+        weight = _rounded(weight64, reference.weight, context.exact)
+        bias = _rounded(bias64, reference.weight, context.exact) if has_bias else None
         if weight is None or (has_bias and bias is None):
             detail = f"the merged weight or bias overflows {reference.weight.dtype}"
             return Refusal(Reason.FOLD_OVERFLOWS_DTYPE, detail)

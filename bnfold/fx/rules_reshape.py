@@ -35,7 +35,6 @@ from bnfold.fx.rules import (
     _channel_refusal,
     _layer,
     _layer_refusal,
-    _numpy64,
     _rounded_match,
 )
 from bnfold.report import Reason
@@ -129,9 +128,10 @@ class LinearReshapeBN(Rule):
         affine = _affine(batchnorm, channels)
         if isinstance(affine, Refusal):
             return affine
-        weight64 = scale_output_channels(_numpy64(layer.weight), affine.scale, layer.layout, layer.groups)
-        bias64 = fold_bias(_numpy64(layer.bias) if layer.bias is not None else None, affine)
-        return _rounded_match(batchnorm, layer, weight64, bias64, "producer")
+        weight = context.exact.float64(layer.weight)
+        weight64 = scale_output_channels(weight, affine.scale, layer.layout, layer.groups)
+        bias64 = fold_bias(context.exact.float64(layer.bias) if layer.bias is not None else None, affine)
+        return _rounded_match(context, batchnorm, layer, weight64, bias64, "producer")
 
 
 def _other_readers_refusal(step: fx.Node, following: fx.Node, layer: Layer) -> Refusal | None:
