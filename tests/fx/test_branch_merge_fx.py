@@ -77,15 +77,13 @@ def test_merged_conv_is_a_new_conv_with_the_common_window() -> None:
 def expected_repvgg_kernel(model: nets.Branches, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The merged weight and bias computed independently from the stored values.
 
-    conv-bn folds each branch first (float64, rounded once into ``dtype``); each add is then merged
-    in float64 and rounded once: ``conv3 + conv1`` first, then that conv ``+ bn(x)``.
+    conv-bn folds each branch first, then each add is merged (``conv3 + conv1``, then that conv
+    ``+ bn(x)``), all in float64: every step starts from the float64 values of the one before, so
+    the result is rounded into ``dtype`` once, at the end.
     """
 
     def to64(tensor):
         return tensor.detach().to(torch.float64).numpy()
-
-    def rounded(values):
-        return to64(torch.from_numpy(values).to(dtype))
 
     def affine(bn):
         scale = to64(bn.weight) / np.sqrt(to64(bn.running_var) + bn.eps)
@@ -95,13 +93,12 @@ def expected_repvgg_kernel(model: nets.Branches, dtype: torch.dtype) -> tuple[to
         affine(bn) for bn in (*model.bns, model.identity)
     )
     conv3, conv1 = model.convs
-    weight = rounded(to64(conv3.weight) * scale3.reshape(-1, 1, 1, 1))
-    weight[:, :, 1:2, 1:2] += rounded(to64(conv1.weight) * scale1.reshape(-1, 1, 1, 1))
-    weight = rounded(weight)
+    weight = to64(conv3.weight) * scale3.reshape(-1, 1, 1, 1)
+    weight[:, :, 1:2, 1:2] += to64(conv1.weight) * scale1.reshape(-1, 1, 1, 1)
     for channel in range(weight.shape[0]):
         weight[channel, channel, 1, 1] += scale_id[channel]
-    bias = rounded(to64(conv3.bias) * scale3 + shift3) + rounded(to64(conv1.bias) * scale1 + shift1)
-    bias = rounded(bias) + shift_id
+    bias = (to64(conv3.bias) * scale3 + shift3) + (to64(conv1.bias) * scale1 + shift1)
+    bias = bias + shift_id
     return torch.from_numpy(weight).to(dtype), torch.from_numpy(bias).to(dtype)
 
 
