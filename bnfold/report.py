@@ -109,6 +109,8 @@ class Outcome(StrEnum):
     NEVER_FOLDABLE = "never-foldable"
     # A BN nothing could absorb, replaced by Mul + Add on request (``rewrite_standalone``).
     REWRITTEN = "rewritten"
+    # An Add of parallel branches (RepVGG, ACNet) merged into one conv (rule branch-merge).
+    MERGED = "merged"
 
 
 # Elementwise affine nodes (Conv -> Mul -> Add chains) appear in the report only when folded.
@@ -144,6 +146,8 @@ class Decision:
         """One line a person reads: the rule and target, or the reason and its specifics."""
         if self.outcome is Outcome.FOLDED:
             return f"folded into {self.into} by {self.rule}"
+        if self.outcome is Outcome.MERGED:
+            return f"branches merged into {self.into} by {self.rule}"
         if self.outcome is Outcome.REWRITTEN:
             text = f"rewritten as Mul {self.into} + Add by {self.rule}"
             return f"{text} ({self.detail})" if self.detail else text
@@ -185,6 +189,11 @@ class Report:
         return [d for d in self.decisions if d.outcome is Outcome.KEPT]
 
     @property
+    def merged(self) -> list[Decision]:
+        """Adds whose parallel branches were merged into one conv (reported besides the BNs)."""
+        return [d for d in self.decisions if d.outcome is Outcome.MERGED]
+
+    @property
     def never_foldable(self) -> list[Decision]:
         return [d for d in self.decisions if d.outcome is Outcome.NEVER_FOLDABLE]
 
@@ -198,9 +207,10 @@ class Report:
         return [d for d in self.folded if d.op_type in ELEMENTWISE_AFFINE_OPS]
 
     def _batchnorm_counts(self) -> tuple[int, int]:
-        """(BatchNormalization decisions, of which folded): Mul/Add and per-sample norms excluded."""
+        """(BatchNormalization decisions, of which folded): Mul/Add, merged Adds and per-sample norms
+        excluded."""
         affine = len(self.affine_folded)
-        total = len(self.decisions) - len(self.never_foldable) - affine
+        total = len(self.decisions) - len(self.never_foldable) - affine - len(self.merged)
         return total, len(self.folded) - affine
 
     def summary(self) -> str:
@@ -210,6 +220,8 @@ class Report:
             text += f", {len(self.rewritten)} rewritten as Mul+Add"
         if self.affine_folded:
             text += f"; {len(self.affine_folded)} Mul/Add folded"
+        if self.merged:
+            text += f"; {len(self.merged)} Add of parallel branches merged"
         if self.never_foldable:
             text += f"; {len(self.never_foldable)} per-sample normalization never foldable"
         return text
@@ -222,6 +234,8 @@ class Report:
             summary["rewritten"] = len(self.rewritten)
         if self.affine_folded:
             summary["affine_folded"] = len(self.affine_folded)
+        if self.merged:
+            summary["merged"] = len(self.merged)
         summary["never_foldable"] = len(self.never_foldable)
         return {
             "source": self.source,

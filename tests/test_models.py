@@ -77,16 +77,22 @@ def test_repvgg_ends_with_one_conv_per_block_and_no_batchnorm(tmp_path):
     result = fold_onnx(path)
     ops = [node.op_type for node in result.model.graph.node]
     assert ops.count("Conv") == 3 and "Add" not in ops and "BatchNormalization" not in ops, ops
-    rules = [(d.node.split("/")[3], d.rule) for d in result.report.decisions]
+    rules = [(d.node.split("/")[3], d.outcome, d.rule) for d in result.report.decisions]
+    folded, merged = Outcome.FOLDED, Outcome.MERGED
     assert rules == [
-        ("dense", "conv-bn"),
-        ("pointwise", "conv-bn"),
-        ("dense", "conv-bn"),
-        ("pointwise", "conv-bn"),
-        ("identity", "branch-merge"),  # block 2: identity BN -> Dirac kernel in the merged conv
-        ("dense", "conv-bn"),
-        ("pointwise", "conv-bn"),
-        ("identity", "branch-merge"),  # block 3: grouped, identity on the in-group channel
+        ("dense", folded, "conv-bn"),
+        ("pointwise", folded, "conv-bn"),
+        ("Add", merged, "branch-merge"),  # block 1 (stride 2): 3x3 + 1x1
+        ("dense", folded, "conv-bn"),
+        ("pointwise", folded, "conv-bn"),
+        ("Add", merged, "branch-merge"),
+        ("identity", folded, "branch-merge"),  # block 2: identity BN -> Dirac kernel in the merged conv
+        ("Add_1", merged, "branch-merge"),
+        ("dense", folded, "conv-bn"),
+        ("pointwise", folded, "conv-bn"),
+        ("Add", merged, "branch-merge"),
+        ("identity", folded, "branch-merge"),  # block 3: grouped, identity on the in-group channel
+        ("Add_1", merged, "branch-merge"),
     ], result.report.to_text()
     check = verify(path, result.model, provider="cpu", input_shapes={})
     assert check.passed, check.to_text()

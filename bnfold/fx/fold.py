@@ -60,7 +60,7 @@ class ModuleFoldResult:
 
     @property
     def changed(self) -> bool:
-        return bool(self.report.folded)
+        return bool(self.report.folded or self.report.merged)
 
 
 def rule_names(rules: Sequence[Rule] = RULES) -> list[str]:
@@ -175,9 +175,10 @@ def _try_merge_branches(
 ) -> bool:
     """Merge the parallel branches an add sums into one conv; True when it did.
 
-    The add itself is never reported. An identity-branch BN it sums is: folded by the merge, or kept
-    with the merge's refusal, which replaces the decision the BN got on its own (visited earlier,
-    since it feeds the add) because it says more.
+    A merged add is reported (op ``add``, outcome ``merged``), so that every change to the graph
+    shows in the report; an add that is not merged is not. An identity-branch BN it sums is: folded
+    by the merge, or kept with the merge's refusal, which replaces the decision the BN got on its own
+    (visited earlier, since it feeds the add) because it says more.
     """
     for rule in rules:
         if rule.side != "branches":
@@ -196,8 +197,12 @@ def _try_merge_branches(
                 detail = f"identity branch of `{add.name}`: {match.detail}"
                 decisions[norm.node] = _kept(norm, Refusal(match.reason, detail), rule)
             return False
+        name = add.name  # apply() erases the add
         into = rule.apply(context, match)
-        logger.debug("merged the branches of %s into %s", add.name, into)
+        logger.debug("merged the branches of %s into %s", name, into)
+        decisions[add] = Decision(
+            node=name, op_type="add", output=name, outcome=Outcome.MERGED, rule=rule.name, into=into
+        )
         if norm is not None:
             decisions[norm.node] = _decision(norm, Outcome.FOLDED, rule=rule.name, into=into)
         return True

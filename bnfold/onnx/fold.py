@@ -34,7 +34,7 @@ class FoldResult:
 
     @property
     def changed(self) -> bool:
-        return bool(self.report.folded or self.report.rewritten)
+        return bool(self.report.folded or self.report.rewritten or self.report.merged)
 
 
 def rule_names(rules: Sequence[Rule] = RULES) -> list[str]:
@@ -231,9 +231,10 @@ def _try_merge_branches(
 ) -> bool:
     """Merge the parallel branches an Add sums into one Conv; True when it did.
 
-    The Add itself is never reported. An identity-branch BN it sums is: folded by the merge, or kept
-    with the merge's refusal, which replaces the decision the BN got on its own (visited earlier in
-    the same pass, since it feeds the Add) because it says more.
+    A merged Add is reported (op ``Add``, outcome ``merged``), so that every change
+    to the graph shows in the report; an Add that is not merged is not. An identity-branch BN it
+    sums is: folded by the merge, or kept with the merge's refusal, which replaces the decision the
+    BN got on its own (visited earlier in the same pass, since it feeds the Add) because it says more.
     """
     for rule in rules:
         if rule.side != "branches" or add.op_type not in rule.absorbs:
@@ -252,11 +253,14 @@ def _try_merge_branches(
                 detail = f"identity branch of Add {graph.node_label(add)}: {match.detail}"
                 decisions[id(bn)] = _kept(graph, bn, Refusal(match.reason, detail), rule)
             return False
-        folded = _decision(graph, bn, Outcome.FOLDED, rule=rule.name) if bn is not None else None
+        # Record identities before apply() hands the Add's output name to the merged conv.
+        folded = {id(add): _decision(graph, add, Outcome.MERGED, rule=rule.name)}
+        if bn is not None:
+            folded[id(bn)] = _decision(graph, bn, Outcome.FOLDED, rule=rule.name)
         into = rule.apply(graph, add, match)
         logger.debug("merged the branches of %s into %s", graph.node_label(add), graph.node_label(into))
-        if folded is not None:
-            decisions[id(bn)] = Decision(**{**folded.__dict__, "into": graph.node_label(into)})
+        for key, decision in folded.items():
+            decisions[key] = Decision(**{**decision.__dict__, "into": graph.node_label(into)})
         return True
     return False
 

@@ -116,7 +116,12 @@ def identity_decision(result):
 def test_repvgg_3x3_plus_1x1_merges_after_both_folds():
     model = branches_model([branch((3, 3)), branch((1, 1))])
     result = merged(model, folded=2)
-    assert [d.rule for d in result.report.decisions] == ["conv-bn", "conv-bn"]
+    assert [(d.op_type, d.outcome, d.rule) for d in result.report.decisions] == [
+        ("BatchNormalization", Outcome.FOLDED, "conv-bn"),
+        ("BatchNormalization", Outcome.FOLDED, "conv-bn"),
+        ("Add", Outcome.MERGED, "branch-merge"),  # the graph changed: the report says where
+    ]
+    assert result.changed
     conv = result.model.graph.node[0]
     assert conv.output[0] == "y" and conv.name == "conv0"
     assert conv.attribute == model.graph.node[0].attribute, "the 3x3 window holds the 1x1: nothing to rewrite"
@@ -126,7 +131,8 @@ def test_repvgg_identity_bn_is_reported_folded_into_the_merged_conv():
     result = merged(branches_model([branch((3, 3)), branch((1, 1))], identity="bn"), folded=3)
     decision = identity_decision(result)
     assert (decision.outcome, decision.rule, decision.into) == (Outcome.FOLDED, "branch-merge", "conv0")
-    assert result.report.summary() == "3 BatchNormalization: 3 folded, 0 kept"
+    summary = "3 BatchNormalization: 3 folded, 0 kept; 2 Add of parallel branches merged"
+    assert result.report.summary() == summary
 
 
 @pytest.mark.parametrize("chain", ["left", "right"])
@@ -208,7 +214,8 @@ def test_a_merge_enables_a_fold_after_it():
     model.graph.node[-1].output[0] = "sum"
     model.graph.node.append(bn_node("sum", "y", prefix="bn_after"))
     result = merged(model, folded=1)
-    assert result.report.decisions[0].rule == "conv-bn"
+    (batchnorm,) = [d for d in result.report.decisions if d.op_type == "BatchNormalization"]
+    assert batchnorm.rule == "conv-bn"
 
 
 def test_shared_weight_is_copied_not_edited():
