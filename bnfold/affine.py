@@ -40,6 +40,7 @@ __all__ = [
     "merge_windows",
     "place_kernel",
     "dirac_kernel",
+    "merge_branch_kernels",
 ]
 
 BLOCK_BYTES = 1 << 20
@@ -443,3 +444,29 @@ def dirac_kernel(scale: np.ndarray, groups: int, spatial_rank: int) -> np.ndarra
     rows = np.arange(channels)
     weight[(rows, rows % per_group) + (0,) * spatial_rank] = scale64
     return weight
+
+
+def merge_branch_kernels(
+    weights: Sequence[np.ndarray],
+    windows: Sequence[ConvWindow],
+    dilations: Sequence[int],
+    *,
+    identity_scale: np.ndarray | None = None,
+    groups: int = 1,
+) -> tuple[ConvWindow, np.ndarray] | str:
+    """Parallel conv branches of one input summed into one kernel: the common window and the float64
+    kernel, or why the windows do not line up (see :func:`merge_windows`).
+
+    ``identity_scale``: an identity branch too, scaled per channel (a BN of the input, or ones).
+    """
+    weights, windows = list(weights), list(windows)
+    if identity_scale is not None:
+        rank = len(windows[0].kernel)
+        windows.append(ConvWindow((1,) * rank, (0,) * rank, (0,) * rank))
+        weights.append(dirac_kernel(identity_scale, groups, rank))
+    merged = merge_windows(windows, dilations)
+    if isinstance(merged, str):
+        return merged
+    window, offsets = merged
+    kernel = sum(place_kernel(w, offset, window.kernel) for w, offset in zip(weights, offsets, strict=True))
+    return window, kernel

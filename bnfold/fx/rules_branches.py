@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from bnfold.affine import ConvWindow, dirac_kernel, merge_windows, place_kernel
+from bnfold.affine import ConvWindow, merge_branch_kernels
 from bnfold.fx.nodes import argument_names, bind, returns_tuple
 from bnfold.fx.rules import (
     BatchNorm,
@@ -185,29 +185,24 @@ class BranchMerge(Rule):
         biases = [context.exact.float64(conv.bias) for conv in convs if conv.bias is not None]
         bias64 = sum(biases, np.zeros(channels))
         has_bias = any(conv.bias is not None for conv in convs)
-        batchnorm = None
+        batchnorm, scale = None, None
         identity = next((branch for branch in branches.branches if branch.layer is None), None)
         if identity is not None:
             mapped = _identity(context, branches.add, identity, reference, geometry)
             if isinstance(mapped, Refusal):
                 return mapped
             scale, shift, batchnorm = mapped
-            rank = reference.spatial_dims
-            windows.append(ConvWindow((1,) * rank, (0,) * rank, (0,) * rank))
-            weights.append(dirac_kernel(scale, reference.groups, rank))
             if shift is not None:
                 bias64, has_bias = bias64 + shift, True
-        merged = merge_windows(windows, geometry.dilations)
+        merged = merge_branch_kernels(
+            weights, windows, geometry.dilations, identity_scale=scale, groups=reference.groups
+        )
         if isinstance(merged, str):
             return Refusal(Reason.BRANCHES_INCOMPATIBLE, merged)
-        window, offsets = merged
+        window, weight64 = merged
         padding = _torch_padding(window, geometry)
         if isinstance(padding, Refusal):
             return padding
-        weight64 = sum(
-            place_kernel(weight, offset, window.kernel)
-            for weight, offset in zip(weights, offsets, strict=True)
-        )
         weight = _rounded(weight64, reference.weight, context.exact)
         bias = _rounded(bias64, reference.weight, context.exact) if has_bias else None
         if weight is None or (has_bias and bias is None):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import NodeProto
 
-from bnfold.affine import ConvWindow, as_float64, dirac_kernel, merge_windows, place_kernel, round_to_dtype
+from bnfold.affine import ConvWindow, as_float64, merge_branch_kernels, round_to_dtype
 from bnfold.onnx.batchnorm import BATCHNORM, BatchNormParams, Refusal, read_batchnorm
 from bnfold.onnx.graph import DEFAULT_DOMAINS, GraphIndex
 from bnfold.onnx.rules import Rule, _attribute, _constant_input, _set_attribute, _sole_consumer_refusal
@@ -146,24 +146,20 @@ class BranchMerge(Rule):
         )
         has_bias = any(conv.bias is not None for conv in convs)
         identity = next((b for b in branches.branches if not b.is_conv), None)
+        scale = None
         if identity is not None:
             scaled = self._identity(graph, add, identity, reference)
             if isinstance(scaled, Refusal):
                 return scaled
             scale, shift = scaled
-            spatial_rank = reference.weight.ndim - 2
-            windows.append(ConvWindow((1,) * spatial_rank, (0,) * spatial_rank, (0,) * spatial_rank))
-            weights.append(dirac_kernel(scale, reference.groups, spatial_rank))
             if shift is not None:
                 bias64, has_bias = bias64 + shift, True
-        merged = merge_windows(windows, reference.dilations)
+        merged = merge_branch_kernels(
+            weights, windows, reference.dilations, identity_scale=scale, groups=reference.groups
+        )
         if isinstance(merged, str):
             return Refusal(Reason.BRANCHES_INCOMPATIBLE, merged)
-        window, offsets = merged
-        weight64 = sum(
-            place_kernel(weight, offset, window.kernel)
-            for weight, offset in zip(weights, offsets, strict=True)
-        )
+        window, weight64 = merged
         dtype = reference.weight.dtype
         again = graph.may_fold_again(add.output[0])
         new_weight = round_to_dtype(weight64, dtype, keep_exact=again)
