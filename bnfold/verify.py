@@ -23,6 +23,7 @@ import onnx
 from google.protobuf.message import EncodeError
 from onnx import ModelProto
 
+from bnfold.affine import is_supported_float
 from bnfold.errors import BnfoldError, InputSpecError, ProviderUnavailableError
 from bnfold.onnx.graph import subgraphs_of
 from bnfold.onnx.io import has_data_on_disk, load_model, save_model
@@ -33,7 +34,10 @@ __all__ = [
     "verify",
     "Verifier",
     "default_tolerances",
+    "compare_output",
     "parse_input_shapes",
+    "ort_session",
+    "run_session",
     "PROVIDERS",
 ]
 
@@ -194,7 +198,7 @@ class Verifier:
     def __init__(self, original: ModelSource, *, provider: str = "auto") -> None:
         if provider not in PROVIDERS:
             raise BnfoldError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
-        self.session, self.provider = _session(original, provider, "original")
+        self.session, self.provider = ort_session(original, provider, "original")
 
     def compare(
         self,
@@ -211,15 +215,15 @@ class Verifier:
             raise InputSpecError(
                 "give either --inputs (real data, with its own shapes) or --input-shape, not both"
             )
-        folded_session, _ = _session(folded, "cuda" if self.provider == "cuda" else "cpu", "folded")
+        folded_session, _ = ort_session(folded, "cuda" if self.provider == "cuda" else "cpu", "folded")
         _check_same_signature(self.session, folded_session)
         if inputs is not None:
             feeds = _load_inputs(self.session, inputs)
             source = "real" if isinstance(inputs, Mapping) else f"file {inputs}"
         else:
             feeds, source = _random_inputs(self.session, input_shapes or {}, seed), "random"
-        expected = _run(self.session, feeds, "original")
-        actual = _run(folded_session, feeds, "folded")
+        expected = run_session(self.session, feeds, "original")
+        actual = run_session(folded_session, feeds, "folded")
         metas = self.session.get_outputs()
         outputs = [
             compare_output(meta.name, reference, candidate, atol=atol, rtol=rtol)
@@ -261,7 +265,7 @@ def compare_output(
             int(expected.size),
             f"folded output is {actual.dtype.name}{list(actual.shape)}",
         )
-    if expected.dtype.kind not in "fc":
+    if not (expected.dtype.kind in "fc" or is_supported_float(expected.dtype)):  # bfloat16 is kind "V"
         mismatched = int(np.count_nonzero(expected != actual))
         return OutputComparison(
             name,
@@ -339,7 +343,12 @@ def parse_input_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, list[int
 
 
 # -- sessions ------------------------------------------------------------------------------------
-def _session(model: ModelSource, provider: str, role: str):
+def ort_session(model: ModelSource, provider: str, role: str):
+    """An ONNX Runtime session on ``provider`` (``cpu``, ``cuda``, ``auto``) with graph optimizations
+    off (the model runs as written), and the provider it got; ``role`` names the model in errors.
+
+    ``cuda`` where CUDA cannot run is an error, never a silent fallback to the CPU.
+    """
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -435,7 +444,8 @@ def _check_same_signature(original, folded) -> None:
         raise BnfoldError(f"the models have different outputs: {original_outputs} vs {folded_outputs}")
 
 
-def _run(session, feeds: dict[str, np.ndarray], role: str) -> list[np.ndarray]:
+def run_session(session, feeds: dict[str, np.ndarray], role: str) -> list[np.ndarray]:
+    """Every output of ``session`` on ``feeds``; a failure is an InputSpecError naming ``role``."""
     try:
         return session.run(None, feeds)
     except Exception as error:  # invalid shapes reach us as ORT runtime errors

@@ -687,6 +687,20 @@ def test_non_finite_values_match_only_themselves(expected, actual, passed):
     assert comparison.passed is passed
 
 
+def test_bfloat16_outputs_compare_with_tolerances_not_exactly():
+    import ml_dtypes
+
+    bfloat16 = ml_dtypes.bfloat16
+    expected = np.array([1.0, 2.0, -3.0], bfloat16)
+    near = np.array([1.0078125, 2.0, -3.0], bfloat16)  # one bfloat16 ulp off at 1.0: within tolerance
+    far = np.array([1.5, 2.0, -3.0], bfloat16)
+
+    close = compare_output("y", expected, near)
+    assert close.passed and close.dtype == "bfloat16" and close.note != "compared exactly"
+    assert close.max_abs_error == pytest.approx(0.0078125)
+    assert not compare_output("y", expected, far).passed
+
+
 # -- shapes the checker lets through and the arithmetic cannot take -------------------------------------
 def _reshape(model: onnx.ModelProto, name: str, values: np.ndarray) -> None:
     (tensor,) = [t for t in model.graph.initializer if t.name == name]

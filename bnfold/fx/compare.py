@@ -7,7 +7,6 @@ reports, JSON and the CLI render them alike. The reference is always the *origin
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,7 +18,13 @@ from torch import nn
 
 from bnfold.errors import InputSpecError
 from bnfold.fx.trace import preserved_buffers
-from bnfold.verify import OutputComparison, VerificationResult, compare_output, default_tolerances
+from bnfold.verify import (
+    OutputComparison,
+    VerificationResult,
+    compare_output,
+    ort_session,
+    run_session,
+)
 
 __all__ = ["module_outputs", "flatten_outputs", "compare_outputs", "compare_with_onnx", "output_names"]
 
@@ -60,28 +65,13 @@ def compare_outputs(
 
 
 def _compare_one(name: str, expected, actual, atol: float | None, rtol: float | None) -> OutputComparison:
-    dtype_name = _dtype_name(expected)
-    expected, actual = _numpy(expected), _numpy(actual)
-    if dtype_name != "bfloat16":
-        return compare_output(name, expected, actual, atol=atol, rtol=rtol)
-    # numpy has no bfloat16: compare exactly representable float32 copies, with bfloat16 tolerances.
-    finite = expected[np.isfinite(expected)]
-    magnitude = float(np.abs(finite).max()) if finite.size else 1.0
-    default_atol, default_rtol = _bfloat16_tolerances(magnitude)
-    comparison = compare_output(
-        name,
-        expected,
-        actual.astype(expected.dtype),
-        atol=default_atol if atol is None else atol,
-        rtol=default_rtol if rtol is None else rtol,
-    )
-    return dataclasses.replace(comparison, dtype="bfloat16")
+    if _dtype_name(expected) == "bfloat16":  # numpy has no bfloat16; ml_dtypes' has the same bits
+        import ml_dtypes
 
-
-def _bfloat16_tolerances(magnitude: float) -> tuple[float, float]:
-    import ml_dtypes
-
-    return default_tolerances(np.dtype(ml_dtypes.bfloat16), magnitude)
+        expected, actual = (_numpy(value).astype(ml_dtypes.bfloat16) for value in (expected, actual))
+    else:
+        expected, actual = _numpy(expected), _numpy(actual)
+    return compare_output(name, expected, actual, atol=atol, rtol=rtol)
 
 
 def _dtype_name(value) -> str:
@@ -117,9 +107,7 @@ def compare_with_onnx(
     ``feeds`` are the inputs: positional (matched to the model's inputs in order) or by name.
     """
     # bnfold.verify owns ONNX Runtime sessions: providers, CUDA checks, optimizations off.
-    from bnfold.verify import _run, _session
-
-    session, used_provider = _session(onnx_model, provider, "exported")
+    session, used_provider = ort_session(onnx_model, provider, "exported")
     metas = session.get_inputs()
     if isinstance(feeds, Mapping):
         named = {name: _numpy(value) for name, value in feeds.items()}
@@ -133,7 +121,7 @@ def compare_with_onnx(
     if isinstance(feeds, Mapping) and unknown:
         raise InputSpecError(f"inputs {unknown} are not inputs of the ONNX model ({sorted(declared)})")
     run_feeds = {name: value for name, value in named.items() if name in declared}
-    actual = _run(session, run_feeds, "exported")
+    actual = run_session(session, run_feeds, "exported")
     names = [meta.name for meta in session.get_outputs()]
     if len(actual) != len(expected):
         raise InputSpecError(
