@@ -594,14 +594,16 @@ def _mapped(location: str, offset: int, length: int) -> memoryview:
 class _Spill:
     """A temporary file (in the system temporary directory) holding the new values of tensors that
     were on disk, so that folding a model larger than memory keeps one tensor in memory at a time.
-    Removed at exit."""
+    Removed at exit (an interrupt is held back until its removal is registered; only a SIGKILL can
+    leave it behind)."""
 
     def __init__(self) -> None:
-        descriptor, self.path = tempfile.mkstemp(prefix="bnfold-spill-", suffix=".bin")
+        with _signals_held():
+            descriptor, self.path = tempfile.mkstemp(prefix="bnfold-spill-", suffix=".bin")
+            atexit.register(self.close)
         self.handle = os.fdopen(descriptor, "wb", buffering=0)
         self.size = 0
         self.lock = threading.Lock()
-        atexit.register(self.close)
 
     def append(self, array: np.ndarray) -> tuple[int, int]:
         data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
@@ -614,8 +616,10 @@ class _Spill:
         return offset, len(data)
 
     def close(self) -> None:
+        handle = getattr(self, "handle", None)  # absent if __init__ was interrupted after mkstemp
         with contextlib.suppress(OSError):
-            self.handle.close()
+            if handle is not None:
+                handle.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
 
