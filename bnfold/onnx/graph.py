@@ -130,22 +130,24 @@ class ModelContext:
         # go to the spill file beyond it (see GraphIndex._keep_on_disk).
         self.lazy = has_data_on_disk(model)
         self.new_weight_bytes = 0  # new main-graph weights of a lazy model kept in memory so far
-        # Folded weights that carry their float64 value (affine.Rounded), by tensor name, oldest first.
-        self.exact_values: OrderedDict[str, Rounded] = OrderedDict()
+        # Folded weights that carry their float64 value (affine.Rounded), oldest first, by (graph
+        # index, tensor name): sibling subgraphs (an If's two branches) may each hold a weight "W".
+        self.exact_values: OrderedDict[tuple[int, str], Rounded] = OrderedDict()
         self.exact_bytes = 0
 
-    def remember_exact(self, name: str, value: Rounded) -> None:
-        """Keep a folded weight's float64 value under its tensor name, within EXACT_VALUES_BUDGET."""
-        self.forget_exact(name)
+    def remember_exact(self, key: tuple[int, str], value: Rounded) -> None:
+        """Keep a folded weight's float64 value under (``id`` of its GraphIndex, tensor name), within
+        EXACT_VALUES_BUDGET."""
+        self.forget_exact(key)
         value.flags.writeable = False
-        self.exact_values[name] = value
+        self.exact_values[key] = value
         self.exact_bytes += value.exact.nbytes
         while self.exact_bytes > EXACT_VALUES_BUDGET and self.exact_values:
             _, oldest = self.exact_values.popitem(last=False)
             self.exact_bytes -= oldest.exact.nbytes
 
-    def forget_exact(self, name: str) -> None:
-        previous = self.exact_values.pop(name, None)
+    def forget_exact(self, key: tuple[int, str]) -> None:
+        previous = self.exact_values.pop(key, None)
         if previous is not None:
             self.exact_bytes -= previous.exact.nbytes
 
@@ -217,7 +219,9 @@ def _infer_ranks(
     graph.node.extend(model.graph.node)
     graph.input.extend(model.graph.input)
     graph.output.extend(model.graph.output)
-    graph.value_info.extend(model.graph.value_info)
+    # Shapes are inferred from the inputs alone: declared value_info and output shapes may not be
+    # what runs (GraphIndex.rank), and inference would keep and spread them.
+    _forget_declared_shapes(graph)
     declared_inputs = {info.name for info in model.graph.input}
     for tensor in model.graph.initializer:
         if int(np.prod(tensor.dims, dtype=np.int64)) <= 64:
@@ -236,6 +240,17 @@ def _infer_ranks(
     dims: dict[str, list[int | str | None]] = {}
     _collect_ranks(inferred.graph, ranks, elem_types, dims)
     return ranks, elem_types, dims
+
+
+def _forget_declared_shapes(graph: GraphProto) -> None:
+    """Drop ``value_info`` and the shapes of the outputs (keeping their types), in subgraphs too."""
+    del graph.value_info[:]
+    for info in graph.output:
+        if info.type.HasField("tensor_type"):
+            info.type.tensor_type.ClearField("shape")
+    for node in graph.node:
+        for _, subgraph in subgraphs_of(node):
+            _forget_declared_shapes(subgraph)
 
 
 def _collect_ranks(
@@ -317,8 +332,13 @@ class GraphIndex:
         return node.name or f"<{node.op_type} -> {node.output[0] if node.output else '?'}>"
 
     def rank(self, name: str) -> int | None:
-        """The rank of a tensor from declared types, initializers, or (lazily) shape inference."""
-        for info in (*self.graph.value_info, *self.graph.input, *self.graph.output):
+        """The rank of a tensor from graph inputs, initializers, or (lazily) shape inference.
+
+        Declared ``value_info`` and graph-output shapes are not trusted: ONNX Runtime only warns
+        when they differ from what runs (a batch size edited on the inputs alone, a stale export),
+        and a fold decided on them would compute a different function.
+        """
+        for info in self.graph.input:
             if info.name == name and info.type.tensor_type.HasField("shape"):
                 return len(info.type.tensor_type.shape.dim)
         constant = self.constant(name)
@@ -329,10 +349,11 @@ class GraphIndex:
     def dims(self, name: str) -> list[int | str | None] | None:
         """Per axis of a tensor: its size (int), its symbolic name (``dim_param``), or None when unknown.
 
-        Sizes come from declared types, else from (lazy) shape inference; when only the rank is
-        known, every axis is None. None overall when the rank is unknown.
+        Sizes come from graph inputs, else from (lazy) shape inference, never from declared
+        ``value_info`` or output shapes (see :meth:`rank`); when only the rank is known, every axis
+        is None. None overall when the rank is unknown.
         """
-        for info in (*self.graph.value_info, *self.graph.input, *self.graph.output):
+        for info in self.graph.input:
             if info.name == name and info.type.tensor_type.HasField("shape"):
                 return _dim_values(info.type.tensor_type.shape)
         inferred = self.context.inferred_dims(name)
@@ -370,7 +391,7 @@ class GraphIndex:
                 return ConstantLookup(
                     None, Reason.PARAM_IS_GRAPH_INPUT, f"`{name}` is an initializer and a graph input"
                 )
-            exact = self.context.exact_values.get(name)
+            exact = self.context.exact_values.get((id(self), name))
             return ConstantLookup(exact if exact is not None else _decoded(self.initializers[name]))
         if name in self.graph_inputs:
             return ConstantLookup(None, Reason.PARAM_NOT_CONSTANT, f"`{name}` is a graph input")
@@ -409,9 +430,9 @@ class GraphIndex:
 
     def _remember_exact(self, name: str, value: np.ndarray) -> None:
         if isinstance(value, Rounded) and value.exact is not None:
-            self.context.remember_exact(name, value)
+            self.context.remember_exact((id(self), name), value)
         else:
-            self.context.forget_exact(name)
+            self.context.forget_exact((id(self), name))
 
     def may_fold_again(self, name: str) -> bool:
         """Whether a node reading ``name`` (what a folded layer will output) may fold it again, so

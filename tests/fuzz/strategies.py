@@ -2,11 +2,13 @@
 
 ``graphs()`` draws the structure (layer kinds, channel counts, groups, dtypes, opsets 9..21, which
 tensors are shared, read twice or exposed as graph outputs, which weights are ``Constant`` nodes,
-which BN statistics are degenerate) and a seed for the numbers, so shrinking works on structure and
-a failing example prints a small recipe. ``mutations()`` then breaks a valid model the ways broken
-exporters and hand edits do: bad attributes, wrong-shaped or wrong-typed tensors, tensor data that
-does not decode, names that are not UTF-8, rewired or dropped nodes, names defined twice, foreign
-domains.
+which BN statistics are degenerate; parallel Conv branches summed by Adds for ``branch-merge``, and
+Reshape/Flatten between a layer and its BN for the ``*-reshape-bn`` rules) and a seed for the
+numbers, so shrinking works on structure and a failing example prints a small recipe.
+``mutations()`` then breaks a valid model the ways broken exporters and hand edits do: bad
+attributes, wrong-shaped or wrong-typed tensors, tensor data that does not decode, names that are
+not UTF-8, rewired or dropped nodes, names defined twice, foreign domains, swapped weights, other
+Reshape shapes, declared shapes that are not what runs.
 """
 
 from __future__ import annotations
@@ -203,6 +205,230 @@ class _GraphBuilder:
         self.steps.append("Flatten")
         return self.node("Flatten", [x.name], [x.shape[0], int(np.prod(x.shape[1:]))], axis=1)
 
+    # -- parallel branches summed by Add (branch-merge) ------------------------------------------
+    def _conv_geometry(self, spatial: list[int], stride: int, dilation: int) -> tuple[list[int], dict, str]:
+        """A kernel, its padding attributes and a description, for a Conv of ``spatial`` input sizes."""
+        rank = len(spatial)
+        shape = self.draw(st.sampled_from(["1", "3", "1x3", "3x1", "5", "2", "4", "full"]))
+        if shape == "1x3":
+            kernel = [1] + [3] * (rank - 1) if rank > 1 else [3]
+        elif shape == "3x1":
+            kernel = [3] * (rank - 1) + [1] if rank > 1 else [1]
+        elif shape == "full":  # as large as the input: VALID gives a 1-sized output (Add broadcasts it)
+            kernel = list(spatial)
+        else:
+            kernel = [int(shape)] * rank
+        totals = [dilation * (k - 1) for k in kernel]
+        padding = self.draw(
+            st.sampled_from(["centred", "asymmetric", "SAME_UPPER", "SAME_LOWER", "VALID", "shifted"])
+        )
+        if shape == "full":
+            padding = "VALID" if dilation == 1 else "centred"
+        elif dilation > 1 and padding.startswith("SAME"):  # ONNX Runtime runs SAME_* undilated only
+            padding = "centred"
+        attributes: dict = {"kernel_shape": kernel} if self.draw(st.booleans()) else {}
+        if padding in ("SAME_UPPER", "SAME_LOWER", "VALID"):
+            attributes["auto_pad"] = padding
+        else:
+            begin = [total // 2 for total in totals]
+            if padding == "asymmetric":  # the odd pad at the other end, or one more at one end
+                begin = [total - b for b, total in zip(begin, totals, strict=True)]
+            elif padding == "shifted":  # one step off the centre: misaligned under a dilation
+                shift = self.draw(st.sampled_from([-1, 1]))
+                begin = [min(max(b + shift, 0), total) for b, total in zip(begin, totals, strict=True)]
+            attributes["pads"] = begin + [total - b for b, total in zip(begin, totals, strict=True)]
+        return kernel, attributes, f"k={'x'.join(map(str, kernel))} {padding}"
+
+    @staticmethod
+    def _conv_output(
+        spatial: list[int], kernel: list[int], attributes: dict, stride: int, dilation: int
+    ) -> list[int]:
+        auto_pad = attributes.get("auto_pad", "NOTSET")
+        sizes = []
+        for axis, (size, k) in enumerate(zip(spatial, kernel, strict=True)):
+            if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+                sizes.append(-(-size // stride))
+                continue
+            pads = attributes.get("pads", [0] * (2 * len(spatial)))
+            padded = size + pads[axis] + pads[axis + len(spatial)] - dilation * (k - 1)
+            sizes.append((padded - 1) // stride + 1 if padded >= 1 else 0)
+        return sizes
+
+    def branches(self, x: Tensor) -> Tensor:
+        """Conv branches of ``x`` (each maybe then BN), maybe an identity branch, summed by Adds.
+
+        RepVGG / ACNet / MobileOne blocks, and near misses: one branch with another stride, dilation,
+        groups or channel count, misaligned pads, an output of another size the Add broadcasts.
+        """
+        batch, in_channels, *spatial = x.shape
+        groups = self.draw(st.sampled_from([g for g in (1, 2, 3, 4) if in_channels % g == 0]))
+        out_channels = in_channels if self.draw(st.booleans()) else groups * self.draw(st.integers(1, 3))
+        stride = self.draw(st.sampled_from([1, 1, 1, 2]))
+        dilation = self.draw(st.sampled_from([1, 1, 2]))
+        identity = self.draw(st.sampled_from([None, None, "plain", "bn"]))
+        count = self.draw(st.integers(1 if identity else 2, 3))
+        self.steps.append(
+            f"branches(out={out_channels}, group={groups}, stride={stride}, dilation={dilation}, "
+            f"identity={identity})"
+        )
+        summands: list[Tensor] = []
+        for _ in range(count):
+            branch_groups, branch_out, branch_stride, branch_dilation = groups, out_channels, stride, dilation
+            odd = self.draw(st.sampled_from(["", "", "", "", "stride", "dilation", "groups", "channels"]))
+            if odd == "stride":
+                branch_stride = max(spatial)  # a 1-sized output, which the Add broadcasts
+            elif odd == "dilation":
+                branch_dilation = 3 - dilation
+            elif odd == "groups":
+                others = [
+                    g for g in (1, 2, 4) if g != groups and in_channels % g == 0 and out_channels % g == 0
+                ]
+                branch_groups = others[0] if others else groups
+            elif odd == "channels":
+                branch_out = 1
+            if branch_out % branch_groups:
+                branch_groups = 1
+            kernel, attributes, shown = self._conv_geometry(spatial, branch_stride, branch_dilation)
+            sizes = self._conv_output(spatial, kernel, attributes, branch_stride, branch_dilation)
+            if min(sizes) < 1:  # a window larger than the padded input: pad it as SAME would
+                attributes.pop("auto_pad", None)
+                totals = [branch_dilation * (k - 1) for k in kernel]
+                attributes["pads"] = [t // 2 for t in totals] + [t - t // 2 for t in totals]
+                sizes = self._conv_output(spatial, kernel, attributes, branch_stride, branch_dilation)
+            weight_shape = [branch_out, in_channels // branch_groups, *kernel]
+            inputs = [x.name, self.constant("W", self.rng.standard_normal(weight_shape) * 0.5)]
+            if self.draw(st.booleans()):
+                inputs.append(self.constant("B", self.rng.standard_normal(branch_out)))
+            for name, value in (("strides", branch_stride), ("dilations", branch_dilation)):
+                if value != 1 or self.draw(st.booleans()):
+                    attributes[name] = [value] * len(spatial)
+            self.steps.append(
+                f"  Conv(out={branch_out}, group={branch_groups}, {shown}, stride={branch_stride}, "
+                f"dilation={branch_dilation}, bias={len(inputs) == 3}{', ' + odd if odd else ''})"
+            )
+            output = self.node("Conv", inputs, [batch, branch_out, *sizes], group=branch_groups, **attributes)
+            if self.draw(st.booleans()):
+                output = self.batchnorm(output)
+            summands.append(output)
+        if identity == "plain":
+            summands.append(x)
+        elif identity == "bn":
+            summands.append(self.batchnorm(x))
+        if not self.draw(st.integers(0, 9)):  # a branch summed with itself
+            summands.append(summands[0])
+            self.steps.append(f"  {summands[0].name} twice")
+        # A branch read elsewhere, or a graph output: it cannot go.
+        if self.draw(st.integers(0, 3)) == 0:
+            self.maybe_expose(self.draw(st.sampled_from(summands)))
+        order = self.draw(st.permutations(range(len(summands))))
+        summands = [summands[i] for i in order]
+        while len(summands) > 1:  # a random association: Add(Add(a, b), c), Add(a, Add(b, c)), ...
+            position = self.draw(st.integers(0, len(summands) - 2))
+            left, right = summands[position], summands[position + 1]
+            try:
+                shape = list(np.broadcast_shapes(tuple(left.shape), tuple(right.shape)))
+            except ValueError:  # sizes the Add cannot broadcast: keep the first
+                summands[position : position + 2] = [left]
+                continue
+            summands[position : position + 2] = [self.node("Add", [left.name, right.name], shape)]
+        self.steps.append(f"  sum {summands[0].name}")
+        return summands[0]
+
+    # -- a Reshape or Flatten between a layer and its BN (conv/gemm/matmul-reshape-bn) -------------
+    def _shape_constant(self, values: list[int]) -> str:
+        """The shape input of a Reshape: constant, or (sometimes) computed by an Identity at run time."""
+        name = self.constant("shape", np.asarray(values, np.int64), shareable=False, dtype=np.int64)
+        if self.draw(st.integers(0, 7)) == 0:
+            self.steps.append("shape computed at run time")
+            computed = self.fresh("computed_shape")
+            self.nodes.append(helper.make_node("Identity", [name], [computed], name=computed))
+            return computed
+        return name
+
+    def _reshape(self, x: Tensor, shape: list[int], allowzero: bool = False) -> Tensor:
+        """``x`` reshaped; ``shape`` may hold 0 (copy) and -1 (infer), as Reshape reads them."""
+        size = int(np.prod(x.shape))
+        resolved = [
+            x.shape[axis] if value == 0 and not allowzero else value for axis, value in enumerate(shape)
+        ]
+        if -1 in resolved:
+            known = int(np.prod([v for v in resolved if v != -1]))
+            resolved[resolved.index(-1)] = size // known if known else 0
+        attributes = {"allowzero": 1} if allowzero else {}
+        return self.node("Reshape", [x.name, self._shape_constant(shape)], resolved, **attributes)
+
+    def reshape_bn(self, x: Tensor) -> Tensor:
+        """Layer -> Reshape/Flatten -> BN [-> Reshape back]: LeViT's BatchNorm1d over flattened tokens,
+        a Linear reshaped for a BatchNorm2d, a Conv's positions flattened; and channel-mixing ones."""
+        if len(x.shape) > 2:
+            layer = self.conv(x, transpose=False)
+            channel_axis = 1
+        elif self.draw(st.booleans()):
+            layer = self.gemm(x)
+            channel_axis = 1
+        else:
+            if self.draw(st.booleans()):  # tokens: [M, K] -> [1, M, K] (or [M, 1, K])
+                lead = self.draw(st.sampled_from([[1, x.shape[0]], [x.shape[0], 1]]))
+                self.steps.append(f"Reshape{lead + [x.shape[1]]}")
+                x = self._reshape(x, [*lead, x.shape[1]])
+            batch_shape, features = x.shape[:-1], x.shape[-1]
+            out_features = self.draw(st.integers(1, 8))
+            weight = self.constant("W", self.rng.standard_normal((features, out_features)) * 0.5)
+            layer = self.node("MatMul", [x.name, weight], [*batch_shape, out_features])
+            self.steps.append(f"MatMul(out={out_features})")
+            if self.draw(st.booleans()):
+                bias = self.constant("bias", self.rng.standard_normal(out_features))
+                layer = self.node("Add", [layer.name, bias], layer.shape)
+                self.steps.append("Add(bias)")
+            channel_axis = len(layer.shape) - 1
+        shape = layer.shape
+        channels = shape[channel_axis]
+        rank = len(shape)
+        tokens = int(np.prod(shape)) // channels
+        inner = int(np.prod(shape[channel_axis + 1 :]))
+        lowest = -rank if self.opset >= 11 else 0  # negative Flatten axes from opset 11
+        candidates: list[tuple[str, list[int] | int]] = [
+            ("flatten", axis) for axis in range(lowest, rank + 1)
+        ]
+        if channel_axis == rank - 1:  # channels last: [..., C] -> [tokens, C]
+            candidates += [("reshape", s) for s in ([-1, channels], [tokens, channels], [-1, channels, 1])]
+        else:  # channels on axis 1: [N, C, ...] -> [N, C, positions] / [N, C, 1, 1]
+            candidates += [
+                ("reshape", s)
+                for s in ([0, 0, -1], [0, channels, -1], [shape[0], channels, inner], [-1, channels, 1, 1])
+            ]
+        # Channel-mixing ones.
+        # Channel-mixing ones (the last two keep the channels only when the leading size matches).
+        mixing = ([channels, -1], [-1, 1], [1, -1], [0, -1, 1], [-1, 2], [1, channels, -1], [2, channels, -1])
+        candidates += [("reshape", s) for s in mixing]
+        kind, how = self.draw(st.sampled_from(candidates))
+        allowzero = False
+        if kind == "flatten":
+            flat = self.node("Flatten", [layer.name], _flattened(shape, how), axis=how)
+            self.steps.append(f"Flatten(axis={how})")
+        else:
+            how = list(how)
+            if how == [-1, 2] and int(np.prod(shape)) % 2:
+                how = [-1, 1]  # an odd size: a shape that divides it
+            elif how == [2, channels, -1] and tokens % 2:
+                how = [1, channels, -1]
+            allowzero = self.opset >= 14 and 0 not in how and self.draw(st.booleans())
+            flat = self._reshape(layer, how, allowzero=allowzero)
+            self.steps.append(f"Reshape({how}{', allowzero' if allowzero else ''})")
+        if len(flat.shape) < 2:
+            return flat
+        output = self.batchnorm(flat)
+        back = self.draw(st.sampled_from(["none", "constant", "shape-of-layer"]))
+        if back == "constant":
+            self.steps.append("Reshape back")
+            output = self._reshape(output, list(shape))
+        elif back == "shape-of-layer":  # the TorchScript reshape_as: a Shape reader of the layer output
+            self.steps.append("Reshape back (Shape of the layer)")
+            layer_shape = self.fresh("layer_shape")
+            self.nodes.append(helper.make_node("Shape", [layer.name], [layer_shape], name=layer_shape))
+            output = self.node("Reshape", [output.name, layer_shape], list(shape))
+        return output
+
     # -- extra readers of a tensor -------------------------------------------------------------
     def maybe_expose(self, x: Tensor) -> None:
         """Sometimes read ``x`` elsewhere: as a graph output, or through a side Relu that is one."""
@@ -215,6 +441,11 @@ class _GraphBuilder:
             side = Tensor(self.fresh("side"), x.shape)
             self.nodes.append(helper.make_node("Relu", [x.name], [side.name], name=side.name))
             self.outputs.append(side)
+
+
+def _flattened(shape: list[int], axis: int) -> list[int]:
+    axis += len(shape) if axis < 0 else 0
+    return [int(np.prod(shape[:axis])), int(np.prod(shape[axis:]))]
 
 
 @st.composite
@@ -235,9 +466,16 @@ def graphs(draw) -> Recipe:
     current = x
     for _ in range(draw(st.integers(1, 6))):
         is_image = len(current.shape) > 2
-        layers = ["conv", "convtranspose", "flatten"] if is_image else ["gemm", "matmul"]
-        layer = draw(st.sampled_from([*layers, "relu", "add", "batchnorm"]))
-        if layer in ("conv", "convtranspose"):
+        layers = (
+            ["conv", "convtranspose", "flatten", "branches", "branches"] if is_image else ["gemm", "matmul"]
+        )
+        layer = draw(st.sampled_from([*layers, "reshape_bn", "relu", "add", "batchnorm"]))
+        if layer == "branches":
+            current = builder.branches(current)
+        elif layer == "reshape_bn":
+            current = builder.reshape_bn(current)
+            continue
+        elif layer in ("conv", "convtranspose"):
             current = builder.conv(current, transpose=layer == "convtranspose")
         elif layer == "gemm":
             current = builder.gemm(current)
@@ -289,8 +527,16 @@ ATTRIBUTE_VALUES = {
     "training_mode": [1],
     "momentum": [0.5],
     "axis": [0, 2, -1],
-    "pads": [[0], [1, 1, 1, 1, 1, 1, 1, 1]],
+    "pads": [[0], [1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0], [0, 1, 1, 0], [2, 0, 0, 2]],
+    "strides": [[2, 2], [1], [3, 3, 3]],
+    "dilations": [[2, 2], [0, 0], [1]],
+    "auto_pad": ["SAME_UPPER", "SAME_LOWER", "VALID", "NOTSET", "BOGUS"],
+    "kernel_shape": [[1, 1], [3, 3], [5, 5, 5]],
+    "allowzero": [1, 2],
 }
+
+# Shapes a Reshape may be given instead of its own: wrong sizes, two -1, copies of missing axes.
+RESHAPE_SHAPES = ([-1], [-1, -1], [0, 0, 0, 0, 0], [-2, 1], [], [1, 1, 1], [0, -1], [-1, 0], [2, -1, 1])
 
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "BatchNormalization")
 REPLACEMENTS = ("scalar", "short", "long", "empty", "int64", "float64", "float16", "nan", "rank-up")
@@ -347,6 +593,10 @@ def mutations(draw, model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]
                     "foreign-domain",
                     "swap-nodes",
                     "identity-before-bn",
+                    "rewire-activation",
+                    "swap-weights",
+                    "reshape-shape",
+                    "stale-value-info",
                 ]
             )
         )
@@ -355,7 +605,11 @@ def mutations(draw, model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]
             break
         node = draw(st.sampled_from(nodes))
         if kind == "attribute":
-            name = draw(st.sampled_from(sorted(ATTRIBUTE_VALUES)))
+            # Mostly one the operator has (an unknown one fails the checker on load).
+            known = [name for name in sorted(ATTRIBUTE_VALUES) if name in _schema_attributes(node, mutated)]
+            name = draw(
+                st.sampled_from(known if known and draw(st.integers(0, 3)) else sorted(ATTRIBUTE_VALUES))
+            )
             value = draw(st.sampled_from(ATTRIBUTE_VALUES[name]))
             _set_attribute(node, name, value)
             done.append(f"{node.name}.{name}={value}")
@@ -438,4 +692,74 @@ def mutations(draw, model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]
             )
             node.input[0] = copied
             done.append(f"Identity before {node.name}")
+        elif kind == "rewire-activation" and node.input:
+            # A data input (branch-merge's Add inputs, a Conv's x, a Reshape's data) to another
+            # activation: branches of different tensors, a BN reading past its Reshape, a cycle.
+            slot = draw(st.integers(0, len(node.input) - 1)) if node.op_type == "Add" else 0
+            activations = sorted(
+                {info.name for info in graph.input} | {o for n in nodes for o in n.output if o}
+            )
+            target = draw(st.sampled_from(activations))
+            node.input[slot] = target
+            done.append(f"{node.name}.input[{slot}] = {target!r}")
+        elif kind == "swap-weights":
+            layers = [n for n in nodes if n.op_type in LAYERS[:4] and len(n.input) > 1]
+            if len(layers) > 1:
+                first, second = draw(st.permutations(layers))[:2]
+                first.input[1], second.input[1] = second.input[1], first.input[1]
+                done.append(f"swap weights of {first.name} and {second.name}")
+        elif kind == "reshape-shape":
+            reshapes = [n for n in nodes if n.op_type == "Reshape" and len(n.input) > 1]
+            if reshapes:
+                reshape = draw(st.sampled_from(reshapes))
+                values = draw(st.sampled_from(RESHAPE_SHAPES))
+                name = f"{reshape.name}_mutated_shape"
+                graph.initializer.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
+                reshape.input[1] = name
+                done.append(f"{reshape.name} shape {values}")
+        elif kind == "stale-value-info" and node.output and node.output[0]:
+            # A declared shape that is not what runs (ONNX Runtime only warns): a batch size edited
+            # on the inputs alone, a rank from another export. Mostly a layer's output read by a Reshape.
+            reshaped = {n.input[0] for n in nodes if n.op_type in ("Reshape", "Flatten") and n.input}
+            layers = [n for n in nodes if n.op_type in LAYERS and n.output and n.output[0] in reshaped]
+            if layers and draw(st.booleans()):
+                node = draw(st.sampled_from(layers))
+            dims = _inferred_dims(mutated).get(node.output[0])
+            if dims:
+                how = draw(st.sampled_from(["halve", "double", "drop-axis", "add-axis", "swap"]))
+                if how in ("halve", "double"):
+                    axis = draw(st.integers(0, len(dims) - 1))
+                    dims[axis] = max(1, dims[axis] // 2) if how == "halve" else dims[axis] * 2
+                elif how == "drop-axis" and len(dims) > 1:
+                    dims = [dims[0] * dims[1], *dims[2:]]
+                elif how == "add-axis":
+                    dims = [1, *dims]
+                else:
+                    dims = dims[::-1]
+                elem_type = graph.input[0].type.tensor_type.elem_type if graph.input else TensorProto.FLOAT
+                graph.value_info.append(helper.make_tensor_value_info(node.output[0], elem_type, dims))
+                done.append(f"{node.output[0]} declared {dims} ({how})")
     return mutated, done
+
+
+def _inferred_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Static sizes of the activations, as ONNX shape inference finds them."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a mutation may have broken inference
+        return {}
+    dims = {}
+    for info in inferred.graph.value_info:
+        shape = info.type.tensor_type.shape
+        if info.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in shape.dim):
+            dims[info.name] = [d.dim_value for d in shape.dim]
+    return dims
+
+
+def _schema_attributes(node: onnx.NodeProto, model: onnx.ModelProto) -> set[str]:
+    """The attributes the node's operator schema declares at the model's opset (none if unknown)."""
+    opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 1)
+    try:
+        return set(onnx.defs.get_schema(node.op_type, opset, node.domain).attributes)
+    except onnx.defs.SchemaError:
+        return set()

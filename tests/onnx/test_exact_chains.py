@@ -165,3 +165,35 @@ def test_a_fold_that_nothing_follows_keeps_no_float64_copy():
 
     _fold_graph(index, fold_onnx.__kwdefaults__["rules"], set(), Report(), False)
     assert context.exact_values == {}
+
+
+def test_an_exact_value_is_not_read_by_a_sibling_subgraph_weight_of_the_same_name():
+    """An If whose two branches each hold an initializer ``W``: the else branch's ``Conv -> BN -> BN``
+    keeps W's float64 value for a second fold that its degenerate BN then refuses, and the then
+    branch's ``Conv(W) -> BN`` must fold its own W, not that one (the cache was keyed by name only)."""
+
+    def branch(name: str, seed: int, chained: bool) -> onnx.GraphProto:
+        rng = np.random.default_rng(seed)
+        initializers = [tensor("W", rng.standard_normal((4, 4, 1, 1)), np.float32)]
+        initializers += bn_params(rng, 4, prefix="bn1")
+        nodes = [helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "n1" if chained else "out", "bn1")]
+        if chained:  # a second BN that is kept (negative variance): the chain ends on a Rounded W
+            initializers += bn_params(rng, 4, prefix="bn2")
+            initializers[-1] = tensor("bn2_var", -np.ones(4), np.float32)
+            nodes.append(bn_node("n1", "out", prefix="bn2"))
+        outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)]
+        return helper.make_graph(nodes, name, [], outputs, initializers)
+
+    node = helper.make_node(
+        "If", ["cond"], ["y"], then_branch=branch("then", 1, False), else_branch=branch("else", 2, True)
+    )
+    inputs = [
+        helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3, 3]),
+    ]
+    model = make_model([node], inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [])
+    result = fold_onnx(model)
+    assert len(result.report.folded) == 2, result.report.to_text()
+    x = np.random.default_rng(5).standard_normal((1, 4, 3, 3)).astype(np.float32)
+    feeds = {"cond": np.array(True), "x": x}
+    np.testing.assert_allclose(run(result.model, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from bnfold import Outcome, Reason, fold_onnx
-from tests.builders import DTYPES, bn_node, bn_params, gemm_bn_model, make_model, op_types, tensor
+from tests.builders import DTYPES, bn_node, bn_params, gemm_bn_model, make_model, op_types, run, tensor
 from tests.onnx.helpers import fold_and_compare, only_decision
 
 NUMPY = {name: numpy_dtype for name, (numpy_dtype, _) in DTYPES.items()}
@@ -420,3 +420,62 @@ def test_a_shape_reader_of_the_linear_output_does_not_block_the_fold_but_one_of_
     _with_extra_output(reshape_read, "flat_shape_out", TensorProto.INT64)
     # The Reshape hands its output name to the BN's readers: a Shape of it would lose its input.
     assert only_decision(fold_onnx(reshape_read)).reason is Reason.PRODUCER_HAS_OTHER_CONSUMERS
+
+
+# -- declared shapes that are not what runs --------------------------------------------------------
+
+
+def _stale_shape_model() -> onnx.ModelProto:
+    """x [6, 3] [-> Relu] -> MatMul [6, 4] -> Reshape [2, 4, -1] -> BN(4) -> y, with value_info that
+    declares the MatMul output [2, 4] (what it was before the batch size was edited on the input).
+
+    ONNX Runtime only warns about such value_info. Trusted, it made the Reshape look like [2, 4, 1]
+    (one element per channel, channel-preserving) where it gives [2, 4, 3] (found by the fuzz
+    mutation ``stale-value-info``).
+    """
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"], name="mm")]
+    nodes += [
+        helper.make_node("Reshape", ["mm", "shape"], ["flat"], name="flat"),
+        bn_node("flat", "y"),
+    ]
+    initializers = [
+        tensor("W", rng.standard_normal((3, 4)), np.float32),
+        _shape_input("shape", [2, 4, -1]),
+        *bn_params(rng, 4),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, 3])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 3])]
+    model = make_model(nodes, inputs, outputs, initializers)
+    model.graph.value_info.append(helper.make_tensor_value_info("mm", TensorProto.FLOAT, [2, 4]))
+    return model
+
+
+def test_stale_value_info_does_not_make_a_reshape_look_channel_preserving():
+    model = _stale_shape_model()
+    result = fold_onnx(model)
+    decision = only_decision(result)
+    assert decision.reason is Reason.RESHAPE_NOT_CHANNEL_PRESERVING, decision.message
+    assert "[2, 4, 3]" in decision.detail
+    x = np.random.default_rng(1).standard_normal((6, 3)).astype(np.float32)
+    np.testing.assert_allclose(run(result.model, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_stale_value_info_rank_does_not_make_matmul_bn_fold_a_3d_output():
+    """x [2, 4, 3] -> Relu -> MatMul [2, 4, 4] -> BN over axis 1 (the tokens, not the columns), with
+    the Relu output declared 2-D: matmul-bn must still see a 3-D output and refuse."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "W"], ["mm"], name="mm"),
+        bn_node("mm", "y"),
+    ]
+    initializers = [tensor("W", rng.standard_normal((3, 4)), np.float32), *bn_params(rng, 4)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 3])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 4])]
+    model = make_model(nodes, inputs, outputs, initializers)
+    model.graph.value_info.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [8, 3]))
+    result = fold_onnx(model)
+    assert only_decision(result).reason is Reason.CHANNEL_AXIS_MISMATCH, only_decision(result).message
+    x = np.random.default_rng(1).standard_normal((2, 4, 3)).astype(np.float32)
+    np.testing.assert_allclose(run(result.model, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
