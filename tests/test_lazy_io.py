@@ -130,6 +130,10 @@ def test_inline_fold_through_the_cli_equals_the_in_memory_fold(tmp_path):
     assert output.read_bytes() == fold_onnx(original).model.SerializeToString()
 
 
+def location_of(tensor: TensorProto) -> str:
+    return {entry.key: entry.value for entry in tensor.external_data}["location"]
+
+
 def test_a_fold_of_a_lazy_model_keeps_new_weights_in_memory_within_the_budget(tmp_path):
     source = tmp_path / "model.onnx"
     onnx.save_model(conv_bn_and_plain_conv(), source)
@@ -138,10 +142,78 @@ def test_a_fold_of_a_lazy_model_keeps_new_weights_in_memory_within_the_budget(tm
     fold_onnx(loaded.model, inplace=True)
 
     weights = {t.name: t for t in loaded.model.graph.initializer}
-    assert weights["W1"].data_location != TensorProto.EXTERNAL and weights["W1"].HasField("raw_data")
-    assert weights["W2"].data_location == TensorProto.EXTERNAL  # untouched: still on disk
+    # The new weight is the fold's array, referred to from the tensor, not copied into raw_data.
+    assert weights["W1"].data_location == TensorProto.EXTERNAL and not weights["W1"].HasField("raw_data")
+    assert location_of(weights["W1"]).startswith(io.MEMORY_LOCATION)
+    assert location_of(weights["W2"]) == str(source.resolve())  # untouched: still on disk
+    assert weights["B1"].HasField("raw_data")  # small: in the protobuf as usual
     expected = {t.name: t for t in fold_onnx(conv_bn_and_plain_conv()).model.graph.initializer}
-    assert weights["W1"].SerializeToString() == expected["W1"].SerializeToString()
+    value = read_tensor(weights["W1"])
+    assert np.shares_memory(value, read_tensor(weights["W1"]))  # the same array each time, no copy
+    np.testing.assert_array_equal(value, numpy_helper.to_array(expected["W1"]))
+    assert value.dtype == np.float32 and value.shape == (32, 32, 3, 3)
+    assert not value.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        value[0, 0, 0, 0] = 1.0
+    # What a rule reads back through the graph index is that array too.
+    from bnfold.onnx.graph import GraphIndex, ModelContext
+
+    index = GraphIndex(loaded.model.graph, ModelContext(loaded.model))
+    assert np.shares_memory(index.constant("W1").value, value)
+
+
+def saved_in(directory: Path, model: onnx.ModelProto, external: bool) -> Path:
+    """``model`` saved as ``directory/model.onnx`` (a new directory), with external data or inline."""
+    directory.mkdir()
+    source = directory / "model.onnx"
+    if external:
+        return _save_external(model, source, "model.data")
+    onnx.save_model(model, source)
+    return source
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
+@pytest.mark.parametrize("budget", [None, 32 * 32 * 9 * 4, 0], ids=["memory", "memory+spill", "spill"])
+def test_a_lazy_fold_saves_the_bytes_of_the_in_memory_fold(external, budget, tmp_path, monkeypatch):
+    if budget is not None:
+        monkeypatch.setattr(graph, "NEW_WEIGHTS_MEMORY_BUDGET", budget)
+    original = bn_after_both_convs()
+    source = saved_in(tmp_path / "in", original, external)
+    before = snapshot(source.parent)
+    loaded = load_model(source, lazy=True)
+    fold_onnx(loaded.model, inplace=True)
+    lazy_output, plain_output = tmp_path / "lazy" / "out.onnx", tmp_path / "plain" / "out.onnx"
+    lazy_output.parent.mkdir()
+    plain_output.parent.mkdir()
+
+    save_model(loaded.model, lazy_output, external_data=external)
+    in_memory = fold_onnx(source).model  # loaded whole (external data included), folded in memory
+    save_model(in_memory, plain_output, external_data=external)
+
+    assert lazy_output.read_bytes() == plain_output.read_bytes()
+    if external:
+        data = tmp_path / "lazy" / "out.onnx.data"
+        assert data.read_bytes() == (tmp_path / "plain" / "out.onnx.data").read_bytes()
+    else:
+        assert lazy_output.read_bytes() == in_memory.SerializeToString()
+        assert lazy_output.read_bytes() == fold_onnx(original).model.SerializeToString()
+    assert snapshot(source.parent) == before  # the input files are never written
+    assert temporary_files(tmp_path) == []
+
+
+def test_models_not_loaded_lazily_get_self_contained_new_weights(tmp_path):
+    source = tmp_path / "model.onnx"
+    onnx.save_model(conv_bn_and_plain_conv(), source)
+    proto = conv_bn_and_plain_conv()
+    unloaded = _save_external(conv_bn_and_plain_conv(), tmp_path / "ext.onnx", "ext.data")
+
+    expected = fold_onnx(conv_bn_and_plain_conv()).model.SerializeToString()
+    for result in (fold_onnx(source), fold_onnx(proto), fold_onnx(proto, inplace=True)):
+        assert not io.has_data_on_disk(result.model)
+        assert all(t.HasField("raw_data") for t in result.model.graph.initializer)
+        assert result.model.SerializeToString() == expected
+    # External data that was not loaded is not a lazy load: a fold does not put new weights in memory.
+    assert not io.is_lazy(onnx.load(unloaded, load_external_data=False))
 
 
 def test_read_tensor_maps_the_file_read_only(tmp_path):
@@ -161,8 +233,8 @@ def test_read_tensor_maps_the_file_read_only(tmp_path):
     )
 
 
-def test_new_weights_beyond_the_budget_go_to_the_spill_file(tmp_path, monkeypatch):
-    channels = 32
+def bn_after_both_convs(channels: int = 32) -> onnx.ModelProto:
+    """x -Conv(W1)-> BN -> Conv(W2) -> BN -> y: two new weights of channels x channels x 3 x 3."""
     model = conv_bn_and_plain_conv(channels)
     rng = np.random.default_rng(5)
     stats = [rng.uniform(0.5, 1.5, channels), rng.standard_normal(channels), rng.standard_normal(channels)]
@@ -174,6 +246,12 @@ def test_new_weights_beyond_the_budget_go_to_the_spill_file(tmp_path, monkeypatc
     )
     model.graph.node[-1].output[0] = "c2"
     model.graph.node.append(helper.make_node("BatchNormalization", ["c2", *names], ["y"], name="bn2"))
+    return model
+
+
+def test_new_weights_beyond_the_budget_go_to_the_spill_file(tmp_path, monkeypatch):
+    channels = 32
+    model = bn_after_both_convs(channels)
     source = tmp_path / "model.onnx"
     onnx.save_model(model, source)
     weight_bytes = channels * channels * 9 * 4
@@ -183,14 +261,52 @@ def test_new_weights_beyond_the_budget_go_to_the_spill_file(tmp_path, monkeypatc
     fold_onnx(loaded.model, inplace=True)
 
     weights = {t.name: t for t in loaded.model.graph.initializer}
-    assert weights["W1"].HasField("raw_data")  # the first fits the budget
-    location = {entry.key: entry.value for entry in weights["W2"].external_data}["location"]
+    assert location_of(weights["W1"]).startswith(io.MEMORY_LOCATION)  # the first fits the budget
+    location = location_of(weights["W2"])
     assert weights["W2"].data_location == TensorProto.EXTERNAL and location != str(source.resolve())
+    assert os.path.isabs(location)  # the spill file
     expected = {t.name: t for t in fold_onnx(model).model.graph.initializer}
     np.testing.assert_array_equal(read_tensor(weights["W2"]), numpy_helper.to_array(expected["W2"]))
     output = tmp_path / "folded.onnx"
     save_model(loaded.model, output)
     assert output.read_bytes() == fold_onnx(model).model.SerializeToString()
+
+
+def test_the_memory_budget_is_the_processs_not_each_folds(tmp_path, monkeypatch):
+    # The store of new weights lives as long as the process (models may refer to it): a service
+    # folding one lazily loaded model after another must not hold a budget's worth per fold.
+    channels = 32
+    source = tmp_path / "model.onnx"
+    onnx.save_model(bn_after_both_convs(channels), source)
+    monkeypatch.setattr(graph, "NEW_WEIGHTS_MEMORY_BUDGET", 2 * channels * channels * 9 * 4)
+    first, second = load_model(source, lazy=True), load_model(source, lazy=True)
+
+    fold_onnx(first.model, inplace=True)
+    fold_onnx(second.model, inplace=True)
+
+    locations = [location_of(t) for t in second.model.graph.initializer if t.name in ("W1", "W2")]
+    assert not any(location.startswith(io.MEMORY_LOCATION) for location in locations)
+    assert io.memory_store_bytes() == 2 * channels * channels * 9 * 4
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
+def test_the_cli_verifies_a_fold_whose_weights_are_in_memory_and_spilled(external, tmp_path, monkeypatch):
+    monkeypatch.setattr(graph, "NEW_WEIGHTS_MEMORY_BUDGET", 32 * 32 * 9 * 4)  # W1 in memory, W2 spilled
+    original = bn_after_both_convs()
+    source = saved_in(tmp_path / "in", original, external)
+    before = snapshot(source.parent)
+    output = tmp_path / "folded.onnx"
+
+    ran = in_process(source, "-o", output, "--provider", "cpu", "--report", tmp_path / "report.json")
+
+    assert ran.code == 0, ran.output
+    report = (tmp_path / "report.json").read_text()
+    assert '"passed": true' in report
+    assert snapshot(source.parent) == before
+    assert (tmp_path / "folded.onnx.data").exists() == external
+    assert "BatchNormalization" not in op_types(load_model(output).model)
+    np.testing.assert_allclose(run_path(output, feeds())[0], run(original, feeds())[0], rtol=1e-4, atol=1e-4)
+    assert temporary_files(tmp_path) == []
 
 
 def test_a_fold_of_a_lazy_model_spills_new_weights_to_disk(tmp_path, monkeypatch):
@@ -202,8 +318,9 @@ def test_a_fold_of_a_lazy_model_spills_new_weights_to_disk(tmp_path, monkeypatch
     fold_onnx(loaded.model, inplace=True)
 
     (weight,) = [t for t in loaded.model.graph.initializer if t.name == "W1"]
-    location = {entry.key: entry.value for entry in weight.external_data}["location"]
+    location = location_of(weight)
     assert weight.data_location == TensorProto.EXTERNAL and location != str(source.resolve())
+    assert os.path.isabs(location)  # the spill file: nothing in memory
     expected = fold_onnx(conv_bn_and_plain_conv()).model
     (want,) = [t for t in expected.graph.initializer if t.name == "W1"]
     np.testing.assert_array_equal(read_tensor(weight), numpy_helper.to_array(want))

@@ -21,7 +21,16 @@ from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto,
 
 from bnfold.affine import Rounded
 from bnfold.errors import ModelLoadError
-from bnfold.onnx.io import EXTERNAL_DATA_THRESHOLD, has_data_on_disk, read_tensor, store_tensor
+from bnfold.onnx.io import (
+    EXTERNAL_DATA_THRESHOLD,
+    IN_MEMORY,
+    RAW_DATA,
+    SPILL,
+    is_lazy,
+    memory_store_bytes,
+    read_tensor,
+    store_tensor,
+)
 from bnfold.report import Reason
 
 __all__ = ["ModelContext", "GraphIndex", "ConstantLookup", "subgraphs_of", "default_opset"]
@@ -31,14 +40,16 @@ logger = logging.getLogger(__name__)
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 NEW_WEIGHTS_MEMORY_BUDGET = 512 * 2**20
-"""How many bytes of new weights a fold of a lazily loaded model keeps in memory (raw_data); the
-weights after those go to the spill file (:func:`bnfold.onnx.io.store_tensor`).
+"""How many bytes of new weights of lazily loaded models this process keeps in memory (as the arrays
+the folds computed, in :mod:`bnfold.onnx.io`'s in-memory store, not copied into the protobuf); the
+weights after those go to the spill file (:func:`bnfold.onnx.io.store_tensor`). The store lives as
+long as the process, so the budget is the process's, not one fold's.
 
 Big enough that a model under the 2 GB protobuf limit mostly stays in memory (the weights of the
 530 MB all-conv benchmark model nearly all fit, and writing them to a file only to copy them into
 the output again costs as much as the fold's arithmetic), small enough that a fold of a larger model
 (external data) stays under 1 GB of peak RSS: about 200 MB for the rest of the process, this budget,
-and the few copies of the one weight being stored.
+and the float64 block buffer of the one weight being computed.
 """
 
 
@@ -127,9 +138,8 @@ class ModelContext:
         # (graph index, tensor name) pairs that a fold may have left unused; pruned in finalize().
         self.prune_candidates: list[tuple[GraphIndex, str]] = []
         # Weights left on disk by load_model(lazy=True): new ones stay in memory up to a budget and
-        # go to the spill file beyond it (see GraphIndex._keep_on_disk).
-        self.lazy = has_data_on_disk(model)
-        self.new_weight_bytes = 0  # new main-graph weights of a lazy model kept in memory so far
+        # go to the spill file beyond it (see GraphIndex._keep_new_weight).
+        self.lazy = is_lazy(model)
         # Folded weights that carry their float64 value (affine.Rounded), oldest first, by (graph
         # index, tensor name): sibling subgraphs (an If's two branches) may each hold a weight "W".
         self.exact_values: OrderedDict[tuple[int, str], Rounded] = OrderedDict()
@@ -409,7 +419,7 @@ class GraphIndex:
         old_name = node.input[slot] if slot < len(node.input) else ""
         if old_name and not self.other_consumers(old_name, node) and not self.is_graph_output(old_name):
             if old_name in self.initializers and old_name not in self.graph_inputs:
-                store_tensor(self.initializers[old_name], value, on_disk=self._keep_on_disk(value))
+                store_tensor(self.initializers[old_name], value, keep=self._keep_new_weight(value))
                 self._remember_exact(old_name, value)
                 return
             producer = self.producer.get(old_name)
@@ -421,7 +431,7 @@ class GraphIndex:
         new_name = self.context.fresh_name(base_name)
         tensor = self.graph.initializer.add()
         tensor.name = new_name
-        store_tensor(tensor, value, on_disk=self._keep_on_disk(value))
+        store_tensor(tensor, value, keep=self._keep_new_weight(value))
         self.initializers[new_name] = tensor
         self._remember_exact(new_name, value)
         while len(node.input) <= slot:
@@ -442,16 +452,17 @@ class GraphIndex:
             for reader in self.consumers.get(name, [])
         )
 
-    def _keep_on_disk(self, value: np.ndarray) -> bool:
-        """Whether a new main-graph weight goes to the spill file: when the model was loaded lazily
-        (its weights on disk) and the new weights kept in memory have used up the budget
-        (:data:`NEW_WEIGHTS_MEMORY_BUDGET`), so that they cannot pile up in memory."""
+    def _keep_new_weight(self, value: np.ndarray) -> str:
+        """How :func:`~bnfold.onnx.io.store_tensor` keeps a new weight. In raw_data, unless the model
+        was loaded lazily (its weights on disk) and it is a large main-graph weight: then the array
+        itself, in memory, while the new weights kept there fit the budget
+        (:data:`NEW_WEIGHTS_MEMORY_BUDGET`), and in the spill file beyond it, so that they cannot pile
+        up in memory."""
         if not (self.context.lazy and self.parent is None and value.nbytes >= EXTERNAL_DATA_THRESHOLD):
-            return False
-        if self.context.new_weight_bytes + value.nbytes <= NEW_WEIGHTS_MEMORY_BUDGET:
-            self.context.new_weight_bytes += value.nbytes
-            return False
-        return True
+            return RAW_DATA
+        if memory_store_bytes() + value.nbytes <= NEW_WEIGHTS_MEMORY_BUDGET:
+            return IN_MEMORY
+        return SPILL
 
     def replace_input(self, node: NodeProto, slot: int, new_name: str) -> None:
         old_name = node.input[slot]
@@ -547,7 +558,8 @@ def _decoded(tensor: TensorProto) -> np.ndarray:
     """A tensor's value, read-only; a clear error for data the checker lets through but numpy cannot
     read (raw_data longer than its shape, an unknown data_type, too many float_data values).
 
-    A tensor left on disk by a lazy load is a read-only view of its mapped file range; every other
+    A tensor left on disk by a lazy load is a read-only view of its mapped file range, a new weight
+    of a lazily loaded model the (read-only) array in the in-memory store; every other
     value is made read-only too, so that a rule writing into a constant fails in every test, not
     only on lazily loaded models.
     """

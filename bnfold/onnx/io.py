@@ -11,6 +11,23 @@ referenced range into the output (``os.copy_file_range``), so no weight is held 
 fold does not change. The structure is checked with ``onnx.checker`` on a copy whose large tensors
 are one-element stand-ins, with the sizes checked here; the weights are never serialized to check.
 
+Where a lazily loaded model's main-graph initializer keeps its bytes, told by its external-data
+``location`` (``data_location`` is EXTERNAL in all three; small tensors keep raw_data):
+
+- an absolute path (with ``offset`` and ``length``): a range of the source ``.onnx`` file, of its
+  external data file, or of the spill file — mapped read-only by :func:`read_tensor`, copied into
+  the output by the kernel;
+- ``MEMORY_LOCATION`` followed by a number (``"\0bnfold-memory/12"``; the NUL byte makes it a
+  name no file can have, so no file is ever opened by it, and ONNX tools refuse it rather than read
+  something else): a new weight a fold stored as a numpy array in this process's in-memory store,
+  never copied into the protobuf. :func:`read_tensor` returns that array (read-only) and
+  :func:`save_model` writes it from the array's buffer, inline or as external data. The arrays live
+  as long as the process, like the spill file (a fold keeps at most the budget's worth there).
+
+Such references are only understood by this module: ``onnx.save`` of a lazily loaded model would not
+write its weights. Models that were not loaded lazily (``fold_onnx(path)``, ``fold_onnx(ModelProto)``)
+never get them: their new weights are plain raw_data.
+
 Saving: the model is written to a temporary file in the target directory and renamed over the
 target only once complete, so a reader (or an interrupted run) sees the old file or the new one,
 never half of one. The protobuf is written piece by piece (the graph's initializers one at a time),
@@ -54,6 +71,7 @@ __all__ = [
     "write_atomically",
     "exceeds_protobuf_limit",
     "has_data_on_disk",
+    "is_lazy",
     "read_tensor",
     "store_tensor",
 ]
@@ -533,9 +551,20 @@ def _file_mode(path: Path) -> int:
 
 # -- tensors whose bytes are on disk -------------------------------------------------------------
 def has_data_on_disk(model: ModelProto) -> bool:
-    """Whether any main-graph initializer is a reference to bytes in a file (a lazy load, or a
-    tensor a fold stored with :func:`store_tensor` in spill mode)."""
+    """Whether any main-graph initializer keeps its bytes outside the protobuf: a reference to bytes
+    in a file (a lazy load, a tensor a fold spilled) or to the in-memory store — so that the model
+    must be written with :func:`save_model`, not serialized."""
     return any(tensor.data_location == TensorProto.EXTERNAL for tensor in model.graph.initializer)
+
+
+def is_lazy(model: ModelProto) -> bool:
+    """Whether ``model`` was loaded with ``load_model(..., lazy=True)`` (a main-graph initializer
+    refers to a file by absolute path, or to the in-memory store): a fold may then keep its new
+    weights in the in-memory store. A model whose external data was merely not loaded is not."""
+    return any(
+        _on_disk(tensor) is not None or _memory_location(tensor) is not None
+        for tensor in model.graph.initializer
+    )
 
 
 def _on_disk(tensor: TensorProto) -> tuple[str, int, int] | None:
@@ -549,11 +578,45 @@ def _on_disk(tensor: TensorProto) -> tuple[str, int, int] | None:
     return location, int(info.get("offset", 0)), int(info["length"])
 
 
+def _memory_location(tensor: TensorProto) -> str | None:
+    """The location of a tensor whose value is in the in-memory store, else None."""
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return None
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            return entry.value if entry.value.startswith(MEMORY_LOCATION) else None
+    return None
+
+
+def _in_memory(tensor: TensorProto) -> np.ndarray | None:
+    """The (read-only) array of a tensor whose value is in the in-memory store, shaped as the
+    tensor says, else None.
+
+    Raises ValueError for a reference the store does not hold (a model from another process) or a
+    shape that does not hold the array's elements.
+    """
+    location = _memory_location(tensor)
+    if location is None:
+        return None
+    held = _memory.get(location)
+    shape = tuple(tensor.dims)
+    return held if held.shape == shape else held.reshape(shape)  # a view: read-only too
+
+
+def _buffer(array: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array, not copied (one-dimensional, format ``B``)."""
+    return memoryview(array.reshape(-1).view(np.uint8))
+
+
 def read_tensor(tensor: TensorProto) -> np.ndarray:
-    """The value of a tensor whose bytes are on disk (absolute location), read from its file range.
+    """The value of a tensor whose bytes are on disk (absolute location), read from its file range,
+    or in the in-memory store (that very array, read-only).
 
     Raises ValueError when the bytes do not match the type and shape.
     """
+    held = _in_memory(tensor)
+    if held is not None:
+        return held
     where = _on_disk(tensor)
     if where is None:
         raise ValueError(f"its external data was not loaded ({_external_info(tensor).get('location')!r})")
@@ -627,6 +690,46 @@ class _Spill:
 _spill: _Spill | None = None
 _spill_lock = threading.Lock()
 
+MEMORY_LOCATION = "\0bnfold-memory/"
+"""The start of the external-data location of a tensor whose value is in the in-memory store (see
+the module docstring): a NUL byte, which no file name can hold, then a name."""
+
+
+class _MemoryStore:
+    """New weights of lazily loaded models, as read-only numpy arrays, by location
+    (``MEMORY_LOCATION`` and a number). Entries are never removed: a model's tensors (and copies
+    of them) may refer to one as long as the process lives, as they may to the spill file. So the
+    memory budget is the process's, not one fold's (:func:`memory_store_bytes`): a service that
+    folds many lazily loaded models holds at most the budget here, and spills the rest."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+        self.count = 0
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def add(self, array: np.ndarray) -> str:
+        with self.lock:
+            self.count += 1
+            location = f"{MEMORY_LOCATION}{self.count}"
+            self.arrays[location] = array
+            self.bytes += array.nbytes
+        return location
+
+    def get(self, location: str) -> np.ndarray:
+        try:
+            return self.arrays[location]
+        except KeyError:
+            raise ValueError(f"{location!r} is not in this process's store of new weights") from None
+
+
+_memory = _MemoryStore()
+
+
+def memory_store_bytes() -> int:
+    """How many bytes of new weights this process holds in the in-memory store."""
+    return _memory.bytes
+
 
 def _spill_file() -> _Spill:
     global _spill
@@ -636,11 +739,18 @@ def _spill_file() -> _Spill:
         return _spill
 
 
-def store_tensor(tensor: TensorProto, value: np.ndarray, *, on_disk: bool = False) -> None:
+RAW_DATA, IN_MEMORY, SPILL = "raw_data", "memory", "spill"
+
+
+def store_tensor(tensor: TensorProto, value: np.ndarray, *, keep: str = RAW_DATA) -> None:
     """Make ``tensor`` (name, doc string and metadata kept) hold ``value``.
 
-    In raw_data, or with ``on_disk=True`` appended to the spill file and referenced from there (for
-    models loaded lazily, so new weights do not pile up in memory).
+    ``keep``: ``RAW_DATA`` copies the bytes into the protobuf (a self-contained model); for models
+    loaded lazily, ``IN_MEMORY`` keeps the array itself in the in-memory store, not copied (it is
+    made read-only: the caller must not write to it afterwards), and ``SPILL`` appends it to the
+    spill file, so that new weights do not pile up in memory. Both leave ``tensor`` an
+    external-data reference (see the module docstring); values numpy cannot lay out as raw bytes
+    (strings, bool, byte-swapped data) always go to the protobuf.
     """
     array = np.asarray(value)
     plain = sys.byteorder == "little" and array.dtype.kind in "fiu" and array.dtype.itemsize > 0
@@ -654,9 +764,15 @@ def store_tensor(tensor: TensorProto, value: np.ndarray, *, on_disk: bool = Fals
         tensor.ClearField(field.name)
     tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
     tensor.dims.extend(array.shape)
-    if on_disk:
+    if keep == SPILL:
         offset, length = _spill_file().append(array)
         _point_at(tensor, _spill_file().path, offset, length)
+    elif keep == IN_MEMORY:
+        if isinstance(value, np.ndarray) and value.flags.c_contiguous:
+            value.flags.writeable = False  # the caller's array is the value now: a write fails
+        held = np.ascontiguousarray(array).view(np.ndarray)  # a plain view (not a Rounded)
+        held.flags.writeable = False
+        _point_at(tensor, _memory.add(held), 0, held.nbytes)
     else:
         tensor.raw_data = np.ascontiguousarray(array).tobytes()
 
@@ -679,11 +795,12 @@ class _Serialized:
     length: int
 
 
-_Piece = bytes | _Range | _Serialized
+# bytes, or a memoryview of a held array's buffer (format ``B``, see _buffer), written as it is
+_Piece = bytes | memoryview | _Range | _Serialized
 
 
 def _piece_length(piece: _Piece) -> int:
-    return len(piece) if isinstance(piece, bytes) else piece.length
+    return len(piece) if isinstance(piece, bytes | memoryview) else piece.length
 
 
 class _Sink:
@@ -702,6 +819,11 @@ class _Sink:
             self.flush()
             self._copy(piece)
             return
+        if isinstance(piece, memoryview) and len(piece) >= self.BATCH:  # a weight: not joined (copied)
+            self.flush()
+            _write_all(self.handle, piece)
+            self.written += len(piece)
+            return
         data = piece.tensor.SerializeToString() if isinstance(piece, _Serialized) else piece
         self.pending.append(data)
         self.pending_size += len(data)
@@ -717,7 +839,7 @@ class _Sink:
 
     def flush(self) -> None:
         if self.pending:
-            self.handle.write(b"".join(self.pending) if len(self.pending) > 1 else self.pending[0])
+            _write_all(self.handle, b"".join(self.pending) if len(self.pending) > 1 else self.pending[0])
             self.pending, self.pending_size = [], 0
 
     def _copy(self, piece: _Range) -> None:
@@ -730,7 +852,7 @@ class _Sink:
                 except (AttributeError, OSError):  # another file system, an old kernel: read and write
                     copied = len(chunk := os.pread(source.fileno(), min(remaining, 1 << 24), offset))
                     if copied:
-                        self.handle.write(chunk)
+                        _write_all(self.handle, chunk)
                 if copied == 0:
                     raise OSError(f"{piece.path} ends before byte {piece.offset + piece.length}")
                 offset += copied
@@ -738,11 +860,20 @@ class _Sink:
         self.written += piece.length
 
 
+def _write_all(handle, data: bytes | memoryview) -> None:
+    """Write all of ``data`` to an unbuffered file (one write may take only part of it)."""
+    view = memoryview(data)
+    written = 0
+    while written < len(view):
+        written += handle.write(view[written:])
+
+
 def save_model(model: ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
     """Write ``model`` atomically; with external data when asked, or when it exceeds 2 GB.
 
     External data goes to ``<name>.data`` beside the model; the in-memory model is left as it was.
-    Tensors whose bytes are on disk (a lazy load) are copied from their files, never read into memory.
+    Tensors whose bytes are on disk (a lazy load) are copied from their files, never read into memory;
+    those in the in-memory store are written from their arrays' buffers.
     """
     path = check_output_path(path)
     if external_data is None or not external_data:
@@ -850,14 +981,24 @@ def _model_pieces(model: ModelProto, initializer_entries: list[list[_Piece]]) ->
     ]
 
 
-def _inline_entry(tensor: TensorProto, where: tuple[str, int, int]) -> list[_Piece]:
-    """A tensor on disk written inline: its header, with the raw_data field copied from the file."""
+def _data_piece(tensor: TensorProto) -> _Range | memoryview | None:
+    """Where the bytes of a tensor outside the protobuf are: a file range (on disk) or the buffer of
+    its array (in the in-memory store); None for a tensor that holds its own data."""
+    held = _in_memory(tensor)
+    if held is not None:
+        return _buffer(held)
+    where = _on_disk(tensor)
+    return None if where is None else _Range(*where)
+
+
+def _inline_entry(tensor: TensorProto, data: _Range | memoryview) -> list[_Piece]:
+    """A tensor whose bytes are outside the protobuf written inline: its header, with the raw_data
+    field written from the file range or the array's buffer."""
     header = _copy_header(tensor, TensorProto()).SerializeToString()
     split = _split_after(header, _TENSOR_RAW_DATA)
-    location, offset, length = where
     return [
-        header[:split] + _length_delimited(_TENSOR_RAW_DATA, length),
-        _Range(location, offset, length),
+        header[:split] + _length_delimited(_TENSOR_RAW_DATA, _piece_length(data)),
+        data,
         header[split:],
     ]
 
@@ -865,9 +1006,9 @@ def _inline_entry(tensor: TensorProto, where: tuple[str, int, int]) -> list[_Pie
 def _inline_pieces(model: ModelProto) -> list[_Piece]:
     entries = []
     for tensor in model.graph.initializer:
-        where = _on_disk(tensor)
-        if where is not None:
-            entries.append(_inline_entry(tensor, where))
+        data = _data_piece(tensor)
+        if data is not None:
+            entries.append(_inline_entry(tensor, data))
         else:
             entries.append([_Serialized(tensor, tensor.ByteSize())])
     return _model_pieces(model, entries)
@@ -877,14 +1018,14 @@ def _external_pieces(model: ModelProto, location: str, sink: _Sink) -> list[_Pie
     """Write the large initializers' bytes to ``sink`` (the data file); the model's pieces."""
     entries = []
     for tensor in model.graph.initializer:
-        where = _on_disk(tensor)
-        if where is not None:
-            if where[2] < EXTERNAL_DATA_THRESHOLD:
-                entries.append(_inline_entry(tensor, where))
+        data = _data_piece(tensor)
+        if data is not None:
+            length = _piece_length(data)
+            if length < EXTERNAL_DATA_THRESHOLD:
+                entries.append(_inline_entry(tensor, data))
                 continue
             offset = sink.pad_to(EXTERNAL_DATA_ALIGNMENT)
-            sink.write(_Range(*where))
-            length = where[2]
+            sink.write(data)
         elif tensor.data_location != TensorProto.EXTERNAL and tensor.HasField("raw_data"):
             raw = tensor.raw_data
             if len(raw) < EXTERNAL_DATA_THRESHOLD:
