@@ -58,7 +58,7 @@ ROOT = BENCHMARKS.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCHMARKS))
 
-from fold_speed import vgg_style_model  # noqa: E402  (needs the path set above)
+from fold_speed import vgg_style_external_model, vgg_style_model  # noqa: E402  (needs the path set above)
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 RESULT_PREFIX = "RESULT "
@@ -383,55 +383,6 @@ def float16_mixed(source: Path, path: Path) -> None:
     onnx.save(model, path)
 
 
-def external_vgg_model(target_gb: float, path: Path, seed: int = 0) -> int:
-    """Like ``vgg_style_model`` but over 2 GB, so written with external data (streamed, low memory)."""
-    rng = np.random.default_rng(seed)
-    data_path = path.with_name(path.name + ".data")
-    per_conv = 512 * 512 * 9 * 4
-    layers = max(1, round(target_gb * 2**30 / per_conv))
-    nodes, initializers = [], []
-    channels_in, current, offset = 3, "input", 0
-    with open(data_path, "wb") as data:
-        for index in range(layers):
-            channels_out = 64 if index == 0 else 512
-            weight = (
-                rng.standard_normal((channels_out, channels_in, 3, 3), dtype=np.float32) * 0.02
-            ).tobytes()
-            tensor = TensorProto(
-                name=f"w{index}", data_type=TensorProto.FLOAT, dims=[channels_out, channels_in, 3, 3]
-            )
-            tensor.data_location = TensorProto.EXTERNAL
-            for key, value in (
-                ("location", data_path.name),
-                ("offset", str(offset)),
-                ("length", str(len(weight))),
-            ):
-                tensor.external_data.add(key=key, value=value)
-            data.write(weight)
-            offset += len(weight)
-            initializers += [tensor, *_random_bn(rng, channels_out, f"bn{index}")]
-            nodes += [
-                helper.make_node(
-                    "Conv", [current, f"w{index}"], [f"conv{index}"], pads=[1, 1, 1, 1], name=f"conv{index}"
-                ),
-                _bn_node(f"bn{index}", f"conv{index}", f"bnout{index}"),
-                helper.make_node("Relu", [f"bnout{index}"], [f"relu{index}"], name=f"relu{index}"),
-            ]
-            current, channels_in = f"relu{index}", channels_out
-    nodes.append(helper.make_node("GlobalAveragePool", [current], ["output"]))
-    graph = helper.make_graph(
-        nodes,
-        "vgg_external",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, channels_in, 1, 1])],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    path.write_bytes(model.SerializeToString())
-    return layers
-
-
 FAILURE_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "convtranspose_grouped_bn": (convtranspose_grouped_bn, "grouped ConvTranspose (groups=3, 6->9 ch) -> BN"),
     "gemm_beta_bn": (gemm_beta_bn, "Gemm alpha=0.7 beta=0.5 transB=1 -> BN"),
@@ -476,9 +427,9 @@ def build_model(name: str, directory: Path, arguments: argparse.Namespace) -> Be
         numerics = path.stat().st_size <= arguments.numerics_max_mb * 2**20
         return BenchModel(name, path, "large", f"{layers} x Conv3x3(512)->BN->ReLU", judge_numerics=numerics)
     if name.startswith("vgg_external_"):
-        layers = external_vgg_model(arguments.external_gb, path)
+        layers = vgg_style_external_model(arguments.external_gb, path)
         return BenchModel(
-            name, path, "external", f"{layers} x Conv3x3(512)->BN->ReLU, external data", True, False
+            name, path, "external", f"{layers} x Conv3x3(1024)->BN->ReLU, external data", True, False
         )
     from models.registry import REFERENCE_MODELS
 
