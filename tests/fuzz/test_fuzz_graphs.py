@@ -183,3 +183,41 @@ def test_mutated_graphs_fold_and_verify_or_are_refused_cleanly(data):
     mutated, edits = data.draw(mutations(recipe.model), label="mutations")
     note(f"edits: {edits}")
     event(fold_and_verify(mutated).split(",")[0])
+
+
+@FUZZ_SETTINGS
+@given(graphs(), st.booleans())
+def test_the_lazy_cli_path_writes_the_bytes_of_the_in_memory_fold(recipe: Recipe, external: bool):
+    """What the CLI does (weights left on disk, new ones kept as arrays, streamed save) writes the same
+    files as loading everything, folding in memory and saving: on random graphs, inline and with
+    external data."""
+    from bnfold.onnx.io import load_model, save_model
+
+    with tempfile.TemporaryDirectory(prefix="bnfold-fuzz-") as directory:
+        root = Path(directory)
+        source = root / "in" / "model.onnx"
+        source.parent.mkdir()
+        if external:
+            onnx.save_model(
+                recipe.model,
+                str(source),
+                save_as_external_data=True,
+                location="model.onnx.data",
+                size_threshold=0,
+            )
+        else:
+            source.write_bytes(recipe.model.SerializeToString())
+        before = {path.name: path.read_bytes() for path in source.parent.iterdir()}
+
+        eager, lazy = root / "eager" / "out.onnx", root / "lazy" / "out.onnx"  # one name: it is in the file
+        eager.parent.mkdir(), lazy.parent.mkdir()
+        save_model(bnfold.fold_onnx(source).model, eager, external_data=external)
+        loaded = load_model(source, lazy=True)
+        bnfold.fold_onnx(loaded.model, inplace=True)
+        save_model(loaded.model, lazy, external_data=external)
+
+        assert lazy.read_bytes() == eager.read_bytes()
+        if external:
+            data = "out.onnx.data"
+            assert (lazy.parent / data).read_bytes() == (eager.parent / data).read_bytes()
+        assert {path.name: path.read_bytes() for path in source.parent.iterdir()} == before
