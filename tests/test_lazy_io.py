@@ -17,7 +17,7 @@ import bnfold.onnx.graph as graph
 import bnfold.onnx.io as io
 from bnfold import fold_onnx
 from bnfold.errors import ModelLoadError
-from bnfold.onnx.io import load_model, read_tensor, save_model
+from bnfold.onnx.io import load_model, read_tensor, save_model, store_tensor
 from tests.builders import op_types, run
 from tests.test_cli import in_process, snapshot, temporary_files
 from tests.test_io import _save_external, run_path
@@ -427,3 +427,9 @@ def test_folding_a_large_external_model_keeps_its_weights_out_of_memory(tmp_path
     assert peak_mb < 300 + 36, f"peak RSS {peak_mb:.0f} MB for {layers} weights of 36 MB"
     assert "BatchNormalization" not in op_types(onnx.load(output, load_external_data=False))
     assert (tmp_path / "folded.onnx.data").stat().st_size >= data_size
+
+
+def test_a_byte_swapped_value_is_stored_as_its_numbers_not_its_bytes():
+    tensor = TensorProto(name="w")
+    store_tensor(tensor, np.arange(3, dtype=">f4"))
+    np.testing.assert_array_equal(numpy_helper.to_array(tensor), [0.0, 1.0, 2.0])

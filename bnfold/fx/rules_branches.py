@@ -73,8 +73,16 @@ _ADD_OPS = (aten.add.Tensor, aten.add_.Tensor)
 _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
+_IN_PLACE = (operator.iadd, "add_", aten.add_.Tensor)
+
+
 def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """The two tensors an add node sums (``alpha`` 1), or None when it is not such an add."""
+    """The two tensors an add node sums (``alpha`` 1), or None when it is not such an add.
+
+    An in-place add (``a += b``, ``a.add_(b)``) writes into ``a``: it counts only when nothing but
+    the add reads ``a``, since a merge would leave anything else that reads ``a`` (or a caller's
+    input tensor) unchanged where the add had changed it.
+    """
     if node.op == "call_method" and node.target in _ADD_METHODS:
         operands, options = node.args, dict(node.kwargs)
     elif node.op == "call_function" and (node.target in _ADD_FUNCTIONS or node.target in _ADD_OPS):
@@ -89,6 +97,8 @@ def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
         return None
     first, second = operands
     if not isinstance(first, fx.Node) or not isinstance(second, fx.Node) or first is second:
+        return None
+    if node.target in _IN_PLACE and (first.op == "placeholder" or set(first.users) != {node}):
         return None
     return first, second
 

@@ -114,7 +114,8 @@ class LinearReshapeBN(Rule):
         if refusal:
             return refusal
         _, chain = reshape_chain(batchnorm)
-        steps = [layer.node, *reversed(chain)]
+        # Each step, the last reshape included, may feed only the next one (or shape reads).
+        steps = [layer.node, *reversed(chain), batchnorm.node]
         for step, following in zip(steps, steps[1:], strict=False):
             refusal = _other_readers_refusal(step, following, layer)
             if refusal:

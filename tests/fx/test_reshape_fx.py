@@ -93,3 +93,15 @@ def test_linear_output_read_elsewhere_is_refused() -> None:
     decision = refused(AlsoReturned(4, 6, None), torch.randn(2, 5, 4))
     assert decision.reason is Reason.PRODUCER_HAS_OTHER_CONSUMERS
     assert "also feeds add" in decision.detail
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_reshaped_output_read_besides_the_bn_is_refused(tracer: str) -> None:
+    # bn(y) + y: folding would hand the scaled values to the second reader of y as well.
+    class FlattenedAlsoRead(nets.LeViTLinearBN):
+        def forward(self, inputs):
+            flattened = self.linear(inputs).flatten(0, 1)
+            return self.bn(flattened) + flattened
+
+    decision = refused(FlattenedAlsoRead(4, 6, None), torch.randn(2, 3, 4), tracer=tracer)
+    assert decision.reason is Reason.PRODUCER_HAS_OTHER_CONSUMERS
