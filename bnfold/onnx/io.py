@@ -753,8 +753,10 @@ def store_tensor(tensor: TensorProto, value: np.ndarray, *, keep: str = RAW_DATA
     (strings, bool, byte-swapped data) always go to the protobuf.
     """
     array = np.asarray(value)
-    plain = sys.byteorder == "little" and array.dtype.kind in "fiu" and array.dtype.isnative
-    if not plain:  # strings, bool, byte-swapped data: numpy_helper knows the layout
+    if not array.dtype.isnative:  # a big-endian array: the same numbers, in this machine's order
+        array = array.astype(array.dtype.newbyteorder("="))
+    plain = sys.byteorder == "little" and array.dtype.kind in "fiu"
+    if not plain:  # strings, bool, a big-endian machine: numpy_helper knows the layout
         name = tensor.name
         tensor.CopyFrom(numpy_helper.from_array(array, name))
         return
