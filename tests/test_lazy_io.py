@@ -433,3 +433,17 @@ def test_a_byte_swapped_value_is_stored_as_its_numbers_not_its_bytes():
     tensor = TensorProto(name="w")
     store_tensor(tensor, np.arange(3, dtype=">f4"))
     np.testing.assert_array_equal(numpy_helper.to_array(tensor), [0.0, 1.0, 2.0])
+
+
+def test_a_lazy_model_whose_source_was_saved_over_says_so_instead_of_reading_other_bytes(tmp_path):
+    source = tmp_path / "model.onnx"
+    onnx.save_model(conv_bn_and_plain_conv(), source)  # the plain conv's weight stays in the source
+    loaded = load_model(source, lazy=True)
+    fold_onnx(loaded.model, inplace=True)
+    save_model(loaded.model, source)  # in place: a new file is renamed over the one the model points into
+
+    with pytest.raises(ModelLoadError, match="changed since the model was loaded lazily"):
+        save_model(loaded.model, tmp_path / "again.onnx")
+    assert not (tmp_path / "again.onnx").exists()
+    # The file written in place is complete and loads again.
+    assert "BatchNormalization" not in op_types(load_model(source).model)

@@ -125,8 +125,9 @@ def load_model(path: str | os.PathLike, *, check: bool = True, lazy: bool = Fals
     if check:
         _check(model, path, lazy_ranges)
     source = str(path.resolve())
+    identity = _file_identity(source) if lazy_ranges else None
     for tensor, offset, length in lazy_ranges:
-        _point_at(tensor, source, offset, length)
+        _point_at(tensor, source, offset, length, identity)
     return LoadedModel(model, path, used_external_data, external_files, lazy=lazy)
 
 
@@ -269,14 +270,32 @@ def _scan(buffer) -> tuple[ModelProto, list[tuple[TensorProto, int, int]]] | Non
     return model, [(model.graph.initializer[index], offset, length) for index, offset, length in ranges]
 
 
-def _point_at(tensor: TensorProto, location: str, offset: int, length: int) -> None:
-    """Make ``tensor`` an external-data reference to ``length`` bytes at ``offset`` of ``location``."""
+def _point_at(
+    tensor: TensorProto, location: str, offset: int, length: int, identity: str | None = None
+) -> None:
+    """Make ``tensor`` an external-data reference to ``length`` bytes at ``offset`` of ``location``.
+
+    ``identity`` (:func:`_file_identity` of a source file) lets every later read check that the
+    file is still the one that was loaded (see :func:`_on_disk`).
+    """
     tensor.ClearField("raw_data")
     tensor.data_location = TensorProto.EXTERNAL
     del tensor.external_data[:]
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+    entries = [("location", location), ("offset", str(offset)), ("length", str(length))]
+    if identity is not None:
+        entries.append((_IDENTITY_KEY, identity))
+    for key, value in entries:
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
+
+
+_IDENTITY_KEY = "bnfold-source-file"
+
+
+def _file_identity(path: str | os.PathLike) -> str:
+    """Which file ``path`` is now, and which version of it: device, inode, size, modification time."""
+    status = os.stat(path)
+    return f"{status.st_dev}:{status.st_ino}:{status.st_size}:{status.st_mtime_ns}"
 
 
 def _external_info(tensor: TensorProto) -> dict[str, str]:
@@ -311,7 +330,7 @@ def _resolve_external_data(model: ModelProto, directory: Path) -> None:
                 f"({size} bytes)"
             )
         if id(tensor) in main and length >= EXTERNAL_DATA_THRESHOLD and _item_size(tensor.data_type):
-            _point_at(tensor, str(target), offset, length)
+            _point_at(tensor, str(target), offset, length, _file_identity(target))
         else:
             load_external_data_for_tensor(tensor, str(directory))
             tensor.data_location = TensorProto.DEFAULT
@@ -575,7 +594,21 @@ def _on_disk(tensor: TensorProto) -> tuple[str, int, int] | None:
     location = info.get("location", "")
     if not os.path.isabs(location) or "length" not in info:
         return None
+    identity = info.get(_IDENTITY_KEY)
+    if identity is not None and _current_identity(location) != identity:
+        # Saved over (an in-place save renames a new file over the source) or edited since the load:
+        # the offsets would now read other bytes.
+        raise ModelLoadError(
+            f"{location}: changed since the model was loaded lazily (saved over?); load it again"
+        )
     return location, int(info.get("offset", 0)), int(info["length"])
+
+
+def _current_identity(path: str) -> str | None:
+    try:
+        return _file_identity(path)
+    except OSError:
+        return None
 
 
 def _memory_location(tensor: TensorProto) -> str | None:
