@@ -854,12 +854,12 @@ class _Sink:
             self.flush()
             self._copy(piece)
             return
-        if isinstance(piece, memoryview) and len(piece) >= self.BATCH:  # a weight: not joined (copied)
-            self.flush()
-            _write_all(self.handle, piece)
-            self.written += len(piece)
-            return
         data = piece.tensor.SerializeToString() if isinstance(piece, _Serialized) else piece
+        if len(data) >= self.BATCH:  # a weight: written as it is, not joined with others (a copy)
+            self.flush()
+            _write_all(self.handle, data)
+            self.written += len(data)
+            return
         self.pending.append(data)
         self.pending_size += len(data)
         self.written += len(data)
