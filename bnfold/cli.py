@@ -198,12 +198,12 @@ def fold(
     """
     if output is None and not dry_run:
         raise click.UsageError("missing -o/--output (or pass --dry-run to write nothing)")
+    if report_path:
+        _check_report_path(report_path, model, None if dry_run else output)
     if is_torch_source(model):
         if inputs_path or simplify:
             option = "--inputs" if inputs_path else "--simplify"
             raise click.UsageError(f"{option} works on ONNX models only; a PyTorch model uses random inputs")
-        if report_path:
-            _check_report_path(report_path, None if dry_run else output)
         exported = _export_torch_source(
             model,
             None if dry_run else output,
@@ -235,8 +235,6 @@ def fold(
                 f"{output}: is the input model, which is only replaced by a verified fold "
                 "(drop --no-verify/--force, or write elsewhere)"
             )
-    if report_path:
-        _check_report_path(report_path, model, None if dry_run else output)
     shapes = parse_input_shapes(input_shapes)
     if simplify:
         _require_onnxsim()

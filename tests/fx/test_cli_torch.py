@@ -149,6 +149,16 @@ def test_pt2_output_over_its_input_is_refused(tmp_path: Path) -> None:
     assert path.read_bytes() == before
 
 
+def test_report_over_the_pt2_input_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt2"
+    program = torch.export.export(nets.randomized(nets.ConvBN()), (torch.randn(1, 4, 5, 5),))
+    torch.export.save(program, str(path))
+    before = path.read_bytes()
+    ran = in_process(path, "-o", tmp_path / "o.onnx", "--report", path)
+    assert ran.code == 2 and "--report would overwrite the model" in ran.stderr
+    assert path.read_bytes() == before and not (tmp_path / "o.onnx").exists()
+
+
 def test_torch_only_rule_on_an_onnx_model_is_a_usage_error(tmp_path: Path) -> None:
     from tests.builders import conv_bn_model
 
