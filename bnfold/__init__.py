@@ -2,6 +2,7 @@
 
 The public API for pipelines::
 
+    result = bnfold.fold_file("model.onnx", "folded.onnx")  # what `bnfold model.onnx -o folded.onnx` does
     result = bnfold.fold_onnx("model.onnx")          # .model (ModelProto), .report
     check = bnfold.verify("model.onnx", result.model)  # truthy when every output matches
     bnfold.save_model(result.model, "folded.onnx")     # atomic write
@@ -22,6 +23,7 @@ from bnfold.errors import (
     ProviderUnavailableError,
 )
 from bnfold.onnx import RULES, FoldResult, fold_onnx, load_model, save_model
+from bnfold.pipeline import FileFoldResult, fold_file
 from bnfold.report import Decision, Outcome, Reason, Report
 from bnfold.verify import VerificationResult, verify
 
@@ -29,10 +31,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "fold_onnx",
+    "fold_file",
     "verify",
     "load_model",
     "save_model",
     "FoldResult",
+    "FileFoldResult",
     "VerificationResult",
     "Report",
     "Decision",

@@ -7,26 +7,38 @@ mismatch, 2 bad input or usage, 3 internal error (a bug: set BNFOLD_DEBUG=1 for 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
-from pathlib import Path
 
 import click
 
-from bnfold.errors import BnfoldError, MissingDependencyError, OutputError
-from bnfold.onnx import RULES, fold_onnx, load_model, rule_names, save_model
-from bnfold.onnx.io import check_output_path, write_atomically
+from bnfold.errors import BnfoldError
+from bnfold.onnx import RULES, load_model, rule_names
+from bnfold.onnx.io import write_atomically
+from bnfold.pipeline import check_report_path, fold_file, naming
 from bnfold.report import Report
 from bnfold.sources import TORCH_RULE_NAMES, is_torch_source
-from bnfold.verify import PROVIDERS, VerificationResult, Verifier, parse_input_shapes, verify
+from bnfold.verify import PROVIDERS, VerificationResult, parse_input_shapes, verify
 
 __all__ = ["cli", "main"]
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+# How the command line spells the API parameters that errors name (see BnfoldError.worded).
+FLAGS = {
+    "verify": "--no-verify",
+    "force": "--force",
+    "simplify": "--simplify",
+    "inputs": "--inputs",
+    "input_shapes": "--input-shape",
+    "report_path": "--report",
+    "skip_rules": "--skip-rule",
+    "external_data": "--external-data",
+    "provider": "--provider",
+}
 
 
 class _FoldByDefault(click.Group):
@@ -41,7 +53,7 @@ class _FoldByDefault(click.Group):
         try:
             return super().invoke(ctx)
         except BnfoldError as error:
-            click.echo(f"bnfold: error: {error}", err=True)
+            click.echo(f"bnfold: error: {error.worded(FLAGS)}", err=True)
             ctx.exit(EXIT_USAGE)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
@@ -198,91 +210,28 @@ def fold(
     """
     if output is None and not dry_run:
         raise click.UsageError("missing -o/--output (or pass --dry-run to write nothing)")
-    if report_path:
-        _check_report_path(report_path, model, None if dry_run else output)
-    if is_torch_source(model):
-        if inputs_path or simplify:
-            option = "--inputs" if inputs_path else "--simplify"
-            raise click.UsageError(f"{option} works on ONNX models only; a PyTorch model uses random inputs")
-        exported = _export_torch_source(
-            model,
-            None if dry_run else output,
-            input_shapes=input_shapes,
-            skip_rules=skip_rules,
-            rewrite_standalone=rewrite_standalone,
-            verify=not no_verify,
-            provider=provider,
-            atol=atol,
-            rtol=rtol,
-            force=force,
-            external_data=external_data,
-        )
-        if not quiet:
-            click.echo(exported.to_text())
-        if report_path:
-            write_atomically(report_path, exported.report.to_json().encode())
-        if not exported.passed:
-            written = "written anyway (--force)" if exported.written else "not written"
-            click.echo(
-                f"bnfold: verification FAILED: {_worst(exported.verification)}; output {written}", err=True
-            )
-            sys.exit(EXIT_MISMATCH)
-        return
-    if output is not None and not dry_run:
-        check_output_path(output)
-        if _same_file(model, output) and (no_verify or force):
-            raise OutputError(
-                f"{output}: is the input model, which is only replaced by a verified fold "
-                "(drop --no-verify/--force, or write elsewhere)"
-            )
-    shapes = parse_input_shapes(input_shapes)
-    if simplify:
-        _require_onnxsim()
-
-    # Lazily: the large weights stay on disk and are read only when a fold changes them; save_model
-    # copies the others from the input file (onnxsim needs them all in memory).
-    loaded = load_model(model, lazy=not simplify)
-    if output is not None and not dry_run:
-        _check_not_input_data(loaded, model, output)
-    # The original's session is made before the fold, which then edits the loaded model in place:
-    # no second copy of the model is held.
-    verifier = None
-    if not no_verify:
-        with _naming(model, when="the original model"):
-            verifier = Verifier(loaded.model, provider=provider)
-    with _naming(model):
-        result = fold_onnx(
-            loaded.model,
-            skip_rules=_onnx_skips(skip_rules),
-            inplace=True,
-            rewrite_standalone=rewrite_standalone,
-        )
-    result.report.source = str(model)
-    folded_model = _simplify(result.model) if simplify else result.model
-
-    verification = None
-    if verifier is not None:
-        with _naming(model, when="the original model"):
-            verification = verifier.compare(
-                folded_model, input_shapes=shapes, inputs=inputs_path, seed=seed, atol=atol, rtol=rtol
-            )
-        del verifier
-        result.report.extras["verification"] = verification.to_dict()
-    _show(result.report, verification, quiet)
-
-    passed = verification is None or verification.passed
-    if output is not None and not dry_run:
-        if passed or force:
-            use_external = loaded.used_external_data if external_data is None else external_data
-            save_model(folded_model, output, external_data=use_external or None)
-            if not quiet:
-                click.echo(f"wrote {output}")
-        result.report.extras["output"] = str(output) if (passed or force) else None
-    if report_path:
-        write_atomically(report_path, result.report.to_json().encode())
-    if not passed:
-        written = "written anyway (--force)" if force and output and not dry_run else "not written"
-        click.echo(f"bnfold: verification FAILED: {_worst(verification)}; output {written}", err=True)
+    result = fold_file(
+        model,
+        None if dry_run else output,
+        verify=not no_verify,
+        force=force,
+        simplify=simplify,
+        skip_rules=_checked_skips(model, skip_rules),
+        rewrite_standalone=rewrite_standalone,
+        external_data=external_data,
+        provider=provider,
+        atol=atol,
+        rtol=rtol,
+        input_shapes=parse_input_shapes(input_shapes),
+        inputs=inputs_path,
+        seed=seed,
+        report_path=report_path,
+    )
+    if not quiet:
+        click.echo(result.to_text())
+    if not result.passed:
+        written = "written anyway (--force)" if result.written else "not written"
+        click.echo(f"bnfold: verification FAILED: {_worst(result.verification)}; output {written}", err=True)
         sys.exit(EXIT_MISMATCH)
 
 
@@ -296,10 +245,10 @@ def verify_command(
     """Compare two existing models in ONNX Runtime; exit 1 when any output differs."""
     shapes = parse_input_shapes(input_shapes)
     if report_path:
-        _check_report_path(report_path, original, folded)
+        check_report_path(report_path, original, folded)
     original_model = load_model(original).model
     folded_model = load_model(folded).model
-    with _naming(original, when="the original model"), _naming(folded, when="the folded model"):
+    with naming(original, when="the original model"), naming(folded, when="the folded model"):
         result = verify(
             original_model,
             folded_model,
@@ -345,114 +294,28 @@ def inspect(model, skip_rules, rewrite_standalone, input_shapes, report_path, as
 
     A PyTorch MODEL (.pt2 or package.module:factory) is folded and exported in memory, unverified.
     """
-    if report_path:
-        _check_report_path(report_path, model)
-    if is_torch_source(model):
-        exported = _export_torch_source(
-            model,
-            None,
-            input_shapes=input_shapes,
-            skip_rules=skip_rules,
-            rewrite_standalone=rewrite_standalone,
-            verify=False,
-        )
-        report = exported.report
-        click.echo(report.to_json() if as_json else exported.to_text())
-    else:
-        if input_shapes:
-            raise click.UsageError("--input-shape is for PyTorch models; inspect reads no ONNX inputs")
-        loaded = load_model(model)
-        with _naming(model):
-            result = fold_onnx(
-                loaded.model,
-                skip_rules=_onnx_skips(skip_rules),
-                inplace=True,
-                rewrite_standalone=rewrite_standalone,
-            )
-        report = result.report
-        report.source = str(model)
-        click.echo(report.to_json() if as_json else report.to_text())
-    if report_path:
-        write_atomically(report_path, report.to_json().encode())
+    if input_shapes and not is_torch_source(model):
+        raise click.UsageError("--input-shape is for PyTorch models; inspect reads no ONNX inputs")
+    result = fold_file(
+        model,
+        None,
+        verify=False,
+        skip_rules=_checked_skips(model, skip_rules),
+        rewrite_standalone=rewrite_standalone,
+        input_shapes=parse_input_shapes(input_shapes),
+        report_path=report_path,
+    )
+    click.echo(result.report.to_json() if as_json else result.to_text())
 
 
-def _onnx_skips(skip_rules) -> list[str]:
-    """``--skip-rule`` names for an ONNX model; a name only the PyTorch backend knows is a usage error."""
-    torch_only = sorted(set(skip_rules) - set(rule_names(RULES)))
-    if torch_only:
-        raise click.UsageError(f"rule(s) {', '.join(torch_only)} apply to PyTorch models only")
+def _checked_skips(model: str, skip_rules) -> list[str]:
+    """``--skip-rule`` names for this kind of model; a name only the PyTorch backend knows is a usage
+    error on an ONNX model."""
+    if not is_torch_source(model):
+        torch_only = sorted(set(skip_rules) - set(rule_names(RULES)))
+        if torch_only:
+            raise click.UsageError(f"rule(s) {', '.join(torch_only)} apply to PyTorch models only")
     return list(skip_rules)
-
-
-def _export_torch_source(spec: str, output, *, input_shapes, **options):
-    """Load a PyTorch model and run ``bnfold.export`` on it (fold in torch, export, fold, verify)."""
-    try:
-        from bnfold.fx import export, load_torch_source
-    except ImportError as error:
-        if error.name is None or not error.name.startswith("torch"):
-            raise
-        message = f"{spec}: a PyTorch model needs torch: pip install 'bnfold[torch]'"
-        raise MissingDependencyError(message) from None
-    if output is not None:
-        check_output_path(output)
-        if _same_file(spec, output):
-            raise OutputError(f"{output}: is the input model; write the ONNX file elsewhere")
-    module, example_inputs = load_torch_source(spec, parse_input_shapes(input_shapes) or None)
-    result = export(module, example_inputs, output, **options)
-    result.report.source = spec
-    return result
-
-
-def _same_file(first, second) -> bool:
-    first, second = Path(first), Path(second)
-    if first.resolve() == second.resolve():
-        return True
-    try:
-        return os.path.samefile(first, second)  # hard links
-    except OSError:
-        return False
-
-
-def _check_not_input_data(loaded, model, output) -> None:
-    """Refuse an output (or its .data file) that would overwrite the input's external data.
-
-    Folding in place replaces the model and its data together, so that one case is allowed.
-    """
-    if not loaded.external_files:
-        return
-    targets = [Path(output), Path(output).with_name(Path(output).name + ".data")]
-    for target in targets:
-        if target.resolve() in loaded.external_files and not _same_file(model, output):
-            raise OutputError(f"{output}: would overwrite {target}, which holds the weights of {model}")
-
-
-@contextlib.contextmanager
-def _naming(model, *, when: str = ""):
-    """Put the model's path in front of errors about it: every error of the fold, and those of the
-    verifier that say ``when`` ("the original model": one ONNX Runtime cannot load or run)."""
-    try:
-        yield
-    except BnfoldError as error:
-        if when not in str(error) or str(error).startswith(f"{model}: "):
-            raise
-        raise type(error)(f"{model}: {error}") from None
-
-
-def _check_report_path(report_path, *models) -> None:
-    """Fail early when the JSON report cannot be written, or would overwrite a model."""
-    target = check_output_path(report_path).resolve()
-    for model in models:
-        if model is not None and Path(model).resolve() == target:
-            raise OutputError(f"{report_path}: --report would overwrite the model {model}")
-
-
-def _show(report: Report, verification: VerificationResult | None, quiet: bool) -> None:
-    if quiet:
-        return
-    click.echo(report.to_text())
-    if verification is not None:
-        click.echo("")
-        click.echo(verification.to_text())
 
 
 def _worst(result: VerificationResult) -> str:
@@ -463,22 +326,6 @@ def _worst(result: VerificationResult) -> str:
         f"{len(failing)} output(s) differ ({names}); worst max abs error {worst.max_abs_error:.3g} "
         f"> atol {worst.atol:.3g} + rtol {worst.rtol:.3g}"
     )
-
-
-def _require_onnxsim() -> None:
-    try:
-        import onnxsim  # noqa: F401
-    except ImportError:
-        raise MissingDependencyError("--simplify needs onnxsim: pip install 'bnfold[simplify]'") from None
-
-
-def _simplify(model):
-    import onnxsim
-
-    simplified, ok = onnxsim.simplify(model)
-    if not ok:
-        raise BnfoldError("onnxsim could not validate its simplified model; rerun without --simplify")
-    return simplified
 
 
 class Terminated(KeyboardInterrupt):

@@ -6,6 +6,8 @@ message on one line and exits 2. A verification mismatch is not an exception but
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 __all__ = [
     "BnfoldError",
     "ModelLoadError",
@@ -17,7 +19,36 @@ __all__ = [
 
 
 class BnfoldError(Exception):
-    """Base class for errors caused by the user's input or environment (CLI exit code 2)."""
+    """Base class for errors caused by the user's input or environment (CLI exit code 2).
+
+    A message may name the option at fault as ``{key}``, with ``parameters`` giving each key's
+    Python spelling (``{"verify": "verify=False"}``; a bare key stands for itself): ``str(error)``
+    names the API parameter, and the CLI rewords it with its flags (:meth:`worded`), so each caller
+    reads the names it typed.
+    """
+
+    def __init__(self, message: str = "", *, parameters: Mapping[str, str] | Iterable[str] = ()) -> None:
+        spellings = dict(parameters) if isinstance(parameters, Mapping) else {key: key for key in parameters}
+        self.template = message
+        self.parameters = spellings
+        super().__init__(_fill(message, spellings))
+
+    def worded(self, spellings: Mapping[str, str]) -> str:
+        """The message with each named option spelled as in ``spellings`` (e.g. CLI flags)."""
+        return _fill(
+            self.template, {key: spellings.get(key, value) for key, value in self.parameters.items()}
+        )
+
+    def prefixed(self, prefix: str) -> BnfoldError:
+        """The same error, its message led by ``prefix`` (a file name)."""
+        error = type(self)(prefix + self.template, parameters=self.parameters)
+        return error
+
+
+def _fill(template: str, spellings: Mapping[str, str]) -> str:
+    for key, spelling in spellings.items():
+        template = template.replace("{" + key + "}", spelling)
+    return template
 
 
 class ModelLoadError(BnfoldError):

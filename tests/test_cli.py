@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 import bnfold.cli
+import bnfold.pipeline
 from bnfold.cli import cli
 from bnfold.verify import OutputComparison, VerificationResult
 from tests.builders import conv_bn_model, gemm_bn_model, matmul_bn_model, op_types, run
@@ -366,14 +367,14 @@ def test_written_files_follow_the_umask_not_mkstemps_0600(model_path, tmp_path):
 
 # -- verification failures during a fold ---------------------------------------------------------
 def _fold_that_breaks_the_weight(monkeypatch):
-    real_fold = bnfold.cli.fold_onnx
+    real_fold = bnfold.pipeline.fold_onnx
 
     def broken_fold(*args, **kwargs):
         result = real_fold(*args, **kwargs)
         perturb_conv_weight(result.model, 1.0)
         return result
 
-    monkeypatch.setattr(bnfold.cli, "fold_onnx", broken_fold)
+    monkeypatch.setattr(bnfold.pipeline, "fold_onnx", broken_fold)
 
 
 def test_verification_mismatch_exits_1_and_writes_nothing(model_path, tmp_path, monkeypatch):
@@ -433,7 +434,7 @@ def test_failing_verification_result_exits_1(model_path, tmp_path, monkeypatch):
         input_shapes={"x": [1, 4, 7, 7]},
         input_source="random",
     )
-    monkeypatch.setattr(bnfold.cli.Verifier, "compare", lambda self, *args, **kwargs: failing)
+    monkeypatch.setattr(bnfold.pipeline.Verifier, "compare", lambda self, *args, **kwargs: failing)
     output = tmp_path / "folded.onnx"
 
     ran = in_process(model_path, "-o", output, "-q")
@@ -451,7 +452,7 @@ def test_no_verify_skips_the_check_entirely(model_path, tmp_path, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("verify ran despite --no-verify")
 
-    monkeypatch.setattr(bnfold.cli, "Verifier", must_not_run)
+    monkeypatch.setattr(bnfold.pipeline, "Verifier", must_not_run)
 
     ran = in_process(model_path, "-o", tmp_path / "folded.onnx", "--no-verify", "-q")
 
@@ -764,7 +765,7 @@ def test_internal_error_exits_3_with_one_line(model_path, tmp_path, monkeypatch)
     def crash(*args, **kwargs):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(bnfold.cli, "fold_onnx", crash)
+    monkeypatch.setattr(bnfold.pipeline, "fold_onnx", crash)
     monkeypatch.delenv("BNFOLD_DEBUG", raising=False)
 
     ran = in_process(model_path, "-o", tmp_path / "out.onnx")

@@ -29,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import bnfold.cli
 import bnfold.onnx.io as bnfold_io
+import bnfold.pipeline
 from bnfold import Outcome, Reason, fold_onnx, load_model
 from bnfold.verify import compare_output
 from tests.builders import conv_bn_model, gemm_bn_model, matmul_bn_model, op_types
@@ -492,14 +493,14 @@ def test_folding_in_place_replaces_the_input_only_with_a_verified_complete_model
 def test_folding_in_place_that_fails_verification_leaves_the_input(tmp_path, monkeypatch):
     source = write(tmp_path / "model.onnx", valid_model_bytes())
     before = snapshot(tmp_path)
-    real_compare = bnfold.cli.Verifier.compare
+    real_compare = bnfold.pipeline.Verifier.compare
 
     def failing(self, *args, **kwargs):
         result = real_compare(self, *args, **kwargs)
         result.outputs[0] = compare_output("y", np.zeros(3, np.float32), np.ones(3, np.float32))
         return result
 
-    monkeypatch.setattr(bnfold.cli.Verifier, "compare", failing)
+    monkeypatch.setattr(bnfold.pipeline.Verifier, "compare", failing)
 
     ran = in_process(source, "-o", source, "-q")
 
