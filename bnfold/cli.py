@@ -15,12 +15,14 @@ import threading
 
 import click
 
+from bnfold.core.table import ONNX
+from bnfold.core.table import rule_names as table_rule_names
 from bnfold.errors import BnfoldError
-from bnfold.onnx import RULES, load_model, rule_names
+from bnfold.onnx import load_model
 from bnfold.onnx.io import write_atomically
 from bnfold.pipeline import check_report_path, fold_file, naming
 from bnfold.report import Report
-from bnfold.sources import TORCH_RULE_NAMES, is_torch_source
+from bnfold.sources import is_torch_source
 from bnfold.verify import PROVIDERS, VerificationResult, parse_input_shapes, verify
 
 __all__ = ["cli", "main"]
@@ -141,7 +143,7 @@ def _verification_options(function):
 def _rule_options(function):
     """``--skip-rule`` (names of both backends, listed without importing torch) and
     ``--rewrite-standalone-bn``."""
-    names = list(dict.fromkeys([*rule_names(RULES), *TORCH_RULE_NAMES]))
+    names = list(table_rule_names())
     function = click.option(
         "--rewrite-standalone-bn",
         "rewrite_standalone",
@@ -312,7 +314,7 @@ def _checked_skips(model: str, skip_rules) -> list[str]:
     """``--skip-rule`` names for this kind of model; a name only the PyTorch backend knows is a usage
     error on an ONNX model."""
     if not is_torch_source(model):
-        torch_only = sorted(set(skip_rules) - set(rule_names(RULES)))
+        torch_only = sorted(set(skip_rules) - set(table_rule_names(ONNX)))
         if torch_only:
             raise click.UsageError(f"rule(s) {', '.join(torch_only)} apply to PyTorch models only")
     return list(skip_rules)

@@ -1,8 +1,10 @@
 """An index over one ONNX graph: who produces and who consumes each tensor, and what is constant.
 
-Rules ask the index questions ("is this a constant?", "who else reads this tensor?") and ask it to
-make changes ("give this node this weight"), so that the bookkeeping — shared initializers copied not
-edited, fresh names checked against the whole model, dead tensors pruned — lives in one place.
+Rules ask the index questions ("is this a constant?", "who else reads this tensor?", "what is this
+tensor's rank in this scope?") and ask it to make changes ("give this node this weight"), so that the
+bookkeeping — shared initializers copied not edited, fresh names checked against the whole model,
+dead tensors pruned — lives in one place. Shapes are facts of a tensor in its scope
+(:mod:`bnfold.onnx.shapes`); constants are read by :mod:`bnfold.onnx.constants`.
 
 Node removal is deferred: removed nodes are only marked, and :meth:`ModelContext.finalize` rewrites
 the node lists and prunes what the folds left unused, once, at the end.
@@ -11,16 +13,14 @@ the node lists and prunes what the folds left unused, once, at the end.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict, defaultdict
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import defaultdict
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
+from onnx import FunctionProto, GraphProto, ModelProto, NodeProto, SparseTensorProto, TensorProto
 
-from bnfold.affine import Rounded
-from bnfold.errors import ModelLoadError
+from bnfold.core.exact import EXACT_VALUES_BUDGET, ExactValues
+from bnfold.onnx.constants import ConstantLookup, constant_node_value, decoded, has_value_tensor, sparse_value
 from bnfold.onnx.io import (
     EXTERNAL_DATA_THRESHOLD,
     IN_MEMORY,
@@ -28,16 +28,24 @@ from bnfold.onnx.io import (
     SPILL,
     is_lazy,
     memory_store_bytes,
-    read_tensor,
     store_tensor,
 )
+from bnfold.onnx.nodes import DEFAULT_DOMAINS, is_op, subgraphs_of
+from bnfold.onnx.shapes import ScopedShapes, TensorFacts
 from bnfold.report import Reason
 
-__all__ = ["ModelContext", "GraphIndex", "ConstantLookup", "subgraphs_of", "default_opset"]
+__all__ = [
+    "ModelContext",
+    "GraphIndex",
+    "ConstantLookup",
+    "DEFAULT_DOMAINS",
+    "EXACT_VALUES_BUDGET",
+    "subgraphs_of",
+    "default_opset",
+    "names_used_by_subgraphs",
+]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_DOMAINS = ("", "ai.onnx")
 
 NEW_WEIGHTS_MEMORY_BUDGET = 512 * 2**20
 """How many bytes of new weights of lazily loaded models this process keeps in memory (as the arrays
@@ -61,16 +69,6 @@ def default_opset(model: ModelProto) -> int | None:
     return None
 
 
-def subgraphs_of(node: NodeProto) -> Iterator[tuple[str, GraphProto]]:
-    """The (attribute name, graph) pairs of a control-flow node (If, Loop, Scan, ...)."""
-    for attribute in node.attribute:
-        if attribute.type == AttributeProto.GRAPH:
-            yield attribute.name, attribute.g
-        elif attribute.type == AttributeProto.GRAPHS:
-            for position, graph in enumerate(attribute.graphs):
-                yield f"{attribute.name}[{position}]", graph
-
-
 def names_used_by_subgraphs(node: NodeProto) -> set[str]:
     """Every tensor name read anywhere inside the node's subgraphs (a superset of outer-scope reads)."""
     used: set[str] = set()
@@ -84,6 +82,7 @@ def names_used_by_subgraphs(node: NodeProto) -> set[str]:
 
 def _all_names(graph: GraphProto, into: set[str]) -> None:
     into.update(tensor.name for tensor in graph.initializer)
+    into.update(tensor.values.name for tensor in graph.sparse_initializer)
     into.update(info.name for info in graph.input)
     into.update(info.name for info in graph.output)
     into.update(info.name for info in graph.value_info)
@@ -96,70 +95,33 @@ def _all_names(graph: GraphProto, into: set[str]) -> None:
             _all_names(subgraph, into)
 
 
-@dataclass(frozen=True)
-class ConstantLookup:
-    """The answer to "is tensor X a constant?": its value, or the reason it is not."""
-
-    value: np.ndarray | None
-    reason: Reason | None = None
-    detail: str = ""
-
-    @property
-    def is_constant(self) -> bool:
-        return self.value is not None
-
-
-EXACT_VALUES_BUDGET = 256 * 2**20
-"""How many bytes of float64 values of folded weights are kept for folds that may follow.
-
-A weight that a fold wrote may be folded again (``Conv -> BN -> BN``, conv-bn then a branch merge);
-starting from its float64 value keeps the chain rounded once. Only weights whose layer feeds
-another foldable node keep it (:meth:`GraphIndex.may_fold_again`), and the oldest go first beyond
-this budget (a later fold then starts from the rounded weight: one more rounding, never a wrong
-value). Such chains are local in the graph, so the budget is rarely reached.
-"""
-
 # Nodes that may absorb the layer before them in a later fold, or that a fold looks through.
 _MAY_FOLD_AGAIN = frozenset({"BatchNormalization", "Mul", "Add", "Reshape", "Flatten"})
 
 
 class ModelContext:
-    """Model-wide state shared by the indices of the main graph and all its subgraphs."""
+    """Model-wide state of one fold, shared by the indices of the main graph and all its subgraphs."""
 
     def __init__(self, model: ModelProto) -> None:
         self.model = model
         self.opset = default_opset(model)
         self._names: set[str] = set()
         _all_names(model.graph, self._names)
-        self._ranks: dict[str, int] | None = None
-        self._elem_types: dict[str, int] = {}
-        self._dims: dict[str, list[int | str | None]] = {}
+        for function in model.functions:
+            for node in function.node:
+                self._names.update(node.output)
+                for _, subgraph in subgraphs_of(node):
+                    _all_names(subgraph, self._names)
+        self.shapes = ScopedShapes(model)
         self.graphs: list[GraphIndex] = []
         # (graph index, tensor name) pairs that a fold may have left unused; pruned in finalize().
         self.prune_candidates: list[tuple[GraphIndex, str]] = []
         # Weights left on disk by load_model(lazy=True): new ones stay in memory up to a budget and
         # go to the spill file beyond it (see GraphIndex._keep_new_weight).
         self.lazy = is_lazy(model)
-        # Folded weights that carry their float64 value (affine.Rounded), oldest first, by (graph
-        # index, tensor name): sibling subgraphs (an If's two branches) may each hold a weight "W".
-        self.exact_values: OrderedDict[tuple[int, str], Rounded] = OrderedDict()
-        self.exact_bytes = 0
-
-    def remember_exact(self, key: tuple[int, str], value: Rounded) -> None:
-        """Keep a folded weight's float64 value under (``id`` of its GraphIndex, tensor name), within
-        EXACT_VALUES_BUDGET."""
-        self.forget_exact(key)
-        value.flags.writeable = False
-        self.exact_values[key] = value
-        self.exact_bytes += value.exact.nbytes
-        while self.exact_bytes > EXACT_VALUES_BUDGET and self.exact_values:
-            _, oldest = self.exact_values.popitem(last=False)
-            self.exact_bytes -= oldest.exact.nbytes
-
-    def forget_exact(self, key: tuple[int, str]) -> None:
-        previous = self.exact_values.pop(key, None)
-        if previous is not None:
-            self.exact_bytes -= previous.exact.nbytes
+        # Folded weights that carry their float64 value, by (id of the GraphIndex, tensor name):
+        # sibling subgraphs (an If's two branches) may each hold a weight "W".
+        self.exact_values = ExactValues()
 
     def fresh_name(self, base: str) -> str:
         """A tensor or node name that no graph of the model uses yet (subgraphs included)."""
@@ -171,35 +133,18 @@ class ModelContext:
         self._names.add(candidate)
         return candidate
 
-    def inferred_rank(self, name: str) -> int | None:
-        """The rank ONNX shape inference gives ``name``, or None when it cannot tell.
-
-        Inference runs once, lazily, on a skeleton of the model whose large initializers are
-        replaced by typed graph inputs, so it never copies the weights.
-        """
-        self._infer()
-        return self._ranks.get(name)
-
-    def inferred_elem_type(self, name: str) -> int | None:
-        """The element type (a ``TensorProto`` data type) shape inference gives ``name``, or None."""
-        self._infer()
-        return self._elem_types.get(name)
-
-    def inferred_dims(self, name: str) -> list[int | str | None] | None:
-        """The sizes shape inference gives ``name`` (see :meth:`GraphIndex.dims`), or None."""
-        self._infer()
-        return self._dims.get(name)
-
-    def _infer(self) -> None:
-        if self._ranks is None:
-            self._ranks, self._elem_types, self._dims = _infer_ranks(self.model)
-
     def finalize(self) -> None:
         """Drop removed nodes, then initializers, Constant nodes and value_info the folds orphaned."""
         for index in self.graphs:
             index.drop_removed_nodes()
         used: set[str] = set()
         _used_names(self.model.graph, used)
+        for function in self.model.functions:
+            used.update(function.output)
+            for node in function.node:
+                used.update(node.input)
+                for _, subgraph in subgraphs_of(node):
+                    _used_names(subgraph, used)
         by_graph: dict[int, tuple[GraphIndex, set[str]]] = {}
         for index, name in self.prune_candidates:
             if name and name not in used:
@@ -217,81 +162,17 @@ def _used_names(graph: GraphProto, into: set[str]) -> None:
             _used_names(subgraph, into)
 
 
-def _infer_ranks(
-    model: ModelProto,
-) -> tuple[dict[str, int], dict[str, int], dict[str, list[int | str | None]]]:
-    skeleton = ModelProto()
-    skeleton.ir_version = model.ir_version
-    skeleton.opset_import.extend(model.opset_import)
-    skeleton.functions.extend(model.functions)
-    graph = skeleton.graph
-    graph.name = model.graph.name
-    graph.node.extend(model.graph.node)
-    graph.input.extend(model.graph.input)
-    graph.output.extend(model.graph.output)
-    # Shapes are inferred from the inputs alone: declared value_info and output shapes may not be
-    # what runs (GraphIndex.rank), and inference would keep and spread them.
-    _forget_declared_shapes(graph)
-    declared_inputs = {info.name for info in model.graph.input}
-    for tensor in model.graph.initializer:
-        if int(np.prod(tensor.dims, dtype=np.int64)) <= 64:
-            graph.initializer.append(tensor)
-        elif tensor.name not in declared_inputs:
-            graph.input.append(
-                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
-            )
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton)
-    except Exception as error:  # shape inference is best effort; rules refuse on unknown ranks
-        logger.debug("shape inference failed: %s", error)
-        return {}, {}, {}
-    ranks: dict[str, int] = {}
-    elem_types: dict[str, int] = {}
-    dims: dict[str, list[int | str | None]] = {}
-    _collect_ranks(inferred.graph, ranks, elem_types, dims)
-    return ranks, elem_types, dims
-
-
-def _forget_declared_shapes(graph: GraphProto) -> None:
-    """Drop ``value_info`` and the shapes of the outputs (keeping their types), in subgraphs too."""
-    del graph.value_info[:]
-    for info in graph.output:
-        if info.type.HasField("tensor_type"):
-            info.type.tensor_type.ClearField("shape")
-    for node in graph.node:
-        for _, subgraph in subgraphs_of(node):
-            _forget_declared_shapes(subgraph)
-
-
-def _collect_ranks(
-    graph: GraphProto, ranks: dict[str, int], elem_types: dict[str, int], dims: dict[str, list]
-) -> None:
-    for info in (*graph.input, *graph.output, *graph.value_info):
-        tensor_type = info.type.tensor_type
-        if tensor_type.HasField("shape"):
-            ranks[info.name] = len(tensor_type.shape.dim)
-            dims[info.name] = _dim_values(tensor_type.shape)
-        if tensor_type.elem_type:
-            elem_types[info.name] = tensor_type.elem_type
-    for node in graph.node:
-        for _, subgraph in subgraphs_of(node):
-            _collect_ranks(subgraph, ranks, elem_types, dims)
-
-
-def _dim_values(shape: onnx.TensorShapeProto) -> list[int | str | None]:
-    """Per axis: its size, its symbolic name (``dim_param``), or None."""
-    return [
-        dim.dim_value if dim.HasField("dim_value") else (dim.dim_param if dim.HasField("dim_param") else None)
-        for dim in shape.dim
-    ]
-
-
 class GraphIndex:
-    """Producers, consumers and constants of one graph; parent index for outer-scope lookups."""
+    """Producers, consumers, constants and scoped shape facts of one graph (or one model-local
+    function's body); the parent index answers for outer scopes.
+
+    A function body (``FunctionProto``) has no initializers: its inputs differ per call site, its
+    constants are ``Constant`` nodes, and a new constant is written as one.
+    """
 
     def __init__(
         self,
-        graph: GraphProto,
+        graph: GraphProto | FunctionProto,
         context: ModelContext,
         path: str = "main",
         parent: GraphIndex | None = None,
@@ -300,6 +181,11 @@ class GraphIndex:
         self.context = context
         self.path = path
         self.parent = parent
+        self.is_function = isinstance(graph, FunctionProto)
+        if self.is_function:
+            self.opset = _function_opset(graph, context)
+        else:
+            self.opset = parent.opset if parent is not None else context.opset
         self.nodes: list[NodeProto] = list(graph.node)
         self.position = {id(node): position for position, node in enumerate(self.nodes)}
         self.removed: set[int] = set()
@@ -307,9 +193,16 @@ class GraphIndex:
         self.consumers: dict[str, list[NodeProto]] = defaultdict(list)
         for node in self.nodes:
             self._register(node)
-        self.initializers: dict[str, TensorProto] = {t.name: t for t in graph.initializer}
-        self.graph_inputs = {info.name for info in graph.input}
-        self.graph_outputs = {info.name for info in graph.output}
+        if self.is_function:
+            self.initializers: dict[str, TensorProto] = {}
+            self.sparse_initializers: dict[str, SparseTensorProto] = {}
+            self.graph_inputs = set(graph.input)
+            self.graph_outputs = set(graph.output)
+        else:
+            self.initializers = {t.name: t for t in graph.initializer}
+            self.sparse_initializers = {t.values.name: t for t in graph.sparse_initializer}
+            self.graph_inputs = {info.name for info in graph.input}
+            self.graph_outputs = {info.name for info in graph.output}
         context.graphs.append(self)
 
     # -- structure -------------------------------------------------------------------------------
@@ -335,76 +228,97 @@ class GraphIndex:
                 break
         return others
 
+    def live_consumers(self, name: str) -> list[NodeProto]:
+        return [node for node in self.consumers.get(name, []) if id(node) not in self.removed]
+
     def is_graph_output(self, name: str) -> bool:
         return name in self.graph_outputs
 
     def node_label(self, node: NodeProto) -> str:
         return node.name or f"<{node.op_type} -> {node.output[0] if node.output else '?'}>"
 
-    def rank(self, name: str) -> int | None:
-        """The rank of a tensor from graph inputs, initializers, or (lazily) shape inference.
+    def defines(self, name: str) -> bool:
+        """Whether ``name`` is a tensor of this scope (not one of an outer scope read here)."""
+        return (
+            name in self.producer
+            or name in self.graph_inputs
+            or name in self.initializers
+            or name in self.sparse_initializers
+        )
 
-        Declared ``value_info`` and graph-output shapes are not trusted: ONNX Runtime only warns
-        when they differ from what runs (a batch size edited on the inputs alone, a stale export),
-        and a fold decided on them would compute a different function.
+    # -- scoped facts ----------------------------------------------------------------------------
+    def facts(self, name: str) -> TensorFacts:
+        """What the graph fixes about ``name``'s shape and type in this scope (see
+        :mod:`bnfold.onnx.shapes`): this scope's own facts for its own tensors, the enclosing
+        scope's for a name read from outside, never another scope's tensor of the same name."""
+        if self.defines(name):
+            if self.is_function:
+                return TensorFacts()  # a function body's shapes differ per call site
+            return self.context.shapes.scope(self.graph).get(name, TensorFacts())
+        if self.parent is not None:
+            return self.parent.facts(name)
+        return TensorFacts()
+
+    def rank(self, name: str) -> int | None:
+        """The rank of a tensor: a constant's, else what shape inference shows in its scope.
+
+        Declared ``value_info``, graph-output and subgraph-input shapes are not trusted: ONNX
+        Runtime does not enforce them (it only warns on stale ones), and a fold decided on them
+        would compute a different function.
         """
-        for info in self.graph.input:
-            if info.name == name and info.type.tensor_type.HasField("shape"):
-                return len(info.type.tensor_type.shape.dim)
         constant = self.constant(name)
         if constant.is_constant:
             return constant.value.ndim
-        return self.context.inferred_rank(name)
+        return self.facts(name).rank
 
     def dims(self, name: str) -> list[int | str | None] | None:
         """Per axis of a tensor: its size (int), its symbolic name (``dim_param``), or None when unknown.
 
-        Sizes come from graph inputs, else from (lazy) shape inference, never from declared
-        ``value_info`` or output shapes (see :meth:`rank`); when only the rank is known, every axis
-        is None. None overall when the rank is unknown.
+        From constants and scoped shape facts only (see :meth:`rank`); None when the rank is unknown.
         """
-        for info in self.graph.input:
-            if info.name == name and info.type.tensor_type.HasField("shape"):
-                return _dim_values(info.type.tensor_type.shape)
-        inferred = self.context.inferred_dims(name)
-        if inferred is not None:
-            return inferred
-        rank = self.rank(name)
-        return None if rank is None else [None] * rank
+        constant = self.constant(name)
+        if constant.is_constant:
+            return [int(size) for size in constant.value.shape]
+        dims = self.facts(name).dims
+        return None if dims is None else list(dims)
 
     def elem_type(self, name: str) -> int | None:
-        """The element type of a tensor (``TensorProto`` data type) from declarations or inference."""
-        for info in (*self.graph.value_info, *self.graph.input, *self.graph.output):
-            if info.name == name and info.type.tensor_type.elem_type:
-                return info.type.tensor_type.elem_type
+        """The element type of a tensor (a ``TensorProto`` data type): a constant's, else inferred."""
         constant = self.constant(name)
         if constant.is_constant:
             return onnx.helper.np_dtype_to_tensor_dtype(constant.value.dtype)
-        return self.context.inferred_elem_type(name)
+        return self.facts(name).elem_type
 
     # -- constants -------------------------------------------------------------------------------
     def constant(self, name: str) -> ConstantLookup:
         """The value of ``name`` if it is fixed at export time, else why it is not.
 
-        Looks at this graph's initializers and ``Constant`` nodes, then outer scopes. An initializer
-        that is also a graph input is not constant: a caller may feed a different value.
+        Looks at this graph's initializers (sparse ones too) and ``Constant`` nodes, then outer
+        scopes. An initializer that is also a graph input is not constant: a caller may feed a
+        different value; nor is a function input, or a ``Constant`` whose value each call site sets.
         """
         if name in self.producer:
             node = self.producer[name]
-            if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
-                value = _constant_node_value(node)
+            if is_op(node, "Constant"):
+                value = constant_node_value(node)
                 if value is not None:
                     return ConstantLookup(value)
+                return ConstantLookup(None, Reason.PARAM_NOT_CONSTANT, f"`{name}` is set by each call site")
             return ConstantLookup(None, Reason.PARAM_NOT_CONSTANT, f"`{name}` is computed by {node.op_type}")
-        if name in self.initializers:
+        if name in self.initializers or name in self.sparse_initializers:
             if name in self.graph_inputs:
                 return ConstantLookup(
                     None, Reason.PARAM_IS_GRAPH_INPUT, f"`{name}` is an initializer and a graph input"
                 )
             exact = self.context.exact_values.get((id(self), name))
-            return ConstantLookup(exact if exact is not None else _decoded(self.initializers[name]))
+            if exact is not None:
+                return ConstantLookup(exact)
+            if name in self.initializers:
+                return ConstantLookup(decoded(self.initializers[name]))
+            return ConstantLookup(sparse_value(self.sparse_initializers[name]))
         if name in self.graph_inputs:
-            return ConstantLookup(None, Reason.PARAM_NOT_CONSTANT, f"`{name}` is a graph input")
+            where = "an input of the function" if self.is_function else "a graph input"
+            return ConstantLookup(None, Reason.PARAM_NOT_CONSTANT, f"`{name}` is {where}")
         if self.parent is not None:
             return self.parent.constant(name)
         return ConstantLookup(None, Reason.PARAM_NOT_CONSTANT, f"`{name}` is not defined")
@@ -413,36 +327,45 @@ class GraphIndex:
         """Make ``node.input[slot]`` read ``value``.
 
         The tensor is replaced in place only when it lives in this graph and ``node`` is its only
-        reader; otherwise the node gets its own fresh initializer and every other reader keeps the
+        reader; otherwise the node gets its own fresh constant and every other reader keeps the
         original (a shared weight is copied, never edited).
         """
         old_name = node.input[slot] if slot < len(node.input) else ""
         if old_name and not self.other_consumers(old_name, node) and not self.is_graph_output(old_name):
             if old_name in self.initializers and old_name not in self.graph_inputs:
                 store_tensor(self.initializers[old_name], value, keep=self._keep_new_weight(value))
-                self._remember_exact(old_name, value)
+                self.context.exact_values.remember((id(self), old_name), value)
                 return
             producer = self.producer.get(old_name)
-            if producer is not None and producer.op_type == "Constant" and _has_value_tensor(producer):
-                for attribute in producer.attribute:
-                    if attribute.name == "value":
-                        store_tensor(attribute.t, value)
+            if producer is not None and is_op(producer, "Constant") and has_value_tensor(producer):
+                for entry in producer.attribute:
+                    if entry.name == "value":
+                        store_tensor(entry.t, value)
                 return
-        new_name = self.context.fresh_name(base_name)
-        tensor = self.graph.initializer.add()
-        tensor.name = new_name
-        store_tensor(tensor, value, keep=self._keep_new_weight(value))
-        self.initializers[new_name] = tensor
-        self._remember_exact(new_name, value)
+        new_name = self.add_constant(value, base_name)
         while len(node.input) <= slot:
             node.input.append("")
         self.replace_input(node, slot, new_name)
 
-    def _remember_exact(self, name: str, value: np.ndarray) -> None:
-        if isinstance(value, Rounded) and value.exact is not None:
-            self.context.remember_exact((id(self), name), value)
-        else:
-            self.context.forget_exact((id(self), name))
+    def add_constant(self, value: np.ndarray, base_name: str) -> str:
+        """A new constant tensor of this graph (an initializer; a ``Constant`` node in a function
+        body, which has no initializers); its fresh name."""
+        name = self.context.fresh_name(base_name)
+        if self.is_function:
+            constant = onnx.helper.make_node(
+                "Constant", [], [name], value=onnx.numpy_helper.from_array(value)
+            )
+            self.graph.node.insert(0, constant)
+            self.nodes.insert(0, self.graph.node[0])
+            self.position = {id(n): index for index, n in enumerate(self.nodes)}
+            self._register(self.nodes[0])
+            return name
+        tensor = self.graph.initializer.add()
+        tensor.name = name
+        store_tensor(tensor, value, keep=self._keep_new_weight(value))
+        self.initializers[name] = tensor
+        self.context.exact_values.remember((id(self), name), value)
+        return name
 
     def may_fold_again(self, name: str) -> bool:
         """Whether a node reading ``name`` (what a folded layer will output) may fold it again, so
@@ -538,59 +461,32 @@ class GraphIndex:
 
     def prune(self, unused: set[str]) -> None:
         """Delete initializers, Constant nodes and value_info for names no graph reads any more."""
-        for position in range(len(self.graph.initializer) - 1, -1, -1):
-            name = self.graph.initializer[position].name
-            if name in unused and name not in self.graph_inputs:
-                del self.graph.initializer[position]
-                self.initializers.pop(name, None)
+        if not self.is_function:
+            for position in range(len(self.graph.initializer) - 1, -1, -1):
+                name = self.graph.initializer[position].name
+                if name in unused and name not in self.graph_inputs:
+                    del self.graph.initializer[position]
+                    self.initializers.pop(name, None)
+            for position in range(len(self.graph.sparse_initializer) - 1, -1, -1):
+                name = self.graph.sparse_initializer[position].values.name
+                if name in unused and name not in self.graph_inputs:
+                    del self.graph.sparse_initializer[position]
+                    self.sparse_initializers.pop(name, None)
         for position in range(len(self.graph.node) - 1, -1, -1):
             node = self.graph.node[position]
-            if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS and node.output[0] in unused:
+            if is_op(node, "Constant") and node.output[0] in unused:
                 del self.graph.node[position]
         self.nodes = list(self.graph.node)
         self.position = {id(node): index for index, node in enumerate(self.nodes)}
-        for position in range(len(self.graph.value_info) - 1, -1, -1):
-            if self.graph.value_info[position].name in unused:
-                del self.graph.value_info[position]
+        value_info = self.graph.value_info
+        for position in range(len(value_info) - 1, -1, -1):
+            if value_info[position].name in unused:
+                del value_info[position]
 
 
-def _decoded(tensor: TensorProto) -> np.ndarray:
-    """A tensor's value, read-only; a clear error for data the checker lets through but numpy cannot
-    read (raw_data longer than its shape, an unknown data_type, too many float_data values).
-
-    A tensor left on disk by a lazy load is a read-only view of its mapped file range, a new weight
-    of a lazily loaded model the (read-only) array in the in-memory store; every other
-    value is made read-only too, so that a rule writing into a constant fails in every test, not
-    only on lazily loaded models.
-    """
-    try:
-        if tensor.data_location == TensorProto.EXTERNAL:
-            value = read_tensor(tensor)  # left on disk by a lazy load: map this one tensor
-        else:
-            value = numpy_helper.to_array(tensor)
-    except (ValueError, KeyError, TypeError, OSError) as error:
-        raise ModelLoadError(
-            f"tensor `{tensor.name}` has data that does not match its type and shape ({error})"
-        ) from None
-    value.flags.writeable = False
-    return value
-
-
-def _has_value_tensor(node: NodeProto) -> bool:
-    return any(attribute.name == "value" for attribute in node.attribute)
-
-
-def _constant_node_value(node: NodeProto) -> np.ndarray | None:
-    """The value of a ``Constant`` node in any of its attribute forms (sparse: not supported)."""
-    for attribute in node.attribute:
-        if attribute.name == "value":
-            return _decoded(attribute.t)
-        if attribute.name == "value_float":
-            return np.array(attribute.f, dtype=np.float32)
-        if attribute.name == "value_floats":
-            return np.array(list(attribute.floats), dtype=np.float32)
-        if attribute.name == "value_int":
-            return np.array(attribute.i, dtype=np.int64)
-        if attribute.name == "value_ints":
-            return np.array(list(attribute.ints), dtype=np.int64)
-    return None
+def _function_opset(function: FunctionProto, context: ModelContext) -> int | None:
+    """The default-domain opset a function body's nodes follow: its own import, else the model's."""
+    for entry in function.opset_import:
+        if entry.domain in DEFAULT_DOMAINS:
+            return entry.version
+    return context.opset

@@ -15,31 +15,28 @@ Then every flat position ``f`` is in layer channel ``(f // inner) mod C`` and BN
 (``[B, N, C] -> Reshape([-1, C])`` folds without knowing ``B`` or ``N``), and refuse with
 ``reshape-not-channel-preserving`` where it does not hold or cannot be shown (``Conv [N, C, H, W] ->
 Flatten`` with ``H*W > 1`` is a BN per element of ``C*H*W``: the BN-then-Gemm rule may fold that one
-into the layer after it instead). The fold is the same one the rules in :mod:`bnfold.onnx.rules` make;
-the Reshape stays and takes over the BN's output name.
+into the layer after it instead). The fold is the same one the layer-then-BN rules make
+(:mod:`bnfold.onnx.layers`); the Reshape stays and takes over the BN's output name.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from math import prod
 
 import numpy as np
 from onnx import NodeProto
 
-from bnfold.onnx.batchnorm import BatchNormParams, Refusal
-from bnfold.onnx.graph import DEFAULT_DOMAINS, GraphIndex
-from bnfold.onnx.rules import (
-    ConvThenBN,
-    GemmThenBN,
-    Match,
-    MatMulThenBN,
-    Rule,
-    _attribute,
-    _sole_consumer_refusal,
-)
+from bnfold.core.protocol import Applied
+from bnfold.core.refuse import Refuse
+from bnfold.core.sites import ThroughReshape
+from bnfold.onnx.checks import require_sole_reader
+from bnfold.onnx.layers import OutputFold, OutputLayer, write_output_fold
+from bnfold.onnx.nodes import attribute, is_op
+from bnfold.onnx.view import OnnxView
 from bnfold.report import Reason
 
-__all__ = ["ThroughReshape", "ConvReshapeBN", "GemmReshapeBN", "MatMulReshapeBN"]
+__all__ = ["LayerReshapeBN", "RESHAPE_OPS"]
 
 RESHAPE_OPS = ("Reshape", "Flatten")
 
@@ -73,7 +70,7 @@ def _shown(size: Size | None) -> str:
     return "*".join(([str(coefficient)] if coefficient != 1 or not names else []) + names)
 
 
-def _layer_sizes(graph: GraphIndex, tensor: str, channel_axis: int, channels: int) -> list[Size] | Refusal:
+def _layer_sizes(graph: OnnxView, tensor: str, channel_axis: int, channels: int) -> list[Size]:
     """The layer output's sizes where known, symbols elsewhere; ``channels`` on an unknown channel axis.
 
     Assuming the BN's channel count for the layer's is safe: the layer's own rule refuses the fold
@@ -81,7 +78,7 @@ def _layer_sizes(graph: GraphIndex, tensor: str, channel_axis: int, channels: in
     """
     dims = graph.dims(tensor)
     if not dims:
-        return Refusal(Reason.RESHAPE_NOT_CHANNEL_PRESERVING, f"the rank of `{tensor}` is unknown")
+        raise Refuse(Reason.RESHAPE_NOT_CHANNEL_PRESERVING, f"the rank of `{tensor}` is unknown")
     channel_axis %= len(dims)
     sizes: list[Size] = []
     for axis, dim in enumerate(dims):
@@ -94,36 +91,36 @@ def _layer_sizes(graph: GraphIndex, tensor: str, channel_axis: int, channels: in
     return sizes
 
 
-def _reshaped_sizes(graph: GraphIndex, node: NodeProto, sizes: list[Size]) -> list[Size | None] | Refusal:
+def _reshaped_sizes(graph: OnnxView, node: NodeProto, sizes: list[Size]) -> list[Size | None]:
     """The sizes of a Flatten's or Reshape's output (None where they cannot be worked out)."""
     not_preserving = Reason.RESHAPE_NOT_CHANNEL_PRESERVING
     label = graph.node_label(node)
     if node.op_type == "Flatten":
-        axis = int(_attribute(node, "axis", 1))
+        axis = int(attribute(node, "axis", 1))
         axis += len(sizes) if axis < 0 else 0
         if not 0 <= axis <= len(sizes):
-            return Refusal(not_preserving, f"Flatten {label} has axis {axis} on rank {len(sizes)}")
+            raise Refuse(not_preserving, f"Flatten {label} has axis {axis} on rank {len(sizes)}")
         return [_product(sizes[:axis]), _product(sizes[axis:])]
     if len(node.input) > 1 and node.input[1]:
         lookup = graph.constant(node.input[1])
         if not lookup.is_constant:
-            return Refusal(Reason.RESHAPE_SHAPE_NOT_CONSTANT, f"shape of Reshape {label}: {lookup.detail}")
+            raise Refuse(Reason.RESHAPE_SHAPE_NOT_CONSTANT, f"shape of Reshape {label}: {lookup.detail}")
         shape = [int(size) for size in np.asarray(lookup.value).reshape(-1)]
     else:  # Reshape-1 and -4 take the shape as an attribute
-        shape = [int(size) for size in _attribute(node, "shape", [])]
+        shape = [int(size) for size in attribute(node, "shape", [])]
         if not shape:
-            return Refusal(Reason.RESHAPE_SHAPE_NOT_CONSTANT, f"Reshape {label} has no shape")
-    copy_zeros = not _attribute(node, "allowzero", 0)
+            raise Refuse(Reason.RESHAPE_SHAPE_NOT_CONSTANT, f"Reshape {label} has no shape")
+    copy_zeros = not attribute(node, "allowzero", 0)
     result: list[Size | None] = []
     for axis, size in enumerate(shape):
         if size == 0 and copy_zeros:  # 0 copies the input's size on that axis
             if axis >= len(sizes):
-                return Refusal(not_preserving, f"Reshape {label}: shape {shape} copies a missing axis")
+                raise Refuse(not_preserving, f"Reshape {label}: shape {shape} copies a missing axis")
             result.append(sizes[axis])
         elif size == -1 and None not in result:
             result.append(None)  # inferred below
         elif size < 0:
-            return Refusal(not_preserving, f"Reshape {label} has shape {shape}")
+            raise Refuse(not_preserving, f"Reshape {label} has shape {shape}")
         else:
             result.append((size, ()))
     if None in result:
@@ -134,8 +131,8 @@ def _reshaped_sizes(graph: GraphIndex, node: NodeProto, sizes: list[Size]) -> li
 
 
 def _bn_input_sizes(
-    graph: GraphIndex, reshape: NodeProto, channel_axis: int, channels: int
-) -> list[Size | None] | Refusal:
+    graph: OnnxView, reshape: NodeProto, channel_axis: int, channels: int
+) -> list[Size | None]:
     """The sizes of the BN input that ``reshape`` writes, if its axis 1 is the layer's channel axis.
 
     ``channel_axis`` is the layer output's channel axis (1 for Conv and Gemm, -1 for MatMul); refused
@@ -143,16 +140,12 @@ def _bn_input_sizes(
     layer's axes after its channel axis.
     """
     layer_sizes = _layer_sizes(graph, reshape.input[0], channel_axis, channels)
-    if isinstance(layer_sizes, Refusal):
-        return layer_sizes
     sizes = _reshaped_sizes(graph, reshape, layer_sizes)
-    if isinstance(sizes, Refusal):
-        return sizes
     label = f"{reshape.op_type} {graph.node_label(reshape)}"
     shown = "[" + ", ".join(_shown(size) for size in sizes) + "]"
     channel_axis %= len(layer_sizes)
     if len(sizes) < 2 or sizes[1] != layer_sizes[channel_axis]:
-        return Refusal(
+        raise Refuse(
             Reason.RESHAPE_NOT_CHANNEL_PRESERVING,
             f"{label} gives the BN input {shown}: its axis 1 is not the layer's "
             f"{_shown(layer_sizes[channel_axis])} channels",
@@ -160,7 +153,7 @@ def _bn_input_sizes(
     inner = None if None in sizes[2:] else _product(sizes[2:])
     layer_inner = _product(layer_sizes[channel_axis + 1 :])
     if inner != layer_inner:
-        return Refusal(
+        raise Refuse(
             Reason.RESHAPE_NOT_CHANNEL_PRESERVING,
             f"{label} gives the BN input {shown}: {_shown(inner)} elements per channel and sample, "
             f"the layer has {_shown(layer_inner)}",
@@ -168,77 +161,54 @@ def _bn_input_sizes(
     return sizes
 
 
-class ThroughReshape(Rule):
-    """Mixin: fold a BN into the layer behind the Reshape/Flatten that feeds it; the Reshape stays.
+@dataclass(frozen=True)
+class LayerReshapeBNPlan:
+    site: ThroughReshape
+    fold: OutputFold
+
+
+class LayerReshapeBN:
+    """``layer -> Reshape/Flatten -> BN`` for one layer kind; the Reshape stays.
 
     ``Layer -> Reshape -> BN`` becomes ``Layer' -> Reshape``, where the Reshape takes over the BN's
     output name. Refuses when the Reshape's output is read by anything but the BN, when its shape is
     not constant or does not map the BN's channels one-to-one onto the layer's, and whatever the
-    rule for ``Layer -> BN`` refuses. ``Shape``/``Size`` nodes may read the layer's output: it keeps
-    its name and its shape.
+    layer refuses. ``Shape``/``Size`` nodes may read the layer's output: it keeps its name and its
+    shape. ``channel_axis`` is the layer output's channel axis (1 for Conv and Gemm, -1 for MatMul,
+    where any output rank folds: the Reshape, not the rank, decides whether BN axis 1 is the
+    MatMul's column axis; without a bias, the shift becomes an ``Add`` where the BN was).
     """
 
-    channel_axis: int = 1
+    site = ThroughReshape
 
-    def accepts(self, graph: GraphIndex, producer: NodeProto) -> bool:
-        if producer.op_type not in RESHAPE_OPS or producer.domain not in DEFAULT_DOMAINS:
-            return False
-        layer = graph.producer.get(producer.input[0]) if producer.input else None
-        return layer is not None and super().accepts(graph, layer)
+    def __init__(self, name: str, layer: OutputLayer, channel_axis: int = 1) -> None:
+        self.name = name
+        self.layer = layer
+        self.channel_axis = channel_axis
 
-    def producer_of(self, graph: GraphIndex, bn: NodeProto) -> NodeProto | None:
-        reshape = graph.producer.get(bn.input[0]) if bn.input else None
-        return graph.producer.get(reshape.input[0]) if reshape is not None and reshape.input else None
+    def find(self, view: OnnxView, node: NodeProto) -> ThroughReshape | None:
+        if not view.is_norm(node) or not node.input:
+            return None
+        reshape = view.producer.get(node.input[0])
+        if reshape is None or not is_op(reshape, *RESHAPE_OPS) or not reshape.input:
+            return None
+        head = self.layer.head(view, reshape.input[0])
+        return ThroughReshape(norm=node, reshape=reshape, layer=head) if head is not None else None
 
-    def tail(self, graph: GraphIndex, bn: NodeProto, layer: NodeProto) -> NodeProto:
-        return graph.producer[bn.input[0]]
-
-    def output_refusal(self, graph: GraphIndex, bn: NodeProto, tensor: str) -> Refusal | None:
-        reshape = graph.producer[bn.input[0]]
-        return _sole_consumer_refusal(graph, tensor, reshape, shape_readers_ok=True)
-
-    def match(self, graph: GraphIndex, bn: NodeProto, params: BatchNormParams) -> Match | Refusal:
-        reshape = graph.producer[bn.input[0]]
+    def plan(self, view: OnnxView, site: ThroughReshape) -> LayerReshapeBNPlan:
+        bn, reshape, head = site.norm, site.reshape, site.layer
         # The Reshape's output name goes away (the Reshape takes over the BN's): the BN must be its
         # only reader, Shape nodes included.
-        refusal = _sole_consumer_refusal(graph, reshape.output[0], bn)
-        if refusal:
-            return refusal
-        sizes = _bn_input_sizes(graph, reshape, self.channel_axis, params.channels)
-        if isinstance(sizes, Refusal):
-            return sizes
-        match = super().match(graph, bn, params)
-        if isinstance(match, Match) and match.new_bias is not None:
+        require_sole_reader(view, reshape.output[0], bn)
+        params = view.norm_params(bn)
+        sizes = _bn_input_sizes(view, reshape, self.channel_axis, params.channels)
+        require_sole_reader(view, head.output[0], reshape, shape_readers_ok=True)
+        keep_exact = view.may_fold_again(bn.output[0])
+        fold = self.layer.plan(view, head, params, keep_exact=keep_exact, axis_checked=True)
+        if fold.new_bias is not None:
             # MatMul without a bias: the shift becomes an Add where the BN was, along its axis 1.
-            match.new_bias = match.new_bias.reshape(-1, *[1] * (len(sizes) - 2))
-        return match
+            fold.new_bias = fold.new_bias.reshape(-1, *[1] * (len(sizes) - 2))
+        return LayerReshapeBNPlan(site, fold)
 
-
-class ConvReshapeBN(ThroughReshape, ConvThenBN):
-    """Conv -> Reshape/Flatten -> BN: e.g. ``[N, C, H, W] -> [N, C, H*W]`` (BatchNorm1d), or a 1x1
-    output flattened to ``[N, C]``. ``Flatten`` of ``H*W > 1`` positions is refused."""
-
-    name = "conv-reshape-bn"
-    description = "Conv -> channel-preserving Reshape/Flatten -> BatchNormalization: fold into the Conv"
-
-
-class GemmReshapeBN(ThroughReshape, GemmThenBN):
-    """Gemm -> Reshape -> BN, e.g. ``[M, C] -> [M, C, 1, 1]`` (BatchNorm2d after a Linear)."""
-
-    name = "gemm-reshape-bn"
-    description = "Gemm -> channel-preserving Reshape/Flatten -> BatchNormalization: fold into the Gemm"
-
-
-class MatMulReshapeBN(ThroughReshape, MatMulThenBN):
-    """MatMul [-> Add] of any rank -> Reshape/Flatten to ``[tokens, C]`` -> BN (LeViT ``Linear_BN``).
-
-    Any MatMul output rank folds here: the Reshape, not the rank, decides whether BN axis 1 is the
-    MatMul's column axis. Without a bias, the shift becomes an ``Add`` where the BN was.
-    """
-
-    name = "matmul-reshape-bn"
-    channel_axis = -1
-    description = "MatMul [-> Add] -> channel-preserving Reshape/Flatten -> BatchNormalization"
-
-    def channel_axis_refusal(self, graph: GraphIndex, matmul: NodeProto) -> Refusal | None:
-        return None  # _bn_input_sizes already checked it on the Reshape
+    def apply(self, view: OnnxView, plan: LayerReshapeBNPlan) -> Applied:
+        return Applied(write_output_fold(view, plan.fold, plan.site.norm, tail=plan.site.reshape))

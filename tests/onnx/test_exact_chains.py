@@ -15,6 +15,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import bnfold.onnx.graph as graph_module
 from bnfold import fold_onnx
+from bnfold.core.driver import run_rules
+from bnfold.onnx.rules import RULES
+from bnfold.onnx.view import OnnxView
+from bnfold.report import Report
 from tests.builders import bn_node, bn_params, make_model, op_types, run, tensor
 
 CHANNELS = 6
@@ -23,9 +27,7 @@ CHANNELS = 6
 def conv(name: str, source: str, output: str, kernel: int, pads: int, rng) -> tuple:
     weight = tensor(f"{name}_w", rng.standard_normal((CHANNELS, CHANNELS, kernel, kernel)) * 0.3, np.float32)
     bias = tensor(f"{name}_b", rng.standard_normal(CHANNELS), np.float32)
-    node = helper.make_node(
-        "Conv", [source, weight.name, bias.name], [output], name=name, pads=[pads] * 4
-    )
+    node = helper.make_node("Conv", [source, weight.name, bias.name], [output], name=name, pads=[pads] * 4)
     return node, [weight, bias]
 
 
@@ -157,14 +159,11 @@ def test_a_fold_that_nothing_follows_keeps_no_float64_copy():
         conv_weights + bn_params(rng, CHANNELS, prefix="bn"),
     )
     context = graph_module.ModelContext(model)
-    index = graph_module.GraphIndex(model.graph, context)
+    index = OnnxView(model.graph, context)
     assert not index.may_fold_again("n")
     assert index.may_fold_again("c")  # the BN reads it
-    from bnfold.onnx.fold import _fold_graph
-    from bnfold.report import Report
-
-    _fold_graph(index, fold_onnx.__kwdefaults__["rules"], set(), Report(), False)
-    assert context.exact_values == {}
+    run_rules(index, RULES, Report())
+    assert len(context.exact_values) == 0
 
 
 def test_an_exact_value_is_not_read_by_a_sibling_subgraph_weight_of_the_same_name():
