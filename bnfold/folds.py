@@ -8,8 +8,7 @@ reads its constants. Families:
 - output side (:func:`fold_output_side`): ``layer -> BN`` and everything that reduces to it
   (through a reshape, a Mul/Add chain, through a pool);
 - input side (:func:`fold_input_side`): ``BN -> layer``;
-- parallel branches (:func:`merge_branches`): ``Add`` of convs of one input (+ identity);
-- through a pool (:func:`pool_commutes`): which per-channel maps commute with a pooling.
+- parallel branches (:func:`merge_branches`): ``Add`` of convs of one input (+ identity).
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ __all__ = [
     "fold_output_side",
     "fold_input_side",
     "merge_branches",
-    "pool_commutes",
 ]
 
 
@@ -150,19 +148,3 @@ def merge_branches(
     if new_weight is None or (has_bias and new_bias is None):
         raise Refuse(Reason.FOLD_OVERFLOWS_DTYPE, f"merged weight or bias overflows {dtype.name}")
     return window, new_weight, new_bias
-
-
-def pool_commutes(affine: Affine, pool: str) -> None:
-    """Refuse unless ``pool(affine(x)) == affine(pool(x))`` for every input.
-
-    Averages (``average``: global, or windows without padding or with ``count_include_pad=0``) commute
-    with any per-channel affine map: each output is a mean of inputs of one channel. A max commutes
-    with ``x -> s * x + t`` only where ``s > 0`` (a negative scale turns the max into a min; a zero
-    scale is fine too: every value becomes ``t``), and its padding must be ``-inf`` (ONNX MaxPool's is).
-    """
-    if pool == "average":
-        return
-    negative = np.flatnonzero(affine.scale < 0)
-    if negative.size:
-        shown = ", ".join(map(str, negative[:8].tolist())) + (", ..." if negative.size > 8 else "")
-        raise Refuse(Reason.NEGATIVE_SCALE_BEFORE_MAX, f"scale < 0 in channels {shown}")
