@@ -49,6 +49,8 @@ class Reason(StrEnum):
     UNKNOWN_SHAPE = "unknown-shape"
     HOOKS_REGISTERED = "hooks-registered"
     CUSTOM_FORWARD = "custom-forward"
+    SHAPE_DEPENDENT = "shape-dependent"
+    MUTATED_IN_PLACE = "mutated-in-place"
 
     @property
     def explanation(self) -> str:
@@ -100,6 +102,10 @@ _EXPLANATIONS: dict[Reason, str] = {
     "values after folding",
     Reason.CUSTOM_FORWARD: "the module's class overrides forward(), so what it computes is not a plain "
     "BatchNorm",
+    Reason.SHAPE_DEPENDENT: "the fold would be exact only for some input shapes (e.g. a reshape that keeps "
+    "the channels on the BN's axis only when a dynamic size is 1, or a rank the graph does not fix)",
+    Reason.MUTATED_IN_PLACE: "an in-place operation writes into a tensor the fold would read at another "
+    "point (or into one sharing its storage), so the folded layer would see different values",
 }
 
 

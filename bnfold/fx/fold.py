@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -113,13 +114,16 @@ def fold_module(
     reference = module_outputs(model, args) if args is not None and verify else None
     working = model if inplace or fresh else _deepcopy(model)
     traced = trace(working, args, tracer=tracer, dynamic_shapes=dynamic_shapes)
-    context = FoldContext(traced.graph_module, root=working)
+    context = FoldContext(traced.graph_module, root=working, trusted_shapes=traced.trusted_shapes)
     report = Report(source=type(model).__name__)
     report.extras["tracer"] = traced.tracer
     if traced.fallback_reason:
         report.extras["symbolic_trace_error"] = traced.fallback_reason
     _fold_graph(context, rules, skipped, report)
     _report_subgraphs(context, context.graph_module, "", {}, report)
+    if context.assumed_ranks:
+        _insert_rank_checks(context.graph_module, context.assumed_ranks)
+        report.extras["input_rank_checks"] = dict(context.assumed_ranks)
     graph_module = context.graph_module
     graph_module.graph.lint()
     graph_module.recompile()
@@ -130,6 +134,32 @@ def fold_module(
         if not result.verification:
             logger.warning("folded module does not match the original:\n%s", result.verification.to_text())
     return result
+
+
+def _insert_rank_checks(graph_module: fx.GraphModule, ranks: dict[str, int]) -> None:
+    """Make the folded module refuse inputs of another rank than the example's, where a fold relied on it.
+
+    A symbolic_trace graph accepts inputs of any rank, but whether a Linear's features (or a Conv1d's
+    channels) sit on the BN's axis 1 depends on it: a Linear -> BatchNorm1d folded from a 2-D example
+    would compute something else on a 3-D input. Like torch.export's guards, the check turns such an
+    input into an error instead of a wrong result (an exported ONNX file fixes its input ranks anyway).
+    """
+    graph = graph_module.graph
+    placeholders = [node for node in graph.nodes if node.op == "placeholder" and node.name in ranks]
+    if not placeholders:
+        return
+    with graph.inserting_after(placeholders[-1]):
+        for placeholder in reversed(placeholders):
+            rank = ranks[placeholder.name]
+            message = (
+                f"bnfold folded this module for a {rank}-D `{placeholder.target}` (the rank of the example "
+                "input), which the folded layers rely on"
+            )
+            rank_node = graph.call_method("dim", (placeholder,))
+            with graph.inserting_after(rank_node):
+                equal = graph.call_function(operator.eq, (rank_node, rank))
+            with graph.inserting_after(equal):
+                graph.call_function(torch._assert, (equal, message))
 
 
 def _deepcopy(model: nn.Module) -> nn.Module:

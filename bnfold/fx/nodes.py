@@ -42,6 +42,8 @@ __all__ = [
     "output_shape",
     "argument_names",
     "TensorUses",
+    "reads_only_metadata",
+    "value_readers",
 ]
 
 aten = torch.ops.aten
@@ -380,3 +382,37 @@ class TensorUses:
 def _owned_tensors(module: nn.Module) -> Iterable[torch.Tensor]:
     yield from module.parameters()
     yield from (buffer for buffer in module.buffers() if buffer is not None)
+
+
+# Attributes and methods that read a tensor's metadata (shape, rank, dtype, device), never its values.
+_METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
+_METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "get_device"})
+_SHAPE_OF_OTHER_METHODS = frozenset({"reshape_as", "view_as", "expand_as"})
+_METADATA_OPS = frozenset({aten.sym_size, aten.sym_numel, aten.dim})
+_SHAPE_OF_OTHER_OPS = frozenset({aten.reshape_as, aten.view_as, aten.expand_as})
+
+
+def reads_only_metadata(user: fx.Node, tensor: fx.Node) -> bool:
+    """Whether ``user`` reads nothing of ``tensor`` but its shape, rank, dtype or device.
+
+    Such readers see the same thing before and after a fold (a folded layer's output has the BN
+    output's shape, dtype and device): timm's BatchNormAct2d reads ``x.ndim`` before ``F.batch_norm``,
+    LeViT's ``reshape_as(features)`` reads only ``features``' sizes.
+    """
+    if user.op == "call_function" and user.target is getattr:
+        return len(user.args) == 2 and user.args[0] is tensor and user.args[1] in _METADATA_ATTRIBUTES
+    if user.op == "call_method":
+        if user.target in _METADATA_METHODS:
+            return user.args[0] is tensor
+        return user.target in _SHAPE_OF_OTHER_METHODS and user.args[0] is not tensor
+    if user.op == "call_function":
+        packet = _packet(user.target)
+        if packet in _METADATA_OPS:
+            return True
+        return packet in _SHAPE_OF_OTHER_OPS and user.args[0] is not tensor
+    return False
+
+
+def value_readers(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its values (every user but the metadata readers)."""
+    return [user for user in node.users if not reads_only_metadata(user, node)]

@@ -14,7 +14,6 @@ After:   x ─Conv(W·s, (b−μ)·s + β)─▶ y          where s = γ / √(�
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from bnfold.affine import (
     Affine,
@@ -37,6 +37,7 @@ from bnfold.affine import (
     scale_output_channels,
     statistics_problem,
 )
+from bnfold.fx.effects import Effects
 from bnfold.fx.nodes import (
     TensorUses,
     behaves_like_torch,
@@ -52,7 +53,9 @@ from bnfold.fx.nodes import (
     producer_kind_of_function,
     resolve_attr,
     returns_tuple,
+    value_readers,
 )
+from bnfold.fx.shapes import ShapeFacts, batchnorm_ranks
 from bnfold.onnx.graph import EXACT_VALUES_BUDGET
 from bnfold.report import Reason
 
@@ -88,6 +91,9 @@ __all__ = [
     "editable_layer_refusal",
     "statistics_dtype_refusal",
     "sole_reader_refusal",
+    "channels_on_axis_one",
+    "mutation_refusal",
+    "value_readers_of",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -145,20 +151,39 @@ class ExactValues:
 
 @dataclass
 class FoldContext:
-    """The graph being folded, the model it came from (for class names), who uses which tensor, and
-    the float64 values of the tensors folds wrote."""
+    """The graph being folded, the model it came from (for class names), who uses which tensor, the
+    float64 values of the tensors folds wrote, the shape facts and the in-place writes of the graph.
+
+    ``trusted_shapes``: the graph's shape metadata is enforced by the module (torch.export).
+    ``assumed_ranks``: graph inputs whose example rank a fold relied on (the driver makes the folded
+    module check them).
+    """
 
     graph_module: fx.GraphModule
     root: nn.Module | None = None
+    trusted_shapes: bool = False
     uses: TensorUses = field(init=False)
     exact: ExactValues = field(init=False, default_factory=ExactValues)
+    facts: ShapeFacts = field(init=False)
+    effects: Effects = field(init=False)
+    assumed_ranks: dict[str, int] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Shapes are computed once: a fold gives the folded layer's output the BN output's shape.
+        self.facts = ShapeFacts(self.graph_module, trusted=self.trusted_shapes)
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-index tensor uses; call after the graph or its modules changed."""
+        """Re-index tensor uses and in-place writes; call after the graph or its modules changed."""
         self.uses = TensorUses(self.graph_module)
+        self.effects = Effects(self.graph_module)
+
+    def assume(self, inputs: frozenset[str]) -> None:
+        """Record that an applied fold relies on these graph inputs having their example rank."""
+        for name in inputs:
+            rank = self.facts.example_rank(name)
+            if rank is not None:
+                self.assumed_ranks[name] = rank
 
     def module_at(self, path: str) -> nn.Module | None:
         """The module at ``path`` in the original model (real classes), else in the graph module."""
@@ -408,6 +433,28 @@ def readers(batchnorm: BatchNorm) -> list[fx.Node]:
     return [user for output in batchnorm.outputs for user in output.users]
 
 
+def value_readers_of(batchnorm: BatchNorm) -> list[fx.Node]:
+    """The nodes that read the BN's normalized values (not only their shape, rank, dtype or device)."""
+    return [user for output in batchnorm.outputs for user in value_readers(output)]
+
+
+def mutation_refusal(context: FoldContext, tensor: Any, reads: list[fx.Node], where: str) -> Refusal | None:
+    """Refuse when a fold would move or merge reads of ``tensor`` across an in-place write into it.
+
+    ``reads`` are the nodes that read ``tensor`` before the fold (the fold makes one node read it).
+    """
+    if not isinstance(tensor, fx.Node):
+        return None
+    writer = context.effects.write_between(tensor, reads)
+    if writer is None:
+        return None
+    detail = (
+        f"`{writer.name}` writes in place into `{tensor.name}` (or a tensor sharing its storage) "
+        f"between {where}"
+    )
+    return Refusal(Reason.MUTATED_IN_PLACE, detail)
+
+
 def _data_input(node: fx.Node) -> Any:
     if node.op == "call_module":
         return node.args[0] if len(node.args) == 1 and not node.kwargs else None
@@ -499,6 +546,7 @@ class Match:
     weight: torch.Tensor
     bias: torch.Tensor
     side: str = "producer"
+    assumes: frozenset[str] = frozenset()  # graph inputs whose example rank the fold relies on
 
     @property
     def producer(self) -> Layer:
@@ -613,8 +661,9 @@ def _layer_refusal(context: FoldContext, batchnorm: BatchNorm, layer: Layer) -> 
 
 
 def sole_reader_refusal(layer: Layer, reader: fx.Node) -> Refusal | None:
-    """Refuse when anything besides ``reader`` sees the layer's output: it would see the folded values."""
-    others = [user for user in layer.node.users if user is not reader]
+    """Refuse when anything besides ``reader`` sees the layer's output values: it would see the folded
+    values. Readers of its shape, rank, dtype or device see the same before and after."""
+    others = [user for user in value_readers(layer.node) if user is not reader]
     if any(user.op == "output" for user in others):
         return Refusal(Reason.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT, f"the output of `{layer.name}` is returned")
     if others:
@@ -632,6 +681,11 @@ def editable_layer_refusal(context: FoldContext, layer: Layer) -> Refusal | None
         return shared
     if layer.module is not None and _hooks(layer.module):
         return Refusal(Reason.HOOKS_REGISTERED, f"`{layer.name}` has {_hooks(layer.module)}")
+    if layer.module is not None and parametrize.is_parametrized(layer.module):
+        others = sorted(set(layer.module.parametrizations) - {"weight", "bias"})
+        if others:
+            detail = f"`{layer.name}` has parametrized tensors {others} besides its weight and bias"
+            return Refusal(Reason.WEIGHT_NOT_CONSTANT, detail)
     if layer.weight is None or not layer.bias_constant:
         which = "weight" if layer.weight is None else "bias"
         return Refusal(Reason.WEIGHT_NOT_CONSTANT, f"the {which} of `{layer.name}` is computed at run time")
@@ -678,9 +732,12 @@ def _match(context: FoldContext, batchnorm: BatchNorm, producer: Layer) -> Match
     if refusal:
         return refusal
     channels = output_channel_count(tuple(producer.weight.shape), producer.layout, producer.groups)
-    refusal = _channel_refusal(batchnorm, producer, channels, "output") or _channel_axis_refusal(producer)
+    refusal = _channel_refusal(batchnorm, producer, channels, "output")
     if refusal:
         return refusal
+    assumes = channels_on_axis_one(context, batchnorm, batchnorm.input, producer, "output")
+    if isinstance(assumes, Refusal):
+        return assumes
     affine = _affine(batchnorm, channels)
     if isinstance(affine, Refusal):
         return affine
@@ -689,11 +746,11 @@ def _match(context: FoldContext, batchnorm: BatchNorm, producer: Layer) -> Match
     )
     bias = context.exact.float64(producer.bias) if producer.bias is not None else None
     bias64 = fold_bias(bias, affine)
-    return _rounded_match(context, batchnorm, producer, weight64, bias64, "producer")
+    return _rounded_match(context, batchnorm, producer, weight64, bias64, "producer", assumes)
 
 
 def _match_consumer(context: FoldContext, batchnorm: BatchNorm, consumer: Layer) -> Match | Refusal:
-    others = [user for user in readers(batchnorm) if user is not consumer.node]
+    others = [user for user in value_readers_of(batchnorm) if user is not consumer.node]
     if others:
         names = ", ".join(user.name for user in others[:3])
         where = "is returned" if any(user.op == "output" for user in others) else f"also feeds {names}"
@@ -702,18 +759,15 @@ def _match_consumer(context: FoldContext, batchnorm: BatchNorm, consumer: Layer)
     if refusal:
         return refusal
     channels = input_channel_count(tuple(consumer.weight.shape), consumer.layout, consumer.groups)
-    refusal = _channel_refusal(batchnorm, consumer, channels, "input")
+    between = f"`{batchnorm.call.name}` and `{consumer.name}`"
+    refusal = _channel_refusal(batchnorm, consumer, channels, "input") or mutation_refusal(
+        context, batchnorm.input, [batchnorm.node, consumer.node], between
+    )
     if refusal:
         return refusal
-    if consumer.kind == "linear":
-        rank = output_rank(batchnorm.outputs[0]) if batchnorm.outputs else None
-        if rank is None:
-            return Refusal(Reason.UNKNOWN_SHAPE, f"the rank of `{batchnorm.call.name}`'s output is unknown")
-        if rank != 2:
-            detail = (
-                f"`{batchnorm.call.name}` output has rank {rank}: a Linear reads features on the last axis"
-            )
-            return Refusal(Reason.CHANNEL_AXIS_MISMATCH, detail)
+    assumes = channels_on_axis_one(context, batchnorm, batchnorm.input, consumer, "input")
+    if isinstance(assumes, Refusal):
+        return assumes
     affine = _affine(batchnorm, channels)
     if isinstance(affine, Refusal):
         return affine
@@ -721,7 +775,7 @@ def _match_consumer(context: FoldContext, batchnorm: BatchNorm, consumer: Layer)
     weight64 = scale_input_channels(weight, affine.scale, consumer.layout, consumer.groups)
     correction = input_shift_bias(weight, affine.shift, consumer.layout, consumer.groups)
     bias64 = correction if consumer.bias is None else context.exact.float64(consumer.bias) + correction
-    return _rounded_match(context, batchnorm, consumer, weight64, bias64, "consumer")
+    return _rounded_match(context, batchnorm, consumer, weight64, bias64, "consumer", assumes)
 
 
 def _taps_refusal(consumer: Layer) -> Refusal | None:
@@ -756,12 +810,13 @@ def _rounded_match(
     weight64: np.ndarray,
     bias64: np.ndarray,
     side: str,
+    assumes: frozenset[str] = frozenset(),
 ) -> Match | Refusal:
     weight = _rounded(weight64, layer.weight, context.exact)
     bias = _rounded(bias64, layer.weight, context.exact)
     if weight is None or bias is None:
         return Refusal(Reason.FOLD_OVERFLOWS_DTYPE, f"{layer.weight.dtype} cannot hold the folded values")
-    return Match(batchnorm, layer, weight, bias, side)
+    return Match(batchnorm, layer, weight, bias, side, assumes)
 
 
 def _sharing_refusal(
@@ -779,24 +834,39 @@ def _sharing_refusal(
     return None
 
 
-def _channel_axis_refusal(producer: Layer) -> Refusal | None:
-    """A BN normalizes axis 1: a layer's channels are there only for batched conv or 2-D Linear output."""
-    rank = output_rank(producer.node)
-    if producer.kind == "linear":
-        if rank is None:
-            return Refusal(Reason.UNKNOWN_SHAPE, f"the rank of `{producer.name}`'s output is unknown")
-        if rank != 2:
+def channels_on_axis_one(
+    context: FoldContext, batchnorm: BatchNorm, tensor: Any, layer: Layer, which: str
+) -> frozenset[str] | Refusal:
+    """Prove that the BN's axis 1 is ``layer``'s channel axis for every input, or refuse.
+
+    ``tensor`` is what the BN normalizes and the layer produces (``which = "output"``) or reads
+    (``"input"``). A Linear's features are on axis 1 only for 2-D tensors; a conv's channels only
+    for batched ones (an unbatched Conv1d output ``[C, L]`` would put ``L`` on the BN's axis 1). The
+    rank comes from the BN's own input check (BatchNorm2d/3d accept one rank), an assertion in the
+    graph, or the graph's shape facts; returns the graph inputs whose example rank that assumes.
+    """
+    wanted = 2 if layer.kind == "linear" else layer.spatial_dims + 2
+    label = getattr(tensor, "name", str(tensor))
+    ranks = batchnorm_ranks(batchnorm.call.module) if batchnorm.call.module is not None else None
+    if ranks is not None and ranks == {wanted}:
+        return frozenset()
+    known = context.facts.rank(tensor)
+    if known is None:
+        if output_rank(tensor) is not None:
             detail = (
-                f"`{producer.name}` output has rank {rank}: its features are on the last axis, not axis 1"
+                f"the rank of `{label}` ({which} of `{layer.name}`) is {output_rank(tensor)} in the example "
+                "but is not fixed by the graph for every input"
             )
-            return Refusal(Reason.CHANNEL_AXIS_MISMATCH, detail)
-        return None
-    # Without shapes a conv output is taken to be batched, as BatchNorm2d/3d require; only an
-    # unbatched Conv1d feeding a BatchNorm1d could differ, and with example_inputs that is caught.
-    if rank is not None and rank != producer.spatial_dims + 2:
-        detail = f"`{producer.name}` output has rank {rank} (unbatched): its channels are on axis 0"
-        return Refusal(Reason.CHANNEL_AXIS_MISMATCH, detail)
-    return None
+            return Refusal(Reason.SHAPE_DEPENDENT, detail)
+        return Refusal(Reason.UNKNOWN_SHAPE, f"the rank of `{layer.name}`'s {which} is unknown")
+    rank, assumes = known
+    if rank == wanted:
+        return assumes
+    if layer.kind == "linear":
+        detail = f"`{layer.name}` {which} has rank {rank}: its features are on the last axis, not axis 1"
+    else:
+        detail = f"`{layer.name}` {which} has rank {rank} (unbatched): its channels are on axis 0"
+    return Refusal(Reason.CHANNEL_AXIS_MISMATCH, detail)
 
 
 def _numpy64(tensor: torch.Tensor) -> np.ndarray:
@@ -840,13 +910,12 @@ def _rounded(values: np.ndarray, like: torch.Tensor, exact: ExactValues | None =
 def _apply(context: FoldContext, match: Match) -> str:
     layer, batchnorm = match.layer, match.batchnorm
     _write_weights(context, layer, match)
+    context.assume(match.assumes)
     for output in batchnorm.outputs:
         # Producer side: what the BN read (the layer's output, or a reshape of it) takes the BN's
-        # place. Consumer side: the layer reads what the BN read.
-        if match.side == "producer":
-            output.replace_all_uses_with(batchnorm.input)
-        else:
-            layer.node.replace_input_with(output, batchnorm.input)
+        # place. Consumer side: the layer reads what the BN read, and so do the readers of the BN
+        # output's shape (the only other readers a consumer-side fold allows: same shape).
+        output.replace_all_uses_with(batchnorm.input)
     erase_batchnorm(context, batchnorm)
     return layer.name
 
@@ -899,13 +968,30 @@ def _folded_module(module: nn.Module, match: Match) -> nn.Module:
     A shallow copy with its own parameter dict: configuration (stride, groups, padding mode, ...)
     is shared, tensors are new.
     """
-    folded = copy.copy(module)
-    folded._parameters = dict(module._parameters)
-    folded._buffers = dict(module._buffers)
-    folded._modules = dict(module._modules)
+    folded = _plain_copy(module)
     requires_grad = module.weight.requires_grad
     folded._parameters["weight"] = nn.Parameter(match.weight, requires_grad=requires_grad)
     folded._parameters["bias"] = nn.Parameter(match.bias, requires_grad=requires_grad)
+    return folded
+
+
+def _plain_copy(module: nn.Module) -> nn.Module:
+    """A shallow copy with its own parameter, buffer and child dicts.
+
+    A layer with ``torch.nn.utils.parametrize`` parametrizations (weight norm, spectral norm) is of a
+    class torch made for it (``ParametrizedConv2d``) whose ``weight`` is computed from the
+    parametrization on every call, and which cannot be copied (``copy.copy`` raises). The copy is of
+    the layer's own class, without the parametrizations: the fold's weight is the parametrized value,
+    folded, stored as a plain parameter.
+    """
+    klass = type(module)
+    if parametrize.is_parametrized(module):
+        klass = klass.__bases__[0]
+    folded = klass.__new__(klass)
+    folded.__dict__.update(module.__dict__)
+    folded._parameters = dict(module._parameters)
+    folded._buffers = dict(module._buffers)
+    folded._modules = {name: child for name, child in module._modules.items() if name != "parametrizations"}
     return folded
 
 
@@ -1027,5 +1113,7 @@ TORCH_REASONS = frozenset(
         Reason.CUSTOM_FORWARD,
         Reason.BRANCHES_INCOMPATIBLE,
         Reason.RESHAPE_NOT_CHANNEL_PRESERVING,
+        Reason.SHAPE_DEPENDENT,
+        Reason.MUTATED_IN_PLACE,
     }
 )

@@ -53,13 +53,16 @@ from bnfold.fx.rules import (
     _rounded,
     _set_argument,
     batchnorm_refusal,
+    channels_on_axis_one,
     drop_unused_owner,
     editable_layer_refusal,
     erase_batchnorm,
     identify,
+    mutation_refusal,
     read_batchnorm,
     sole_reader_refusal,
     statistics_dtype_refusal,
+    value_readers_of,
     write_functional_tensors,
 )
 from bnfold.report import Reason
@@ -138,6 +141,7 @@ class BranchMatch:
     bias: torch.Tensor | None
     kernel: tuple[int, ...]
     padding: tuple[int, ...] | str
+    assumes: frozenset[str] = frozenset()  # graph inputs whose example rank the merge relies on
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,7 @@ class BranchMerge(Rule):
                 return geometry
             convs.append(branch.layer)
             geometries.append(geometry)
-        refusal = _compatibility_refusal(convs, geometries)
+        refusal = _compatibility_refusal(convs, geometries) or _mutation_refusal(context, branches)
         if refusal:
             return refusal
         reference, geometry = convs[0], geometries[0]
@@ -195,13 +199,13 @@ class BranchMerge(Rule):
         biases = [context.exact.float64(conv.bias) for conv in convs if conv.bias is not None]
         bias64 = sum(biases, np.zeros(channels))
         has_bias = any(conv.bias is not None for conv in convs)
-        batchnorm, scale = None, None
+        batchnorm, scale, assumes = None, None, frozenset()
         identity = next((branch for branch in branches.branches if branch.layer is None), None)
         if identity is not None:
-            mapped = _identity(context, branches.add, identity, reference, geometry)
+            mapped = _identity(context, branches, identity, reference, geometry)
             if isinstance(mapped, Refusal):
                 return mapped
-            scale, shift, batchnorm = mapped
+            scale, shift, batchnorm, assumes = mapped
             if shift is not None:
                 bias64, has_bias = bias64 + shift, True
         merged = merge_branch_kernels(
@@ -221,12 +225,15 @@ class BranchMerge(Rule):
         position = {node: index for index, node in enumerate(context.graph_module.graph.nodes)}
         carrier = min(convs, key=lambda conv: position[conv.node])
         removed = [conv for conv in convs if conv is not carrier]
-        return BranchMatch(branches, carrier, removed, batchnorm, weight, bias, window.kernel, padding)
+        return BranchMatch(
+            branches, carrier, removed, batchnorm, weight, bias, window.kernel, padding, assumes
+        )
 
     def apply(self, context: FoldContext, match: BranchMatch) -> str:  # type: ignore[override]
         """The first conv becomes the merged one and takes the add's place; the rest go."""
         graph_module, graph = context.graph_module, context.graph_module.graph
         carrier, add = match.carrier, match.branches.add
+        context.assume(match.assumes)
         if carrier.module is not None:
             _replace_module(graph_module, carrier.node.target, _merged_module(carrier, match))
         else:
@@ -235,8 +242,11 @@ class BranchMerge(Rule):
         add.replace_all_uses_with(carrier.node)
         graph.erase_node(add)
         for layer in match.removed:
+            layer.node.replace_all_uses_with(carrier.node)  # readers of its shape (the same shape)
             _remove_layer(graph_module, layer)
         if match.batchnorm is not None:
+            for output in match.batchnorm.outputs:  # readers of its shape: the source has that shape
+                output.replace_all_uses_with(match.branches.source)
             erase_batchnorm(context, match.batchnorm)
         return carrier.name
 
@@ -350,10 +360,21 @@ def _compatibility_refusal(convs: list[Layer], geometries: list[_Geometry]) -> R
     return None
 
 
+def _mutation_refusal(context: FoldContext, branches: Branches) -> Refusal | None:
+    """The merged conv reads the source once, where the first branch did: refuse an in-place write
+    into the source between the first and the last branch that reads it (the add, for ``x`` itself)."""
+    reads = [branch.layer.node if branch.layer is not None else branch.node for branch in branches.branches]
+    if any(branch.layer is None and branch.norm is None for branch in branches.branches):
+        reads.append(branches.add)
+    return mutation_refusal(context, branches.source, reads, f"the branches of `{branches.add.name}`")
+
+
 def _identity(
-    context: FoldContext, add: fx.Node, identity: Branch, conv: Layer, geometry: _Geometry
-) -> tuple[np.ndarray, np.ndarray | None, BatchNorm | None] | Refusal:
-    """The identity branch's per-channel (scale, shift) and its BN: a BN's map, or (1, none) for ``x``."""
+    context: FoldContext, branches: Branches, identity: Branch, conv: Layer, geometry: _Geometry
+) -> tuple[np.ndarray, np.ndarray | None, BatchNorm | None, frozenset[str]] | Refusal:
+    """The identity branch's per-channel (scale, shift) and its BN: a BN's map, or (1, none) for ``x``;
+    and the graph inputs whose example rank that relies on."""
+    add = branches.add
     channels = conv.weight.shape[0]
     if any(stride != 1 for stride in geometry.strides):
         detail = f"`{conv.name}` has stride {_shown(geometry.strides)}; an identity branch has stride 1"
@@ -365,20 +386,24 @@ def _identity(
         )
         return Refusal(Reason.BRANCHES_INCOMPATIBLE, detail)
     if identity.norm is None:
-        return np.ones(channels), None, None
+        return np.ones(channels), None, None, frozenset()
     batchnorm = read_batchnorm(context, identity.norm)
     if isinstance(batchnorm, Refusal):
         return batchnorm
     refusal = batchnorm_refusal(context, batchnorm)
     if refusal:
         return refusal
-    readers = [user for output in batchnorm.outputs for user in output.users if user is not add]
+    readers = [user for user in value_readers_of(batchnorm) if user is not add]
     if readers or identity.node not in batchnorm.outputs:
         where = "is returned" if any(user.op == "output" for user in readers) else "is also read elsewhere"
         return Refusal(Reason.BN_OUTPUT_HAS_OTHER_CONSUMERS, f"the output of `{identity.norm.name}` {where}")
     refusal = statistics_dtype_refusal(batchnorm) or _channel_refusal(batchnorm, conv, channels, "output")
     if refusal:
         return refusal
+    # The BN normalizes the source's axis 1; the conv reads channels there only when it is batched.
+    assumes = channels_on_axis_one(context, batchnorm, branches.source, conv, "input")
+    if isinstance(assumes, Refusal):
+        return assumes
     affine = _affine(batchnorm, channels)
     if isinstance(affine, Refusal):
         return affine
@@ -386,7 +411,7 @@ def _identity(
     if _rounded(affine.scale, conv.weight) is None:
         detail = f"the scale of `{identity.norm.name}` overflows {conv.weight.dtype}"
         return Refusal(Reason.FOLD_OVERFLOWS_DTYPE, detail)
-    return affine.scale, affine.shift, batchnorm
+    return affine.scale, affine.shift, batchnorm, assumes
 
 
 def _torch_padding(window: ConvWindow, geometry: _Geometry) -> tuple[int, ...] | str | Refusal:

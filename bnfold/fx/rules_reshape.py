@@ -23,7 +23,7 @@ import torch
 from torch import fx
 
 from bnfold.affine import fold_bias, scale_output_channels
-from bnfold.fx.nodes import output_shape
+from bnfold.fx.nodes import output_shape, reads_only_metadata
 from bnfold.fx.rules import (
     BatchNorm,
     FoldContext,
@@ -37,6 +37,7 @@ from bnfold.fx.rules import (
     _layer_refusal,
     _rounded_match,
 )
+from bnfold.fx.shapes import proven_equal
 from bnfold.report import Reason
 
 __all__ = ["LinearReshapeBN", "find_producer_through_reshape", "reshape_chain"]
@@ -47,11 +48,6 @@ _RESHAPE_FUNCTIONS = frozenset({torch.flatten, torch.reshape, torch.unflatten})
 _RESHAPE_OPS = frozenset(
     {aten.flatten, aten.reshape, aten.view, aten._unsafe_view, aten.reshape_as, aten.view_as, aten.unflatten}
 )
-# Readers that see only a tensor's shape: ``size()``, ``dim()``, and the second argument of
-# ``reshape_as(other, features)``, which reads only ``features``' sizes.
-_SIZE_METHODS = frozenset({"size", "dim"})
-_AS_METHODS = frozenset({"reshape_as", "view_as", "expand_as"})
-_AS_OPS = frozenset({aten.reshape_as, aten.view_as, aten.expand_as})
 
 
 def _packet(node: fx.Node):
@@ -65,18 +61,6 @@ def _is_reshape(node: fx.Node) -> bool:
         return node.target in _RESHAPE_METHODS
     if node.op == "call_function":
         return node.target in _RESHAPE_FUNCTIONS or _packet(node) in _RESHAPE_OPS
-    return False
-
-
-def _reads_only_shape(user: fx.Node, tensor: fx.Node) -> bool:
-    """Whether ``user`` reads nothing of ``tensor`` but its sizes."""
-    if user.op == "call_function" and user.target is getattr and user.args[1:] == ("shape",):
-        return True
-    if user.op == "call_method":
-        return user.target in _SIZE_METHODS or (user.target in _AS_METHODS and user.args[0] is not tensor)
-    if user.op == "call_function":
-        packet = _packet(user)
-        return packet is aten.sym_size or (packet in _AS_OPS and user.args[0] is not tensor)
     return False
 
 
@@ -121,23 +105,24 @@ class LinearReshapeBN(Rule):
             if refusal:
                 return refusal
         channels = layer.weight.shape[0]
-        refusal = _channel_refusal(batchnorm, layer, channels, "output") or _axis_refusal(
-            batchnorm, layer, chain[0], channels
-        )
+        refusal = _channel_refusal(batchnorm, layer, channels, "output")
         if refusal:
             return refusal
+        assumes = _axis_facts(context, batchnorm, layer, chain[0], channels)
+        if isinstance(assumes, Refusal):
+            return assumes
         affine = _affine(batchnorm, channels)
         if isinstance(affine, Refusal):
             return affine
         weight = context.exact.float64(layer.weight)
         weight64 = scale_output_channels(weight, affine.scale, layer.layout, layer.groups)
         bias64 = fold_bias(context.exact.float64(layer.bias) if layer.bias is not None else None, affine)
-        return _rounded_match(context, batchnorm, layer, weight64, bias64, "producer")
+        return _rounded_match(context, batchnorm, layer, weight64, bias64, "producer", assumes)
 
 
 def _other_readers_refusal(step: fx.Node, following: fx.Node, layer: Layer) -> Refusal | None:
     """Refuse when anything besides the next reshape sees ``step``'s values (they would be folded)."""
-    others = [user for user in step.users if user is not following and not _reads_only_shape(user, step)]
+    others = [user for user in step.users if user is not following and not reads_only_metadata(user, step)]
     if any(user.op == "output" for user in others):
         return Refusal(
             Reason.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT, f"`{step.name}` (from `{layer.name}`) is returned"
@@ -149,17 +134,47 @@ def _other_readers_refusal(step: fx.Node, following: fx.Node, layer: Layer) -> R
     return None
 
 
-def _axis_refusal(batchnorm: BatchNorm, layer: Layer, reshaped: fx.Node, channels: int) -> Refusal | None:
-    """The BN's axis 1 must be the Linear's features: ``[M, C]``, or ``[M, C, 1, ...]``."""
-    shape = output_shape(reshaped)
-    if shape is None:
-        detail = f"the shape of `{reshaped.name}` (reshaped `{layer.name}`) is unknown; pass example_inputs"
-        return Refusal(Reason.UNKNOWN_SHAPE, detail)
-    sizes = [size if isinstance(size, int) else "?" for size in shape]
-    if len(sizes) >= 2 and sizes[1] == channels and all(size == 1 for size in sizes[2:]):
-        return None
+def _axis_facts(
+    context: FoldContext, batchnorm: BatchNorm, layer: Layer, reshaped: fx.Node, channels: int
+) -> frozenset[str] | Refusal:
+    """The BN's axis 1 must be the Linear's features for every input: ``[M, C]`` or ``[M, C, 1, ...]``.
+
+    Proven on the graph's symbolic shapes (sizes read from ``x.shape`` stay symbols), never on the
+    example's sizes: ``view(B, 4, T)`` keeps the features on axis 1 only while ``T`` is 1. Returns the
+    graph inputs whose example rank the proof assumes.
+    """
+    example = output_shape(reshaped)
+    shown = [size if isinstance(size, int) else "?" for size in example] if example is not None else None
+    facts = context.facts.shape(reshaped)
+    if facts is None:
+        if example is None:
+            detail = (
+                f"the shape of `{reshaped.name}` (reshaped `{layer.name}`) is unknown; pass example_inputs"
+            )
+            return Refusal(Reason.UNKNOWN_SHAPE, detail)
+        detail = (
+            f"the shape of `{reshaped.name}` (reshaped `{layer.name}`) is {shown} in the example, but the "
+            "graph does not fix it for every input"
+        )
+        return Refusal(Reason.SHAPE_DEPENDENT, detail)
+    dims = facts.dims
+    if len(dims) >= 2 and proven_equal(dims[1], channels) and all(proven_equal(size, 1) for size in dims[2:]):
+        return facts.assumes
+    held_in_example = (
+        shown is not None
+        and len(shown) >= 2
+        and shown[1] == channels
+        and all(size == 1 for size in shown[2:])
+    )
+    if held_in_example:
+        sizes = ", ".join(str(size) for size in dims)
+        detail = (
+            f"`{batchnorm.call.name}` normalizes axis 1 of `{reshaped.name}` [{sizes}]: `{layer.name}`'s "
+            f"{channels} features are there one-to-one for the example {shown} only, not for every input size"
+        )
+        return Refusal(Reason.SHAPE_DEPENDENT, detail)
     detail = (
-        f"`{batchnorm.call.name}` normalizes axis 1 of `{reshaped.name}` {sizes}, which is not "
+        f"`{batchnorm.call.name}` normalizes axis 1 of `{reshaped.name}` {shown or list(dims)}, which is not "
         f"`{layer.name}`'s {channels} features (its last axis) one-to-one"
     )
     return Refusal(Reason.RESHAPE_NOT_CHANNEL_PRESERVING, detail)

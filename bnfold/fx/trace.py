@@ -51,6 +51,8 @@ class Traced:
     graph_module: fx.GraphModule
     tracer: str
     fallback_reason: str = ""
+    #: the shapes in the graph's metadata are enforced by the module (torch.export guards them)
+    trusted_shapes: bool = False
 
 
 class BnfoldTracer(fx.Tracer):
@@ -105,10 +107,11 @@ def trace(
     if tracer not in TRACERS:
         raise BnfoldError(f"unknown tracer {tracer!r}; choose from {', '.join(TRACERS)}")
     if isinstance(model, fx.GraphModule):
-        graph_module = _plain_graph_module(model) if is_exported_module(model) else model
+        exported = is_exported_module(model)
+        graph_module = _plain_graph_module(model) if exported else model
         if example_inputs is not None and not _has_shapes(graph_module):
             propagate_shapes(graph_module, example_inputs)
-        return Traced(graph_module, GRAPH_MODULE)
+        return Traced(graph_module, GRAPH_MODULE, trusted_shapes=exported)
     symbolic_error = ""
     if tracer in ("auto", "fx"):
         try:
@@ -143,7 +146,7 @@ def trace(
             "control flow must use torch.cond"
         ) from None
     graph_module = _plain_graph_module(exported.module())
-    return Traced(graph_module, TORCH_EXPORT, fallback_reason=symbolic_error)
+    return Traced(graph_module, TORCH_EXPORT, fallback_reason=symbolic_error, trusted_shapes=True)
 
 
 def _symbolic_trace(model: nn.Module) -> fx.GraphModule:

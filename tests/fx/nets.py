@@ -456,3 +456,94 @@ class LeViTLinearBN(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         features = self.linear(inputs)
         return self.bn(self.reshape(features)).reshape_as(features)
+
+
+# -- folds that would depend on the input's shape, or move a read across an in-place write ---------
+class LinearViewBN(nn.Module):
+    """``bn(linear(x).view(B, C, T))`` for ``x`` of shape ``[B, T, C]``: the features are on the BN's
+    axis 1 only when ``T`` is 1 (for ``T > 1`` the view interleaves tokens and features)."""
+
+    def __init__(self, features: int = 4) -> None:
+        super().__init__()
+        self.linear = nn.Linear(features, features)
+        self.bn = nn.BatchNorm1d(features)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        batch, tokens, features = inputs.shape
+        return self.bn(self.linear(inputs).view(batch, features, tokens))
+
+
+class MutatedBetweenBNAndConv(nn.Module):
+    """``n = bn(h); h.mul_(3); conv(n)``: folding the BN into the conv would read the tripled ``h``."""
+
+    def __init__(self, channels: int = 4, write=lambda tensor: tensor.mul_(3)) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.conv = nn.Conv2d(channels, 6, 1)
+        self.write = write
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(inputs)
+        normalized = self.bn(hidden)
+        self.write(hidden)
+        return self.conv(normalized) + hidden.sum()
+
+
+class MutatedBeforeIdentityAdd(nn.Module):
+    """``a = conv(h); h.relu_(); a + h``: a merged conv would read ``h`` before the ReLU."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = inputs * 2
+        features = self.conv(hidden)
+        hidden.relu_()
+        return features + hidden
+
+
+class TimmBatchNormAct2d(nn.BatchNorm2d):
+    """Built as timm.layers.BatchNormAct2d is: asserts the rank (reading ``x.ndim`` twice, once for the
+    message), calls ``F.batch_norm`` itself, then ``drop`` (Identity) and an in-place activation."""
+
+    def __init__(self, channels: int, act_layer=nn.ReLU, inplace: bool = True) -> None:
+        super().__init__(channels)
+        self.drop = nn.Identity()
+        self.act = act_layer(inplace=inplace)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        torch._assert(inputs.ndim == 4, f"expected 4D input (got {inputs.ndim}D input)")
+        factor = 0.0 if self.momentum is None else self.momentum
+        batch_statistics = self.training or (self.running_mean is None and self.running_var is None)
+        tracked = not self.training or self.track_running_stats
+        outputs = functional.batch_norm(
+            inputs,
+            self.running_mean if tracked else None,
+            self.running_var if tracked else None,
+            self.weight,
+            self.bias,
+            batch_statistics,
+            factor,
+            self.eps,
+        )
+        return self.act(self.drop(outputs))
+
+
+class TimmConvNormAct(nn.Module):
+    """timm's ConvNormAct (conv -> BatchNormAct2d), then a conv whose output's shape is read before
+    a plain BatchNorm2d (``B, C, H, W = x.shape``), as timm's blocks do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = TimmBatchNormAct2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.bn2 = nn.BatchNorm2d(8)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        features = self.conv2(self.bn(self.conv(inputs)))
+        batch, _, height, width = features.shape
+        channels, dtype = features.size(1), features.dtype
+        normalized = self.bn2(features)
+        return normalized.view(batch, channels, height * width).mean(-1).to(dtype)

@@ -150,6 +150,21 @@ def reshape_moves_the_features():
     return nets.randomized(model), torch.randn(2, 6, 4)
 
 
+def view_keeps_features_only_for_one_token():
+    # [2, 1, 4] -> view(B, 4, T): the features land on axis 1 for T = 1 only (T = 3 interleaves them).
+    return nets.randomized(nets.LinearViewBN(4)), torch.randn(2, 1, 4)
+
+
+def conv1d_without_example_inputs():
+    # Unbatched input [C, L] would put L on the BatchNorm1d's axis 1: without an example nothing says
+    # the conv output is batched.
+    return nets.randomized(nets.ConvBN(dims=1)), None
+
+
+def written_between_bn_and_conv():
+    return nets.randomized(nets.MutatedBetweenBNAndConv()), torch.randn(2, 4, 5, 5)
+
+
 CASES = {
     Reason.NO_FOLDABLE_PRODUCER: [bn_after_relu],
     Reason.PRODUCER_HAS_OTHER_CONSUMERS: [conv_output_reused],
@@ -170,11 +185,13 @@ CASES = {
     Reason.RULE_DISABLED: [rule_disabled],
     Reason.SHARED_MODULE: [shared_conv, shared_bn, tied_weights],
     Reason.NO_RUNNING_STATISTICS: [no_running_statistics],
-    Reason.UNKNOWN_SHAPE: [linear_without_example_inputs],
+    Reason.UNKNOWN_SHAPE: [linear_without_example_inputs, conv1d_without_example_inputs],
     Reason.HOOKS_REGISTERED: [hook_on_conv, hook_on_bn],
     Reason.CUSTOM_FORWARD: [],  # a GraphModule input: see test_leaf_bn_with_custom_forward_is_kept
     Reason.BRANCHES_INCOMPATIBLE: [identity_branch_changes_channels],
     Reason.RESHAPE_NOT_CHANNEL_PRESERVING: [reshape_moves_the_features],
+    Reason.SHAPE_DEPENDENT: [view_keeps_features_only_for_one_token],
+    Reason.MUTATED_IN_PLACE: [written_between_bn_and_conv],
 }
 
 

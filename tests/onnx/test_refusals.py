@@ -217,6 +217,8 @@ TORCH_ONLY = {
     Reason.UNKNOWN_SHAPE,
     Reason.HOOKS_REGISTERED,
     Reason.CUSTOM_FORWARD,
+    Reason.SHAPE_DEPENDENT,  # PyTorch: a rank or size that only the example shows
+    Reason.MUTATED_IN_PLACE,  # PyTorch: ONNX graphs have no in-place writes
 }
 
 
