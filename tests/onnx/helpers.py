@@ -15,9 +15,7 @@ def fold_and_compare(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, fo
     """Fold, assert exactly ``folded`` BNs folded and none left behind, and equal outputs in ORT."""
     result = fold_onnx(model)
     batchnorms = [d for d in result.report.decisions if d.op_type == "BatchNormalization"]
-    assert [d.outcome for d in batchnorms].count(Outcome.FOLDED) == folded, (
-        result.report.to_text()
-    )
+    assert [d.outcome for d in batchnorms].count(Outcome.FOLDED) == folded, result.report.to_text()
     assert op_types(result.model).count("BatchNormalization") == (
         op_types(model).count("BatchNormalization") - folded
     )
