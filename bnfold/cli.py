@@ -133,6 +133,16 @@ def _verification_options(function):
             default=None,
             help="Also write the report as JSON to this file.",
         ),
+        click.option(
+            "--strict",
+            is_flag=True,
+            help="Judge by the tolerance alone (no float64 reference for outputs over it).",
+        ),
+        click.option(
+            "--exact-reference",
+            is_flag=True,
+            help="Always evaluate the original in float64 and show both models' distance from it.",
+        ),
         click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
     ]
     for option in reversed(options):
@@ -202,6 +212,8 @@ def fold(
     inputs_path,
     seed,
     report_path,
+    strict,
+    exact_reference,
     quiet,
 ) -> None:
     """Fold BatchNormalization nodes of MODEL into Conv/ConvTranspose/Gemm/MatMul.
@@ -212,6 +224,7 @@ def fold(
     """
     if output is None and not dry_run:
         raise click.UsageError("missing -o/--output (or pass --dry-run to write nothing)")
+    exact = _exact_mode(strict, exact_reference)
     result = fold_file(
         model,
         None if dry_run else output,
@@ -228,6 +241,7 @@ def fold(
         inputs=inputs_path,
         seed=seed,
         report_path=report_path,
+        exact=exact,
     )
     if not quiet:
         click.echo(result.to_text())
@@ -242,18 +256,32 @@ def fold(
 @click.argument("folded", type=click.Path(dir_okay=True))
 @_verification_options
 def verify_command(
-    original, folded, provider, atol, rtol, input_shapes, inputs_path, seed, report_path, quiet
+    original,
+    folded,
+    provider,
+    atol,
+    rtol,
+    input_shapes,
+    inputs_path,
+    seed,
+    report_path,
+    strict,
+    exact_reference,
+    quiet,
 ) -> None:
     """Compare two existing models in ONNX Runtime; exit 1 when any output differs."""
     shapes = parse_input_shapes(input_shapes)
+    exact = _exact_mode(strict, exact_reference)
     if report_path:
         check_report_path(report_path, original, folded)
-    original_model = load_model(original).model
-    folded_model = load_model(folded).model
+    # Checked up front (lazily: weights stay on disk); each then runs from its file, one at a time.
+    load_model(original, lazy=True)
+    load_model(folded, lazy=True)
     with naming(original, when="the original model"), naming(folded, when="the folded model"):
         result = verify(
-            original_model,
-            folded_model,
+            original,
+            folded,
+            exact=exact,
             provider=provider,
             input_shapes=shapes,
             inputs=inputs_path,
@@ -310,6 +338,12 @@ def inspect(model, skip_rules, rewrite_standalone, input_shapes, report_path, as
     click.echo(result.report.to_json() if as_json else result.to_text())
 
 
+def _exact_mode(strict: bool, exact_reference: bool) -> str:
+    if strict and exact_reference:
+        raise click.UsageError("--strict and --exact-reference contradict each other; pass one")
+    return "strict" if strict else "always" if exact_reference else "auto"
+
+
 def _checked_skips(model: str, skip_rules) -> list[str]:
     """``--skip-rule`` names for this kind of model; a name only the PyTorch backend knows is a usage
     error on an ONNX model."""
@@ -324,10 +358,15 @@ def _worst(result: VerificationResult) -> str:
     failing = [output for output in result.outputs if not output.passed]
     names = ", ".join(output.name for output in failing)
     worst = max(failing, key=lambda output: output.max_abs_error)
-    return (
+    text = (
         f"{len(failing)} output(s) differ ({names}); worst max abs error {worst.max_abs_error:.3g} "
         f"> atol {worst.atol:.3g} + rtol {worst.rtol:.3g}"
     )
+    if worst.exact is not None and worst.exact.usable:  # over tolerance, and the float64 judgment agreed
+        text += f", and {worst.exact.describe()}"
+    elif result.reference and result.reference.get("skipped"):
+        text += f" (float64 reference skipped: {result.reference['skipped']})"
+    return text
 
 
 class Terminated(KeyboardInterrupt):

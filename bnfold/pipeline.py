@@ -90,6 +90,7 @@ def fold_file(
     inputs: Mapping[str, np.ndarray] | PathLike | None = None,
     seed: int = 0,
     report_path: PathLike | None = None,
+    exact: str = "auto",
 ) -> FileFoldResult:
     """Fold the model at ``source`` and write it to ``output`` once verification passed.
 
@@ -98,7 +99,8 @@ def fold_file(
     atomically and only when verification passed, unless ``force`` (a failed verification is a result:
     ``result.passed`` False, ``result.written`` False unless forced). ``output`` may be ``source``
     itself: it is then replaced only by a verified fold. ``report_path`` also writes the JSON report.
-    The other options are those of :func:`bnfold.fold_onnx` and :func:`bnfold.verify`;
+    The other options are those of :func:`bnfold.fold_onnx` and :func:`bnfold.verify` (``exact``:
+    how an output over tolerance is judged);
     ``simplify`` runs onnxsim after folding (``pip install 'bnfold[simplify]'``).
     """
     source_text = os.fspath(source)
@@ -120,6 +122,7 @@ def fold_file(
             rtol=rtol,
             input_shapes=input_shapes,
             inputs=inputs,
+            exact=exact,
         )
     else:
         result = _fold_onnx_file(
@@ -137,6 +140,7 @@ def fold_file(
             input_shapes=input_shapes,
             inputs=inputs,
             seed=seed,
+            exact=exact,
         )
     if report_path is not None:
         write_atomically(report_path, result.report.to_json().encode())
@@ -159,6 +163,7 @@ def _fold_onnx_file(
     input_shapes: Mapping[str, Sequence[int]] | None,
     inputs: Mapping[str, np.ndarray] | PathLike | None,
     seed: int,
+    exact: str,
 ) -> FileFoldResult:
     destination = None
     if output is not None:
@@ -178,12 +183,14 @@ def _fold_onnx_file(
     loaded = load_model(source, lazy=not simplify)
     if destination is not None:
         _check_not_input_data(loaded, source, destination)
-    # The original's session is made before the fold, which then edits the loaded model in place:
-    # no second copy of the model is held.
+    # The original runs (from its file) before the fold, which then edits the loaded model in place;
+    # its session is freed before the folded model's is made: one model's worth of memory at a time.
     verifier = None
     if verify:
         with naming(source, when="the original model"):
-            verifier = Verifier(loaded.model, provider=provider)
+            verifier = Verifier(
+                source, provider=provider, input_shapes=shapes, inputs=inputs, seed=seed, exact=exact
+            )
     with naming(source):
         result = fold_onnx(
             loaded.model, skip_rules=skip_rules, inplace=True, rewrite_standalone=rewrite_standalone
@@ -195,9 +202,7 @@ def _fold_onnx_file(
     verification = None
     if verifier is not None:
         with naming(source, when="the original model"):
-            verification = verifier.compare(
-                folded_model, input_shapes=shapes, inputs=inputs, seed=seed, atol=atol, rtol=rtol
-            )
+            verification = verifier.compare(folded_model, atol=atol, rtol=rtol)
         del verifier
         report.extras["verification"] = verification.to_dict()
 

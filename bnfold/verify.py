@@ -3,8 +3,11 @@
 Both models run with graph optimizations disabled — ONNX Runtime's own level-1 transformers fold
 Conv->BN, so at the default level the "original" would already be folded and the check would
 compare a fold with a fold. Inputs are random (seeded per input: ``seed + position``, so any failure
-reproduces) or real data from an ``.npz`` file. Each output gets its own verdict: max/mean absolute
-and relative error, the tolerance used, and the absolute tolerance that would have passed.
+reproduces) or real data from an ``.npz`` file. Random inputs cover what a fold may have decided:
+two runs, every dynamic dimension at two sizes, two seeds, one-element booleans at both values; the
+result says what was covered and what could not be. The original runs first and its session is
+freed before the folded model loads. Each output gets its own verdict (see :mod:`bnfold.comparison`):
+the tolerance, and when over it, the distance of both models from the original evaluated in float64.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,15 @@ import onnx
 from google.protobuf.message import EncodeError
 from onnx import ModelProto
 
-from bnfold.affine import is_supported_float
+from bnfold.comparison import (
+    EXACT_MODES,
+    OutputComparison,
+    ReferenceUnavailable,
+    VerificationResult,
+    compare_output,
+    default_tolerances,
+    judge_runs,
+)
 from bnfold.errors import BnfoldError, InputSpecError, ProviderUnavailableError
 from bnfold.onnx.graph import subgraphs_of
 from bnfold.onnx.io import has_data_on_disk, load_model, save_model
@@ -33,6 +44,8 @@ __all__ = [
     "VerificationResult",
     "verify",
     "Verifier",
+    "InputCase",
+    "EXACT_MODES",
     "default_tolerances",
     "compare_output",
     "parse_input_shapes",
@@ -45,14 +58,7 @@ logger = logging.getLogger(__name__)
 
 PROVIDERS = ("auto", "cpu", "cuda")
 
-# (rtol, atol relative to the output's largest reference magnitude, at least 1). Folding reorders a
-# multiply and an add per channel, so errors are a few units in the last place of the output scale.
-_TOLERANCES = {
-    "float64": (1e-9, 1e-9),
-    "float32": (1e-4, 1e-5),
-    "float16": (1e-2, 2e-3),
-    "bfloat16": (5e-2, 1.6e-2),
-}
+ModelSource = ModelProto | bytes | str | os.PathLike
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -70,100 +76,19 @@ _ORT_TYPES = {
 }
 
 
-def default_tolerances(dtype: np.dtype | str, reference_magnitude: float = 1.0) -> tuple[float, float]:
-    """(atol, rtol) for an output of ``dtype`` whose largest reference value is ``reference_magnitude``.
-
-    The default absolute tolerance scales with the output's magnitude: an error of 1e-5 means
-    nothing on logits near 1e3, and elements near zero in such an output carry the same absolute
-    rounding error as the large ones.
-    """
-    rtol, relative_atol = _TOLERANCES.get(np.dtype(dtype).name, (0.0, 0.0))
-    return relative_atol * max(1.0, float(reference_magnitude)), rtol
-
-
-@dataclass(frozen=True)
-class OutputComparison:
-    """The verdict for one output tensor."""
-
-    name: str
-    dtype: str
-    shape: list[int]
-    passed: bool
-    max_abs_error: float
-    mean_abs_error: float
-    max_rel_error: float
-    atol: float
-    rtol: float
-    needed_atol: float
-    mismatched: int
-    note: str = ""
-
-
 @dataclass
-class VerificationResult:
-    """Per-output comparisons; truthy when every output is within tolerance."""
+class InputCase:
+    """One run: the feeds, the seed they came from (None for given data), and the original's outputs."""
 
-    outputs: list[OutputComparison]
-    provider: str
-    seed: int
-    input_shapes: dict[str, list[int]]
-    input_source: str
-    notes: list[str] = field(default_factory=list)
+    feeds: dict[str, np.ndarray]
+    seed: int | None
+    expected: list[np.ndarray] = field(default_factory=list)
 
-    @property
-    def passed(self) -> bool:
-        return all(output.passed for output in self.outputs)
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-    def to_dict(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
         return {
-            "passed": self.passed,
-            "provider": self.provider,
             "seed": self.seed,
-            "input_shapes": self.input_shapes,
-            "input_source": self.input_source,
-            "outputs": [asdict(output) for output in self.outputs],
-            "notes": self.notes,
+            "input_shapes": {name: list(value.shape) for name, value in self.feeds.items()},
         }
-
-    def to_text(self) -> str:
-        header = ("output", "dtype", "shape", "max abs err", "max rel err", "atol", "rtol", "result")
-        rows = [header]
-        for output in self.outputs:
-            rows.append(
-                (
-                    output.name,
-                    output.dtype,
-                    "x".join(map(str, output.shape)) or "scalar",
-                    f"{output.max_abs_error:.3g}",
-                    f"{output.max_rel_error:.3g}",
-                    f"{output.atol:.3g}",
-                    f"{output.rtol:.3g}",
-                    "ok"
-                    if output.passed
-                    else f"MISMATCH ({output.mismatched} elements; "
-                    f"atol {output.needed_atol:.3g} would pass){' ' + output.note if output.note else ''}",
-                )
-            )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-        lines = [
-            "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True))
-            + "  "
-            + row[-1]
-            for row in rows
-        ]
-        verdict = "passed" if self.passed else "FAILED"
-        shapes = ", ".join(f"{name}={'x'.join(map(str, shape))}" for name, shape in self.input_shapes.items())
-        lines.append(
-            f"verification {verdict} on {self.provider} ({self.input_source} inputs, seed {self.seed}; "
-            f"{shapes})"
-        )
-        return "\n".join(lines)
-
-
-ModelSource = ModelProto | bytes | str | os.PathLike
 
 
 def verify(
@@ -176,149 +101,207 @@ def verify(
     seed: int = 0,
     atol: float | None = None,
     rtol: float | None = None,
+    exact: str = "auto",
 ) -> VerificationResult:
     """Run ``original`` and ``folded`` on the same inputs and compare every output.
 
-    ``inputs`` is a dict or an ``.npz`` path of real data; otherwise inputs are random, with dynamic
-    dimensions from ``input_shapes`` (default 1). ``provider`` is ``cpu``, ``cuda`` or ``auto``
-    (CUDA when usable, else CPU); asking for CUDA where it cannot run raises
-    :class:`ProviderUnavailableError`. ``atol``/``rtol`` override the per-dtype defaults.
+    ``inputs`` is a dict or an ``.npz`` path of real data (one run). Otherwise inputs are random
+    and there are two runs: dynamic dimensions at the size ``input_shapes`` gives (default 1) with
+    ``seed``, then every dynamic dimension at a second size (3 for 1, else 1) with ``seed + 1``;
+    one-element boolean inputs are True in the first run and False in the second. ``provider`` is
+    ``cpu``, ``cuda`` or ``auto`` (CUDA when usable, else CPU); asking for CUDA where it cannot run
+    raises :class:`ProviderUnavailableError`. ``atol``/``rtol`` override the per-dtype defaults.
+
+    ``exact``: ``auto`` judges an output over the default tolerance against the original evaluated in
+    float64 (see :mod:`bnfold.comparison`); ``always`` computes that evaluation for every output
+    (and lets it pass an output over a given ``atol``/``rtol`` too); ``strict`` uses the tolerance
+    alone. With ``atol``/``rtol`` given, ``auto`` uses the tolerance alone.
     """
-    verifier = Verifier(original, provider=provider)
-    return verifier.compare(folded, input_shapes=input_shapes, inputs=inputs, seed=seed, atol=atol, rtol=rtol)
+    verifier = Verifier(
+        original, provider=provider, input_shapes=input_shapes, inputs=inputs, seed=seed, exact=exact
+    )
+    return verifier.compare(folded, atol=atol, rtol=rtol)
 
 
 class Verifier:
-    """The original model's ONNX Runtime session, made up front.
+    """Runs the original model once, keeps its outputs, and frees its ONNX Runtime session.
 
-    Creating it before folding lets a caller then fold the very same ModelProto in place: ONNX
-    Runtime keeps its own copy of the weights, so no second copy of the model is needed.
+    Made before folding, it lets a caller then fold the very same ModelProto in place, and the
+    folded model's session never coexists with the original's: peak memory is one model's worth.
+    The float64 reference (when needed) is evaluated from ``reference_source`` — by default the
+    original itself; pass the original's path when you will edit the ModelProto in place.
     """
 
-    def __init__(self, original: ModelSource, *, provider: str = "auto") -> None:
+    def __init__(
+        self,
+        original: ModelSource,
+        *,
+        provider: str = "auto",
+        input_shapes: Mapping[str, list[int]] | None = None,
+        inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+        seed: int = 0,
+        exact: str = "auto",
+        reference_source: ModelSource | None = None,
+        exact_limit_bytes: int | None = None,
+    ) -> None:
         if provider not in PROVIDERS:
             raise BnfoldError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
-        self.session, self.provider = ort_session(original, provider, "original")
+        if exact not in EXACT_MODES:
+            raise BnfoldError(f"unknown exact mode {exact!r}; choose from {', '.join(EXACT_MODES)}")
+        if inputs is not None and input_shapes:
+            raise InputSpecError(
+                "give either --inputs (real data, with its own shapes) or --input-shape, not both"
+            )
+        self.exact = exact
+        self.seed = seed
+        self.exact_limit_bytes = exact_limit_bytes
+        self.uncovered: list[str] = []
+        self.notes: list[str] = []
+        session, self.provider = ort_session(original, provider, "original")
+        self.input_names = [meta.name for meta in session.get_inputs()]
+        self.output_names = [meta.name for meta in session.get_outputs()]
+        if inputs is not None:
+            self.cases = [InputCase(_load_inputs(session, inputs), None)]
+            self.input_source = "real" if isinstance(inputs, Mapping) else f"file {inputs}"
+            self.uncovered.append("dynamic dimensions and seeds: the given inputs were run as they are")
+            self.cases[0].expected = run_session(session, self.cases[0].feeds, "original")
+        else:
+            self.input_source = "random"
+            self.cases = self._run_random_cases(session, input_shapes or {}, seed)
+        del session  # ONNX Runtime frees the original's weights here, before the folded model loads
+        self._structure_notes(original)
+        self._reference_source = original if reference_source is None else reference_source
+        self._reference: tuple[list[list[np.ndarray]], float] | None = None
+        if exact == "always":
+            with contextlib.suppress(ReferenceUnavailable):  # compare() says why
+                self._reference_outputs()  # now, before a caller edits ``original`` in place
+
+    def _run_random_cases(self, session, shapes: Mapping[str, list[int]], seed: int) -> list[InputCase]:
+        metas = session.get_inputs()
+        first = InputCase(_random_inputs(session, shapes, seed, boolean=True), seed)
+        first.expected = run_session(session, first.feeds, "original")
+        primary = {name: list(value.shape) for name, value in first.feeds.items()}
+        second_shapes = _second_shapes(metas, primary)
+        second = None
+        if second_shapes != primary:
+            candidate = InputCase(_random_inputs(session, second_shapes, seed + 1, boolean=False), seed + 1)
+            try:
+                candidate.expected = session.run(None, candidate.feeds)
+                second = candidate
+            except Exception as error:  # the model rejects the second size: say so, run the first
+                self.uncovered.append(
+                    f"a second size of the dynamic dimensions ({_shapes_text(second_shapes)}): the original "
+                    f"model rejects it ({_first_line(error)}); pass --input-shape to choose sizes it accepts"
+                )
+        if second is None:
+            second = InputCase(_random_inputs(session, primary, seed + 1, boolean=False), seed + 1)
+            second.expected = run_session(session, second.feeds, "original")
+        return [first, second]
+
+    def _structure_notes(self, original: ModelSource) -> None:
+        """What no choice of inputs reaches: an If whose condition the model computes."""
+        model = _as_model(original)
+        if model is None:
+            return
+        inputs = {value.name for value in model.graph.input}
+        computed = [
+            node.name or node.output[0]
+            for node in _all_nodes(model.graph)
+            if node.op_type == "If" and node.domain in ("", "ai.onnx") and node.input[0] not in inputs
+        ]
+        if computed:
+            shown = ", ".join(computed[:5]) + (f" and {len(computed) - 5} more" if len(computed) > 5 else "")
+            self.uncovered.append(
+                f"If node(s) {shown}: the condition is computed in the model, so only the branch these "
+                "inputs select was run"
+            )
+
+    def _reference_outputs(self) -> tuple[list[list[np.ndarray]], float]:
+        """The original's float64 outputs per run (computed once), and the seconds they took."""
+        from bnfold.reference import DEFAULT_LIMIT_BYTES, evaluate_float64
+
+        if self._reference is None:
+            limit = DEFAULT_LIMIT_BYTES if self.exact_limit_bytes is None else self.exact_limit_bytes
+            run = evaluate_float64(
+                self._reference_source, [case.feeds for case in self.cases], limit_bytes=limit
+            )
+            self._reference = (run.outputs, run.seconds)
+        return self._reference
 
     def compare(
         self,
         folded: ModelSource,
         *,
-        input_shapes: Mapping[str, list[int]] | None = None,
-        inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
-        seed: int = 0,
         atol: float | None = None,
         rtol: float | None = None,
     ) -> VerificationResult:
-        """Run both models on the same inputs (see :func:`verify`) and compare every output."""
-        if inputs is not None and input_shapes:
-            raise InputSpecError(
-                "give either --inputs (real data, with its own shapes) or --input-shape, not both"
-            )
+        """Run ``folded`` on the original's inputs and judge every output (see :func:`verify`)."""
         folded_session, _ = ort_session(folded, "cuda" if self.provider == "cuda" else "cpu", "folded")
-        _check_same_signature(self.session, folded_session)
-        if inputs is not None:
-            feeds = _load_inputs(self.session, inputs)
-            source = "real" if isinstance(inputs, Mapping) else f"file {inputs}"
-        else:
-            feeds, source = _random_inputs(self.session, input_shapes or {}, seed), "random"
-        expected = run_session(self.session, feeds, "original")
-        actual = run_session(folded_session, feeds, "folded")
-        metas = self.session.get_outputs()
-        outputs = [
-            compare_output(meta.name, reference, candidate, atol=atol, rtol=rtol)
-            for meta, reference, candidate in zip(metas, expected, actual, strict=True)
-        ]
+        _check_same_signature(self.input_names, self.output_names, folded_session)
+        actual = [run_session(folded_session, case.feeds, "folded") for case in self.cases]
+        del folded_session
+        outputs, reference = judge_runs(
+            self.output_names,
+            [case.expected for case in self.cases],
+            actual,
+            atol=atol,
+            rtol=rtol,
+            exact=self.exact,
+            reference=self._reference_outputs,
+        )
+        first = self.cases[0]
         return VerificationResult(
             outputs=outputs,
             provider=self.provider,
-            seed=seed,
-            input_shapes={name: list(value.shape) for name, value in feeds.items()},
-            input_source=source,
+            seed=self.seed if first.seed is not None else 0,
+            input_shapes=first.describe()["input_shapes"],
+            input_source=self.input_source,
+            notes=list(self.notes),
+            runs=[case.describe() for case in self.cases],
+            uncovered=list(self.uncovered),
+            reference=reference,
+            mode=self.exact,
         )
 
 
-def compare_output(
-    name: str,
-    expected: np.ndarray,
-    actual: np.ndarray,
-    *,
-    atol: float | None = None,
-    rtol: float | None = None,
-) -> OutputComparison:
-    """Element-wise ``|actual - expected| <= atol + rtol * |expected|``; NaN matches NaN, inf matches inf."""
-    expected, actual = np.asarray(expected), np.asarray(actual)
-    shape = list(expected.shape)
-    dtype = expected.dtype.name
-    if expected.shape != actual.shape or expected.dtype != actual.dtype:
-        return OutputComparison(
-            name,
-            dtype,
-            shape,
-            False,
-            float("inf"),
-            float("inf"),
-            float("inf"),
-            atol or 0.0,
-            rtol or 0.0,
-            float("inf"),
-            int(expected.size),
-            f"folded output is {actual.dtype.name}{list(actual.shape)}",
-        )
-    if not (expected.dtype.kind in "fc" or is_supported_float(expected.dtype)):  # bfloat16 is kind "V"
-        mismatched = int(np.count_nonzero(expected != actual))
-        return OutputComparison(
-            name,
-            dtype,
-            shape,
-            mismatched == 0,
-            float(mismatched > 0),
-            0.0,
-            0.0,
-            0.0,
-            0.0,
-            0.0,
-            mismatched,
-            "compared exactly",
-        )
-    with np.errstate(invalid="ignore"):  # a signalling NaN warns when cast
-        reference = expected.astype(np.float64)
-        candidate = actual.astype(np.float64)
-    finite = np.isfinite(reference)
-    finite_reference = reference[finite]
-    magnitude = float(np.abs(finite_reference).max()) if finite_reference.size else 1.0
-    default_atol, default_rtol = default_tolerances(expected.dtype, magnitude)
-    atol = default_atol if atol is None else atol
-    rtol = default_rtol if rtol is None else rtol
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        same = (reference == candidate) | (np.isnan(reference) & np.isnan(candidate))
-        error = np.where(same, 0.0, np.abs(candidate - reference))
-        error = np.where(np.isnan(error), np.inf, error)
-        # Only a finite reference has a tolerance: NaN matches only NaN, inf only the same inf
-        # (a bound of atol + rtol * inf would let any finite value pass, and a NaN bound fails even
-        # equal NaNs).
-        magnitudes = np.where(finite, np.abs(reference), 0.0)
-        bound = atol + rtol * magnitudes
-        relative = np.where(
-            same, 0.0, np.where(finite, error / np.maximum(magnitudes, np.finfo(np.float64).tiny), np.inf)
-        )
-        needed = np.where(same, 0.0, np.where(finite, np.maximum(error - rtol * magnitudes, 0.0), np.inf))
-    failing = ~(same | (finite & (error <= bound)))
-    mismatched = int(np.count_nonzero(failing))
-    size = max(error.size, 1)
-    return OutputComparison(
-        name=name,
-        dtype=dtype,
-        shape=shape,
-        passed=mismatched == 0,
-        max_abs_error=float(error.max(initial=0.0)),
-        mean_abs_error=float(error.sum() / size) if np.isfinite(error).all() else float("inf"),
-        max_rel_error=float(relative.max(initial=0.0)),
-        atol=float(atol),
-        rtol=float(rtol),
-        needed_atol=float(needed.max(initial=0.0)),
-        mismatched=mismatched,
-    )
+def _second_shapes(metas, primary: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Every dynamic dimension at a second size: 3 where the first run had 1, else 1."""
+    shapes = {}
+    for meta in metas:
+        shapes[meta.name] = [
+            size if isinstance(declared, int) and declared >= 0 else (3 if size == 1 else 1)
+            for declared, size in zip(meta.shape, primary[meta.name], strict=True)
+        ]
+    return shapes
+
+
+def _shapes_text(shapes: Mapping[str, list[int]]) -> str:
+    return ", ".join(f"{name}={'x'.join(map(str, shape)) or 'scalar'}" for name, shape in shapes.items())
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
+def _as_model(source: ModelSource) -> ModelProto | None:
+    if isinstance(source, ModelProto):
+        return source
+    if isinstance(source, bytes):
+        parsed = ModelProto()
+        parsed.ParseFromString(source)
+        return parsed
+    try:
+        return load_model(source, lazy=True).model
+    except BnfoldError:
+        return None
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for _, subgraph in subgraphs_of(node):
+            yield from _all_nodes(subgraph)
 
 
 def parse_input_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
@@ -385,14 +368,21 @@ def _session_source(model: ModelSource) -> Iterator[bytes | str]:
     """Bytes or a path ONNX Runtime can load, with trailing empty node outputs dropped.
 
     Empty trailing outputs mean nothing, but ONNX Runtime 1.32 crashes (SIGSEGV) on a
-    BatchNormalization-9 that lists them when graph optimizations are disabled.
+    BatchNormalization-9 that lists them when graph optimizations are disabled. A file that needs
+    no such edit is handed to ONNX Runtime by its path: no copy, and no parse of its weights here.
+    Otherwise a model with weights on disk is copied to a temporary directory (``TMPDIR``).
     """
     if isinstance(model, bytes):
         parsed = ModelProto()
         parsed.ParseFromString(model)
         model = parsed
     elif not isinstance(model, ModelProto):
-        model = load_model(model, lazy=True).model
+        path = model
+        model = load_model(path, lazy=True).model
+        if not _lists_trailing_empty_outputs(model.graph):
+            del model
+            yield os.fspath(path)
+            return
     with _without_trailing_empty_outputs(model):
         # A model whose weights are on disk (a lazy load, a fold's spill file), or one over 2 GB, is
         # written with external data to a temporary directory (file ranges are copied by the kernel,
@@ -408,6 +398,14 @@ def _session_source(model: ModelSource) -> Iterator[bytes | str]:
             path = Path(directory) / "model.onnx"
             save_model(model, path, external_data=True)
             yield str(path)
+
+
+def _lists_trailing_empty_outputs(graph: onnx.GraphProto) -> bool:
+    return any(
+        (len(node.output) > 1 and node.output[-1] == "")
+        or any(_lists_trailing_empty_outputs(subgraph) for _, subgraph in subgraphs_of(node))
+        for node in graph.node
+    )
 
 
 @contextlib.contextmanager
@@ -433,15 +431,13 @@ def _without_trailing_empty_outputs(model: ModelProto) -> Iterator[None]:
             node.output.extend([""] * count)
 
 
-def _check_same_signature(original, folded) -> None:
-    original_inputs = [meta.name for meta in original.get_inputs()]
+def _check_same_signature(input_names: list[str], output_names: list[str], folded) -> None:
     folded_inputs = [meta.name for meta in folded.get_inputs()]
-    if original_inputs != folded_inputs:
-        raise BnfoldError(f"the models have different inputs: {original_inputs} vs {folded_inputs}")
-    original_outputs = [meta.name for meta in original.get_outputs()]
+    if input_names != folded_inputs:
+        raise BnfoldError(f"the models have different inputs: {input_names} vs {folded_inputs}")
     folded_outputs = [meta.name for meta in folded.get_outputs()]
-    if original_outputs != folded_outputs:
-        raise BnfoldError(f"the models have different outputs: {original_outputs} vs {folded_outputs}")
+    if output_names != folded_outputs:
+        raise BnfoldError(f"the models have different outputs: {output_names} vs {folded_outputs}")
 
 
 def run_session(session, feeds: dict[str, np.ndarray], role: str) -> list[np.ndarray]:
@@ -465,7 +461,11 @@ def _input_dtype(meta) -> np.dtype:
     return np.dtype(_ORT_TYPES[meta.type])
 
 
-def _random_inputs(session, shapes: Mapping[str, list[int]], seed: int) -> dict[str, np.ndarray]:
+def _random_inputs(
+    session, shapes: Mapping[str, list[int]], seed: int, *, boolean: bool | None = None
+) -> dict[str, np.ndarray]:
+    """Random feeds; a one-element boolean input is ``boolean`` when given (a condition: each value
+    selects a branch), random otherwise."""
     metas = session.get_inputs()
     unknown = set(shapes) - {meta.name for meta in metas}
     if unknown:
@@ -496,6 +496,8 @@ def _random_inputs(session, shapes: Mapping[str, list[int]], seed: int) -> dict[
             value = generator.standard_normal(shape).astype(dtype)
         elif dtype.kind == "b":
             value = generator.integers(0, 2, size=shape).astype(np.bool_)
+            if boolean is not None and value.size == 1:
+                value = np.full(shape, boolean)
         else:
             value = generator.integers(0, 4, size=shape).astype(dtype)
         feeds[meta.name] = value

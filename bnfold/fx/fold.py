@@ -17,8 +17,17 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from bnfold.comparison import ReferenceUnavailable
 from bnfold.errors import BnfoldError
-from bnfold.fx.compare import compare_outputs, module_outputs, output_names
+from bnfold.fx.compare import (
+    TorchRun,
+    covered_runs,
+    float64_outputs,
+    judged_result,
+    module_copier,
+    module_outputs,
+    output_names,
+)
 from bnfold.fx.nodes import (
     function_label,
     get_attr_value,
@@ -41,7 +50,7 @@ from bnfold.fx.rules import (
     readers,
 )
 from bnfold.fx.rules_reshape import find_producer_through_reshape
-from bnfold.fx.trace import as_args, describe_inputs, is_exported_module, trace
+from bnfold.fx.trace import as_args, is_exported_module, trace
 from bnfold.report import Decision, Outcome, Reason, Report
 from bnfold.verify import VerificationResult
 
@@ -80,6 +89,7 @@ def fold_module(
     verify: bool = True,
     atol: float | None = None,
     rtol: float | None = None,
+    exact: str = "auto",
 ) -> ModuleFoldResult:
     """Fold every BatchNorm that a Conv / ConvTranspose / Linear before it can absorb exactly.
 
@@ -89,7 +99,11 @@ def fold_module(
     recommended: it lets bnfold check the rank of each layer's output (a Linear's features are on
     axis 1 only for 2-D output), enables the ``torch.export`` fallback for models that
     ``symbolic_trace`` cannot trace, and with ``verify=True`` the folded module is run against the
-    original on it (``result.verification``; a mismatch is a result, not an exception).
+    original on it and at a second size of its dynamic axes (those of ``dynamic_shapes``; else the
+    batch axis and the axes of size 1), judged as :func:`bnfold.verify` judges (``exact``: ``auto``
+    evaluates the original in float64 for an output over tolerance, ``always``, ``strict``; see
+    :mod:`bnfold.comparison`). ``result.verification`` says what was covered; a mismatch is a
+    result, not an exception.
 
     The original model is never modified. Unless ``inplace=True`` it is deep-copied first; with
     ``inplace=True`` the result shares every unfolded parameter with it (no copy of a big model),
@@ -101,6 +115,7 @@ def fold_module(
     if unknown:
         raise BnfoldError(f"unknown rule(s) {sorted(unknown)}; choose from {rule_names(RULES)}")
     fresh = isinstance(model, torch.export.ExportedProgram)
+    program = model if fresh else None
     if fresh:
         model = model.module()  # a new module: nothing of the user's to protect by copying
     if not isinstance(model, nn.Module):
@@ -111,7 +126,11 @@ def fold_module(
             "running statistics, which only eval mode computes with"
         )
     args = as_args(example_inputs)
-    reference = module_outputs(model, args) if args is not None and verify else None
+    checking = args is not None and verify
+    runs, uncovered = (
+        covered_runs(model, args, axes=dynamic_axes_of(dynamic_shapes, args)) if checking else ([], [])
+    )
+    reference = _reference_factory(model, program, runs, inplace=inplace, exact=exact) if checking else None
     working = model if inplace or fresh else _deepcopy(model)
     traced = trace(working, args, tracer=tracer, dynamic_shapes=dynamic_shapes)
     context = FoldContext(traced.graph_module, root=working, trusted_shapes=traced.trusted_shapes)
@@ -128,8 +147,8 @@ def fold_module(
     graph_module.graph.lint()
     graph_module.recompile()
     result = ModuleFoldResult(module=graph_module, report=report, tracer=traced.tracer)
-    if reference is not None:
-        result.verification = _compare(reference, module_outputs(graph_module, args), args, atol, rtol)
+    if checking:
+        result.verification = _check(graph_module, runs, uncovered, reference, atol, rtol, exact)
         report.extras["verification"] = result.verification.to_dict()
         if not result.verification:
             logger.warning("folded module does not match the original:\n%s", result.verification.to_text())
@@ -375,13 +394,95 @@ def _decision(call: NormCall, outcome: Outcome, **fields) -> Decision:
 
 
 # -- checking -----------------------------------------------------------------------------------
-def _compare(expected: list, actual: list, args: tuple[Any, ...], atol, rtol) -> VerificationResult:
-    if len(expected) != len(actual):
-        raise BnfoldError(f"the folded module returns {len(actual)} tensors, the original {len(expected)}")
-    return VerificationResult(
-        outputs=compare_outputs(output_names(len(expected)), expected, actual, atol=atol, rtol=rtol),
+def _check(graph_module, runs: list[TorchRun], uncovered: list[str], reference, atol, rtol, exact: str):
+    """The folded module on every run of the original, judged like the ONNX verifier judges."""
+    actual, kept = [], []  # kept: positions of the runs the folded module accepted
+    for position, run in enumerate(runs):
+        try:
+            outputs = module_outputs(graph_module, run.args)
+        except Exception as error:
+            if position == 0:
+                raise
+            # A module traced by torch.export at the example's shapes accepts only those.
+            uncovered = [*uncovered, f"the folded module rejects {run.describe()['input_shapes']} ({error})"]
+            continue
+        if len(outputs) != len(run.expected):
+            raise BnfoldError(
+                f"the folded module returns {len(outputs)} tensors, the original {len(run.expected)}"
+            )
+        actual.append(outputs)
+        kept.append(position)
+
+    def kept_reference():
+        outputs, seconds = reference()
+        return [outputs[position] for position in kept], seconds
+
+    return judged_result(
+        output_names(len(runs[0].expected)),
+        [runs[position] for position in kept],
+        actual,
+        atol=atol,
+        rtol=rtol,
+        exact=exact,
+        reference=kept_reference,
         provider="torch",
-        seed=0,
-        input_shapes=describe_inputs(args),
         input_source="example",
+        uncovered=uncovered,
     )
+
+
+def _reference_factory(model: nn.Module, program, runs: list[TorchRun], *, inplace: bool, exact: str):
+    """A function giving the original's float64 outputs on ``runs``, computable after the fold.
+
+    An in-place fold leaves no original to evaluate later: with ``exact="always"`` it is evaluated
+    now, else the judgment is reported as unavailable.
+    """
+    if program is not None:
+        factory = program.module  # a fresh module each call
+    elif not inplace:
+        factory = module_copier(model)
+    elif exact == "always":
+        try:
+            computed = float64_outputs(module_copier(model), runs)
+        except ReferenceUnavailable as error:
+            failure = error
+
+            def unavailable():
+                raise failure
+
+            return unavailable
+        return lambda: computed
+    else:
+
+        def in_place():
+            raise ReferenceUnavailable(
+                "the module was folded in place; pass exact='always' to evaluate it first"
+            )
+
+        return in_place
+    cache: list = []
+
+    def evaluate():
+        if not cache:
+            cache.append(float64_outputs(factory, runs))
+        return cache[0]
+
+    return evaluate
+
+
+def dynamic_axes_of(dynamic_shapes: Any, args: tuple[Any, ...] | None) -> dict[int, set[int]] | None:
+    """Positional input -> its dynamic axes, from torch.export-style ``dynamic_shapes`` (None: unknown).
+
+    Accepts a tuple/list aligned with the inputs or a dict by argument name (in order); each entry a
+    dict ``{axis: Dim}``, a tuple/list with a Dim or None per axis, or None.
+    """
+    if dynamic_shapes is None or args is None:
+        return None
+    entries = list(dynamic_shapes.values()) if isinstance(dynamic_shapes, dict) else list(dynamic_shapes)
+    axes: dict[int, set[int]] = {}
+    for index, entry in enumerate(entries[: len(args)]):
+        if isinstance(entry, dict):
+            axes[index] = {int(axis) for axis, dim in entry.items() if dim is not None}
+        elif isinstance(entry, list | tuple):
+            axes[index] = {axis for axis, dim in enumerate(entry) if dim is not None}
+    return axes

@@ -26,7 +26,14 @@ from onnx import ModelProto
 from torch import nn
 
 from bnfold.errors import BnfoldError
-from bnfold.fx.compare import compare_with_onnx, module_outputs, output_names
+from bnfold.fx.compare import (
+    compare_runs_with_onnx,
+    covered_runs,
+    float64_outputs,
+    module_copier,
+    module_outputs,
+    output_names,
+)
 from bnfold.fx.fold import ModuleFoldResult, fold_module
 from bnfold.fx.trace import as_args
 from bnfold.onnx import fold_onnx, save_model
@@ -93,6 +100,7 @@ def export(
     rtol: float | None = None,
     force: bool = False,
     external_data: bool | None = None,
+    exact: str = "auto",
 ) -> ExportResult:
     """Fold ``model`` (eval mode), export it to ONNX at ``path``, and prove the file computes what it did.
 
@@ -104,6 +112,9 @@ def export(
     The file is written atomically, and only after verification passed (ONNX Runtime on
     ``provider``, graph optimizations off, against the original module's torch outputs), unless
     ``force``; a mismatch is a result (``result.written`` False, ``result.verification`` falsy).
+    Verification runs at the example inputs and at a second size of every dynamic axis
+    (``dynamic_axes`` / ``dynamic_shapes``), judged as :func:`bnfold.verify` judges: ``exact``
+    ``auto`` evaluates the module in float64 for an output over tolerance, ``always``, ``strict``.
     ``path=None`` does everything but write (a dry run). ``skip_rules`` takes rule names of either
     backend (``bnfold.fx.rule_names()``, ``bnfold.onnx.rule_names()``). ``rewrite_standalone``
     rewrites each BN left after both folds as Mul + Add (see ``fold_onnx``).
@@ -127,6 +138,10 @@ def export(
         raise BnfoldError("export needs example_inputs")
     folded = fold_module(model, args, skip_rules=torch_skips, dynamic_shapes=dynamic_shapes, verify=False)
     expected = module_outputs(model, args)
+    runs, uncovered = [], []
+    if verify:  # the original's outputs now: the checks run on the exported file later
+        axes = _export_axes(dynamic_axes, dynamic_shapes, input_names or _io_names("input", len(args)), args)
+        runs, uncovered = covered_runs(model, args, axes=axes)
     names_in = list(input_names) if input_names else _io_names("input", len(args))
     names_out = list(output_names) if output_names else _default_output_names(len(expected))
     exported = _export(
@@ -146,7 +161,23 @@ def export(
     report.extras["onnx_fold"] = onnx_result.report.to_dict()
     verification = None
     if verify:
-        verification = compare_with_onnx(expected, onnx_model, args, provider=provider, atol=atol, rtol=rtol)
+        cache: list = []
+
+        def reference():
+            if not cache:
+                cache.append(float64_outputs(module_copier(model), runs))
+            return cache[0]
+
+        verification = compare_runs_with_onnx(
+            runs,
+            onnx_model,
+            provider=provider,
+            atol=atol,
+            rtol=rtol,
+            exact=exact,
+            reference=reference,
+            uncovered=uncovered,
+        )
         report.extras["verification"] = verification.to_dict()
     written = destination is not None and (verification is None or verification.passed or force)
     if written:
@@ -158,6 +189,22 @@ def export(
             verification.to_text(),
         )
     return ExportResult(destination, onnx_model, report, onnx_result.report, verification, folded, written)
+
+
+def _export_axes(dynamic_axes, dynamic_shapes, input_names, args) -> dict[int, set[int]]:
+    """Positional input -> its dynamic axes in the exported file (none: the file's shapes are fixed)."""
+    from bnfold.fx.fold import dynamic_axes_of
+
+    if dynamic_shapes is not None:
+        return dynamic_axes_of(dynamic_shapes, args) or {}
+    axes: dict[int, set[int]] = {}
+    for index, name in enumerate(list(input_names)[: len(args)]):
+        entry = (dynamic_axes or {}).get(name)
+        if isinstance(entry, dict):
+            axes[index] = {int(axis) for axis in entry}
+        elif isinstance(entry, list | tuple):
+            axes[index] = {int(axis) for axis in entry}
+    return axes
 
 
 def _io_names(prefix: str, count: int) -> list[str]:
