@@ -49,6 +49,10 @@ _IN_PLACE_OPERATORS = frozenset(
         operator.setitem,
     }
 )
+_IN_PLACE_DUNDERS = frozenset(
+    f"__i{name}__"
+    for name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or")
+) | {"__setitem__"}
 # Python-level functions whose result is a new tensor (never a view of an input).
 _FRESH_FUNCTIONS = frozenset(
     {
@@ -112,7 +116,7 @@ def written_inputs(node: fx.Node, root: nn.Module) -> list[fx.Node]:
     first = node.args[0] if node.args else None
     if node.op == "call_method":
         name = str(node.target)
-        if name.endswith("_") and not name.startswith("_"):
+        if (name.endswith("_") and not name.startswith("_")) or name in _IN_PLACE_DUNDERS:
             written.append(first)
     elif node.op == "call_function":
         target = node.target
