@@ -117,11 +117,22 @@ class Branch:
 
 @dataclass(frozen=True)
 class Branches:
-    """The two branches an add sums, both reading ``source``; at least one is a conv."""
+    """The two branches an add sums, both reading ``source``; at least one is a conv.
+
+    ``passed`` maps a branch node to the nodes that pass its value on unchanged to the add, innermost
+    first: ``nn.Identity`` (timm's ``drop`` and the activation of ``apply_act=False``), eval-mode
+    dropout, ``+ 0`` (MobileOne starts its sum with ``out = 0``). A merge removes them too.
+    """
 
     add: fx.Node
     source: fx.Node
     branches: tuple[Branch, Branch]
+    passed: tuple[tuple[fx.Node, tuple[fx.Node, ...]], ...] = ()
+
+    def reader_of(self, node: fx.Node) -> fx.Node:
+        """The node that reads ``node`` on its way to the add: the add, or the first pass-through."""
+        chain = dict(self.passed).get(node)
+        return chain[0] if chain else self.add
 
     @property
     def identity_norm(self) -> NormCall | None:
@@ -171,11 +182,20 @@ class BranchMerge(Rule):
         operands = add_operands(add)
         if operands is None:
             return None
-        first, second = operands
+        unwrapped = [_passed_through(context, operand, add) for operand in operands]
+        first, second = (inner for inner, _ in unwrapped)
+        passed = tuple((inner, chain) for inner, chain in unwrapped if chain)
         for source, one in _readings(context, first):
             for other_source, other in _readings(context, second):
-                if source is other_source and (one.layer is not None or other.layer is not None):
-                    return Branches(add, source, (one, other))
+                if source is not other_source or (one.layer is None and other.layer is None):
+                    continue
+                # Only a conv or BN output is looked through (a float tensor: adding 0 is exact).
+                if any(
+                    branch.layer is None and branch.norm is None and branch.node in dict(passed)
+                    for branch in (one, other)
+                ):
+                    continue
+                return Branches(add, source, (one, other), passed)
         return None
 
     def match(self, context: FoldContext, branches: Branches) -> BranchMatch | Refusal:  # type: ignore[override]
@@ -184,7 +204,8 @@ class BranchMerge(Rule):
         for branch in branches.branches:
             if branch.layer is None:
                 continue
-            geometry = _conv_refusal(context, branches.add, branch.layer) or _geometry(branch.layer)
+            reader = branches.reader_of(branch.layer.node)
+            geometry = _conv_refusal(context, reader, branch.layer) or _geometry(branch.layer)
             if isinstance(geometry, Refusal):
                 return geometry
             convs.append(branch.layer)
@@ -241,6 +262,9 @@ class BranchMerge(Rule):
             _set_padding(carrier.node, match.padding)
         add.replace_all_uses_with(carrier.node)
         graph.erase_node(add)
+        for _, chain in match.branches.passed:
+            for node in reversed(chain):
+                graph.erase_node(node)
         for layer in match.removed:
             layer.node.replace_all_uses_with(carrier.node)  # readers of its shape (the same shape)
             _remove_layer(graph_module, layer)
@@ -249,6 +273,52 @@ class BranchMerge(Rule):
                 output.replace_all_uses_with(match.branches.source)
             erase_batchnorm(context, match.batchnorm)
         return carrier.name
+
+
+def _passed_through(
+    context: FoldContext, operand: fx.Node, add: fx.Node
+) -> tuple[fx.Node, tuple[fx.Node, ...]]:
+    """(the value ``operand`` passes on unchanged, the pass-through nodes innermost first).
+
+    Each pass-through node must be read only by the next one (the last by ``add``).
+    """
+    chain: list[fx.Node] = []
+    node, reader = operand, add
+    while isinstance(node, fx.Node) and set(node.users) == {reader}:
+        inner = _pass_through_input(context, node)
+        if inner is None:
+            break
+        chain.append(node)
+        node, reader = inner, node
+    return node, tuple(reversed(chain))
+
+
+def _pass_through_input(context: FoldContext, node: fx.Node) -> fx.Node | None:
+    """The input a node returns unchanged (``nn.Identity``, eval dropout, ``t + 0``), else None."""
+    if node.op == "call_module":
+        module = context.graph_module.get_submodule(str(node.target))
+        identity = isinstance(module, nn.Identity) or (
+            isinstance(module, nn.modules.dropout._DropoutNd) and not module.training
+        )
+        if identity and len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node):
+            return node.args[0]
+        return None
+    if node.op != "call_function":
+        return None
+    if node.target is operator.add or node.target in (aten.add.Tensor, aten.add.Scalar):
+        arguments = node.args
+        if len(arguments) != 2 or set(node.kwargs) - {"alpha"} or node.kwargs.get("alpha", 1) != 1:
+            return None
+        first, second = arguments
+        if isinstance(first, fx.Node) and _is_zero(second):
+            return first
+        if isinstance(second, fx.Node) and _is_zero(first):
+            return second
+    return None
+
+
+def _is_zero(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
 
 
 def _readings(context: FoldContext, node: fx.Node) -> list[tuple[fx.Node, Branch]]:
@@ -374,7 +444,6 @@ def _identity(
 ) -> tuple[np.ndarray, np.ndarray | None, BatchNorm | None, frozenset[str]] | Refusal:
     """The identity branch's per-channel (scale, shift) and its BN: a BN's map, or (1, none) for ``x``;
     and the graph inputs whose example rank that relies on."""
-    add = branches.add
     channels = conv.weight.shape[0]
     if any(stride != 1 for stride in geometry.strides):
         detail = f"`{conv.name}` has stride {_shown(geometry.strides)}; an identity branch has stride 1"
@@ -393,7 +462,8 @@ def _identity(
     refusal = batchnorm_refusal(context, batchnorm)
     if refusal:
         return refusal
-    readers = [user for user in value_readers_of(batchnorm) if user is not add]
+    reader = branches.reader_of(identity.node)
+    readers = [user for user in value_readers_of(batchnorm) if user is not reader]
     if readers or identity.node not in batchnorm.outputs:
         where = "is returned" if any(user.op == "output" for user in readers) else "is also read elsewhere"
         return Refusal(Reason.BN_OUTPUT_HAS_OTHER_CONSUMERS, f"the output of `{identity.norm.name}` {where}")

@@ -547,3 +547,93 @@ class TimmConvNormAct(nn.Module):
         channels, dtype = features.size(1), features.dtype
         normalized = self.bn2(features)
         return normalized.view(batch, channels, height * width).mean(-1).to(dtype)
+
+
+class TimmConvBnAct(nn.Module):
+    """timm.layers.ConvNormAct as built by create_conv2d: a conv padded ``((stride - 1) + (k - 1)) // 2``
+    without bias, then BatchNormAct2d (its activation an Identity when ``apply_act=False``)."""
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        apply_act: bool = True,
+    ) -> None:
+        super().__init__()
+        padding = ((stride - 1) + (kernel_size - 1)) // 2
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)
+        self.bn = TimmBatchNormAct2d(
+            out_chs, act_layer=nn.ReLU if apply_act else nn.Identity, inplace=apply_act
+        )
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(inputs))
+
+
+class TimmRepVggBlock(nn.Module):
+    """timm.models.byobnet.RepVggBlock (train-time form): identity BN computed first, then
+    ``conv_1x1(x) + conv_kxk(x)``, ``x += identity``, an in-place ReLU."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, groups: int = 1) -> None:
+        super().__init__()
+        self.identity = nn.BatchNorm2d(out_chs) if in_chs == out_chs and stride == 1 else None
+        self.conv_kxk = TimmConvBnAct(in_chs, out_chs, 3, stride, groups, apply_act=False)
+        self.conv_1x1 = TimmConvBnAct(in_chs, out_chs, 1, stride, groups, apply_act=False)
+        self.drop_path = nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.identity is None:
+            features = self.conv_1x1(inputs) + self.conv_kxk(inputs)
+        else:
+            identity = self.identity(inputs)
+            features = self.conv_1x1(inputs) + self.conv_kxk(inputs)
+            features = self.drop_path(features)
+            features += identity
+        return self.act(features)
+
+
+class TimmMobileOneBlock(nn.Module):
+    """timm's MobileOneBlock (train-time form): ``identity_out = 0; scale_out = 0`` replaced by the
+    branches that exist, ``out = scale_out + identity_out``, then ``out += rc(x)`` per conv branch."""
+
+    def __init__(
+        self, in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 1, branches: int = 2
+    ) -> None:
+        super().__init__()
+        self.rbr_skip = nn.BatchNorm2d(in_chs) if in_chs == out_chs and stride == 1 else None
+        self.rbr_conv = nn.ModuleList(
+            TimmConvBnAct(in_chs, out_chs, kernel_size, stride, apply_act=False) for _ in range(branches)
+        )
+        self.rbr_scale = (
+            TimmConvBnAct(in_chs, out_chs, 1, stride, apply_act=False) if kernel_size > 1 else None
+        )
+        self.act = nn.GELU()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        identity_out = 0
+        if self.rbr_skip is not None:
+            identity_out = self.rbr_skip(inputs)
+        scale_out = 0
+        if self.rbr_scale is not None:
+            scale_out = self.rbr_scale(inputs)
+        out = scale_out + identity_out
+        for branch in self.rbr_conv:
+            out += branch(inputs)
+        return self.act(out)
+
+
+class TimmRepStack(nn.Module):
+    """A stem ConvNormAct, a RepVGG stage (stride 2 then 1) and a MobileOne stage (stride 2 then 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = TimmConvBnAct(3, 8, 3, stride=2)
+        self.rep = nn.Sequential(TimmRepVggBlock(8, 8, stride=2), TimmRepVggBlock(8, 8))
+        self.mobileone = nn.Sequential(TimmMobileOneBlock(8, 8, stride=2), TimmMobileOneBlock(8, 8))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.mobileone(self.rep(self.stem(inputs)))
