@@ -433,9 +433,14 @@ def _compatibility_refusal(convs: list[Layer], geometries: list[_Geometry]) -> R
 def _mutation_refusal(context: FoldContext, branches: Branches) -> Refusal | None:
     """The merged conv reads the source once, where the first branch did: refuse an in-place write
     into the source between the first and the last branch that reads it (the add, for ``x`` itself)."""
-    reads = [branch.layer.node if branch.layer is not None else branch.node for branch in branches.branches]
-    if any(branch.layer is None and branch.norm is None for branch in branches.branches):
-        reads.append(branches.add)
+    reads = []
+    for branch in branches.branches:
+        if branch.layer is not None:
+            reads.append(branch.layer.node)
+        elif branch.norm is not None:
+            reads.append(branch.norm.node)
+        else:
+            reads.append(branches.add)  # ``x`` itself is read by the add
     return mutation_refusal(context, branches.source, reads, f"the branches of `{branches.add.name}`")
 
 
