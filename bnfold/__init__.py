@@ -24,10 +24,9 @@ from bnfold.errors import (
 )
 from bnfold.onnx import RULES, FoldResult, fold_onnx, load_model, save_model
 from bnfold.pipeline import FileFoldResult, fold_file
-from bnfold.report import Decision, Outcome, Reason, Report
+from bnfold.report import Decision, Outcome, Reason, Report, Summary
 from bnfold.verify import VerificationResult, verify
-
-__version__ = "0.1.0"
+from bnfold.version import __version__
 
 __all__ = [
     "fold_onnx",
@@ -39,6 +38,7 @@ __all__ = [
     "FileFoldResult",
     "VerificationResult",
     "Report",
+    "Summary",
     "Decision",
     "Outcome",
     "Reason",

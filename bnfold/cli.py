@@ -21,9 +21,11 @@ from bnfold.errors import BnfoldError
 from bnfold.onnx import load_model
 from bnfold.onnx.io import write_atomically
 from bnfold.pipeline import check_report_path, fold_file, naming
+from bnfold.progress import Progress, TerminalProgress, step
 from bnfold.report import Report
 from bnfold.sources import is_torch_source
 from bnfold.verify import PROVIDERS, VerificationResult, parse_input_shapes, verify
+from bnfold.version import __version__
 
 __all__ = ["cli", "main"]
 
@@ -40,6 +42,7 @@ FLAGS = {
     "skip_rules": "--skip-rule",
     "external_data": "--external-data",
     "provider": "--provider",
+    "benchmark_runs": "--benchmark",
 }
 
 
@@ -144,10 +147,34 @@ def _verification_options(function):
             help="Always evaluate the original in float64 and show both models' distance from it.",
         ),
         click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
+        *_output_options(),
     ]
     for option in reversed(options):
         function = option(function)
     return function
+
+
+def _output_options() -> list:
+    """``--json`` (the result on stdout, the text on stderr) and ``-v`` (debug logs)."""
+    return [
+        click.option(
+            "--json",
+            "as_json",
+            is_flag=True,
+            help="Print the result as JSON on stdout (text goes to stderr).",
+        ),
+        click.option("-v", "--verbose", is_flag=True, help="Log each step and decision (debug logs)."),
+    ]
+
+
+def _start(quiet: bool, verbose: bool) -> Progress | None:
+    """Logging for ``-v``, and progress lines on stderr when it is a terminal (never with ``-q``)."""
+    if verbose:
+        logging.getLogger("bnfold").setLevel(logging.DEBUG)
+    if quiet or not sys.stderr.isatty():
+        return None
+    # BNFOLD_PROGRESS_DELAY: seconds a step runs before it gets a line (default 1).
+    return TerminalProgress(sys.stderr, delay=float(os.environ.get("BNFOLD_PROGRESS_DELAY", "1")))
 
 
 def _rule_options(function):
@@ -194,6 +221,14 @@ def cli() -> None:
     default=None,
     help="Store weights in OUTPUT.data (default: as the input did, or when over 2 GB).",
 )
+@click.option(
+    "--benchmark",
+    "benchmark_runs",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Time the model before and after in ONNX Runtime (default optimizations, median of N runs).",
+)
 @_verification_options
 def fold(
     model,
@@ -215,6 +250,9 @@ def fold(
     strict,
     exact_reference,
     quiet,
+    as_json,
+    verbose,
+    benchmark_runs,
 ) -> None:
     """Fold BatchNormalization nodes of MODEL into Conv/ConvTranspose/Gemm/MatMul.
 
@@ -242,9 +280,14 @@ def fold(
         seed=seed,
         report_path=report_path,
         exact=exact,
+        benchmark_runs=benchmark_runs or 0,
+        digest_output=as_json or None,
+        progress=_start(quiet, verbose),
     )
+    if as_json:
+        click.echo(result.report.to_json())
     if not quiet:
-        click.echo(result.to_text())
+        click.echo(result.to_text(), err=as_json)
     if not result.passed:
         written = "written anyway (--force)" if result.written else "not written"
         click.echo(f"bnfold: verification FAILED: {_worst(result.verification)}; output {written}", err=True)
@@ -268,16 +311,24 @@ def verify_command(
     strict,
     exact_reference,
     quiet,
+    as_json,
+    verbose,
 ) -> None:
     """Compare two existing models in ONNX Runtime; exit 1 when any output differs."""
+    progress = _start(quiet, verbose)
     shapes = parse_input_shapes(input_shapes)
     exact = _exact_mode(strict, exact_reference)
     if report_path:
         check_report_path(report_path, original, folded)
     # Checked up front (lazily: weights stay on disk); each then runs from its file, one at a time.
-    load_model(original, lazy=True)
-    load_model(folded, lazy=True)
-    with naming(original, when="the original model"), naming(folded, when="the folded model"):
+    with step(progress, f"loading {original} and {folded}"):
+        load_model(original, lazy=True)
+        load_model(folded, lazy=True)
+    with (
+        step(progress, "verifying: running each model, then comparing"),
+        naming(original, when="the original model"),
+        naming(folded, when="the folded model"),
+    ):
         result = verify(
             original,
             folded,
@@ -289,13 +340,16 @@ def verify_command(
             atol=atol,
             rtol=rtol,
         )
+    report = Report(
+        source=str(original),
+        extras={"bnfold_version": __version__, "folded": str(folded), "verification": result.to_dict()},
+    )
+    if as_json:
+        click.echo(report.to_json())
     if not quiet:
-        click.echo(result.to_text())
+        click.echo(result.to_text(), err=as_json)
     if report_path:
-        write_atomically(
-            report_path,
-            Report(source=str(original), extras={"verification": result.to_dict()}).to_json().encode(),
-        )
+        write_atomically(report_path, report.to_json().encode())
     if not result.passed:
         click.echo(f"bnfold: verification FAILED: {_worst(result)}", err=True)
         sys.exit(EXIT_MISMATCH)
@@ -319,7 +373,8 @@ def verify_command(
     help="Also write the report as JSON to this file.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
-def inspect(model, skip_rules, rewrite_standalone, input_shapes, report_path, as_json) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Log each step and decision (debug logs).")
+def inspect(model, skip_rules, rewrite_standalone, input_shapes, report_path, as_json, verbose) -> None:
     """Report what would happen to every normalization node of MODEL; write no model.
 
     A PyTorch MODEL (.pt2 or package.module:factory) is folded and exported in memory, unverified.
@@ -334,8 +389,9 @@ def inspect(model, skip_rules, rewrite_standalone, input_shapes, report_path, as
         rewrite_standalone=rewrite_standalone,
         input_shapes=parse_input_shapes(input_shapes),
         report_path=report_path,
+        progress=_start(False, verbose),
     )
-    click.echo(result.report.to_json() if as_json else result.to_text())
+    click.echo(result.report.to_json() if as_json else result.to_text(operators=False))
 
 
 def _exact_mode(strict: bool, exact_reference: bool) -> str:

@@ -12,8 +12,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
+import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,11 +24,18 @@ import numpy as np
 from onnx import ModelProto
 
 from bnfold.errors import BnfoldError, InputSpecError, MissingDependencyError, OutputError
+from bnfold.latency import Latency, measure_latency
 from bnfold.onnx import fold_onnx, load_model, save_model
 from bnfold.onnx.io import LoadedModel, check_output_path, write_atomically
+from bnfold.progress import Progress, step
+from bnfold.provenance import record_provenance
 from bnfold.report import Report
+from bnfold.simplify import account_for_simplify, require_onnxsim
+from bnfold.simplify import simplify as onnxsim_simplify
 from bnfold.sources import is_torch_source
+from bnfold.stats import FileInfo, ModelStats, comparison_table, file_info, model_stats
 from bnfold.verify import VerificationResult, Verifier
+from bnfold.version import __version__
 
 if TYPE_CHECKING:  # the torch path is imported only when a PyTorch source is folded
     from bnfold.fx.onnx_export import ExportResult
@@ -43,8 +53,10 @@ class FileFoldResult:
 
     Shares its shape with :class:`bnfold.fx.ExportResult` (``path``, ``model``, ``report``,
     ``verification``, ``written``, ``passed``, ``to_text``). ``path`` is None for a dry run;
-    ``written`` is False when verification failed and ``force`` was not given. For a PyTorch source,
-    ``export`` holds the export's own result (the torch fold, the ONNX fold after export).
+    ``written`` is False when verification failed and ``force`` was not given. ``before``/``after``
+    are the operator counts, parameter bytes and files of the source and of the written model
+    (``before`` is None for a PyTorch source). For a PyTorch source, ``export`` holds the export's own
+    result (the torch fold, the ONNX fold after export).
     """
 
     source: str
@@ -53,6 +65,10 @@ class FileFoldResult:
     report: Report
     verification: VerificationResult | None
     written: bool
+    source_files: list[FileInfo] = field(default_factory=list)
+    before: ModelStats | None = None
+    after: ModelStats | None = None
+    latency: Latency | None = None
     export: ExportResult | None = None
 
     @property
@@ -60,16 +76,22 @@ class FileFoldResult:
         """Verification passed, or was not run."""
         return self.verification is None or self.verification.passed
 
-    def to_text(self) -> str:
-        """The report table, the verification table and what was written, for a terminal."""
+    def to_text(self, *, operators: bool = True) -> str:
+        """The report, the verification, the before/after table (unless ``operators=False``) and what
+        was written, for a terminal."""
         if self.export is not None:
-            return self.export.to_text()
-        parts = [self.report.to_text()]
-        if self.verification is not None:
-            parts.append(self.verification.to_text())
+            parts = [self.export.to_text()]
+        else:
+            parts = [self.report.to_text()]
+            if self.verification is not None:
+                parts.append(self.verification.to_text())
+        if self.after is not None and operators:
+            parts.append(comparison_table(self.before, self.after))
+        if self.latency is not None:
+            parts.append(self.latency.to_text())
         text = "\n\n".join(parts)
-        if self.path is not None and self.written:
-            text += f"\nwrote {self.path}"
+        if self.path is not None:
+            text += f"\nwrote {self.path}" if self.written else f"\ndid not write {self.path}"
         return text
 
 
@@ -91,6 +113,9 @@ def fold_file(
     seed: int = 0,
     report_path: PathLike | None = None,
     exact: str = "auto",
+    benchmark_runs: int = 0,
+    digest_output: bool | None = None,
+    progress: Progress | None = None,
 ) -> FileFoldResult:
     """Fold the model at ``source`` and write it to ``output`` once verification passed.
 
@@ -102,49 +127,79 @@ def fold_file(
     The other options are those of :func:`bnfold.fold_onnx` and :func:`bnfold.verify` (``exact``:
     how an output over tolerance is judged);
     ``simplify`` runs onnxsim after folding (``pip install 'bnfold[simplify]'``).
+
+    The written model carries provenance (``bnfold.*`` metadata, a doc string line on every node
+    that absorbed something; :mod:`bnfold.provenance`). ``benchmark_runs=N`` also times the source and
+    the written model in ONNX Runtime at its default optimization level (median of N runs after a
+    warm-up). ``digest_output`` hashes the written files for the report (default: when
+    ``report_path`` is given). ``progress`` is told about each step (see :mod:`bnfold.progress`).
     """
     source_text = os.fspath(source)
     skips = list(skip_rules)
+    if benchmark_runs < 0:
+        raise InputSpecError("{benchmark_runs} must be >= 0", parameters=("benchmark_runs",))
     if report_path is not None:
         check_report_path(report_path, source, output)
+    if benchmark_runs and is_torch_source(source_text):
+        raise InputSpecError(
+            "{benchmark_runs} times ONNX models only (a PyTorch source has no ONNX model before the fold)",
+            parameters=("benchmark_runs",),
+        )
+    options = dict(
+        verify=verify,
+        force=force,
+        simplify=simplify,
+        skip_rules=skips,
+        rewrite_standalone=rewrite_standalone,
+        external_data=external_data,
+        provider=provider,
+        atol=atol,
+        rtol=rtol,
+        input_shapes=input_shapes,
+        inputs=inputs,
+        exact=exact,
+        progress=progress,
+    )
     if is_torch_source(source_text):
-        result = _fold_torch_source(
-            source_text,
-            output,
-            verify=verify,
-            force=force,
-            simplify=simplify,
-            skip_rules=skips,
-            rewrite_standalone=rewrite_standalone,
-            external_data=external_data,
-            provider=provider,
-            atol=atol,
-            rtol=rtol,
-            input_shapes=input_shapes,
-            inputs=inputs,
-            exact=exact,
-        )
+        result = _fold_torch_source(source_text, output, **options)
     else:
-        result = _fold_onnx_file(
-            source_text,
-            output,
-            verify=verify,
-            force=force,
-            simplify=simplify,
-            skip_rules=skips,
-            rewrite_standalone=rewrite_standalone,
-            external_data=external_data,
-            provider=provider,
-            atol=atol,
-            rtol=rtol,
-            input_shapes=input_shapes,
-            inputs=inputs,
-            seed=seed,
-            exact=exact,
-        )
+        result = _fold_onnx_file(source_text, output, seed=seed, **options)
+    if result.written and (digest_output or (digest_output is None and report_path is not None)):
+        with step(progress, "hashing the written files"):
+            result.after.files = [file_info(info.path) for info in result.after.files]
+    if benchmark_runs:
+        with step(progress, f"timing both models in ONNX Runtime ({benchmark_runs} runs each)"):
+            result.latency = _time_both(source_text, result, inputs, benchmark_runs)
+    _describe(result)
     if report_path is not None:
         write_atomically(report_path, result.report.to_json().encode())
     return result
+
+
+def _time_both(
+    source: str, result: FileFoldResult, inputs: Mapping[str, np.ndarray] | PathLike | None, runs: int
+) -> Latency:
+    """Time the source file and the written one (a model not written is saved to a temporary folder)."""
+    if result.written and result.path is not None:
+        return measure_latency(source, result.path, result.verification, inputs=inputs, runs=runs)
+    with tempfile.TemporaryDirectory(prefix="bnfold-benchmark-") as directory:
+        folded = Path(directory) / "folded.onnx"
+        save_model(result.model, folded)
+        return measure_latency(source, folded, result.verification, inputs=inputs, runs=runs)
+
+
+def _describe(result: FileFoldResult) -> None:
+    """Put version, files, counts and timings into the report's JSON (``report.extras``)."""
+    extras = result.report.extras
+    extras["bnfold_version"] = __version__
+    extras["inputs"] = [info.to_dict() for info in result.source_files]
+    extras["outputs"] = [info.to_dict() for info in result.after.files] if result.after else []
+    extras["model"] = {
+        "before": result.before.to_dict() if result.before else None,
+        "after": result.after.to_dict() if result.after else None,
+    }
+    if result.latency is not None:
+        extras["latency"] = result.latency.to_dict()
 
 
 def _fold_onnx_file(
@@ -164,6 +219,7 @@ def _fold_onnx_file(
     inputs: Mapping[str, np.ndarray] | PathLike | None,
     seed: int,
     exact: str,
+    progress: Progress | None,
 ) -> FileFoldResult:
     destination = None
     if output is not None:
@@ -176,45 +232,71 @@ def _fold_onnx_file(
             )
     shapes = {name: list(shape) for name, shape in (input_shapes or {}).items()}
     if simplify:
-        _require_onnxsim()
+        require_onnxsim()
 
     # Lazily: the large weights stay on disk and are read only when a fold changes them; save_model
     # copies the others from the input file (onnxsim needs them all in memory).
-    loaded = load_model(source, lazy=not simplify)
+    with step(progress, f"loading {source}"):
+        loaded = load_model(source, lazy=not simplify)
     if destination is not None:
         _check_not_input_data(loaded, source, destination)
+    # The source's digest (for the report and the provenance metadata) is computed beside the work.
+    digests = _Digests([loaded.path, *loaded.external_files])
+    before = model_stats(loaded.model)
     # The original runs (from its file) before the fold, which then edits the loaded model in place;
     # its session is freed before the folded model's is made: one model's worth of memory at a time.
     verifier = None
     if verify:
-        with naming(source, when="the original model"):
-            verifier = Verifier(
-                source, provider=provider, input_shapes=shapes, inputs=inputs, seed=seed, exact=exact
-            )
-    with naming(source):
+        with step(progress, "running the original model in ONNX Runtime"):
+            with naming(source, when="the original model"):
+                verifier = Verifier(
+                    source, provider=provider, input_shapes=shapes, inputs=inputs, seed=seed, exact=exact
+                )
+    with step(progress, "folding"), naming(source):
         result = fold_onnx(
             loaded.model, skip_rules=skip_rules, inplace=True, rewrite_standalone=rewrite_standalone
         )
     report = result.report
     report.source = source
-    folded_model = _simplify(result.model) if simplify else result.model
+    folded_model = result.model
+    if simplify:
+        with step(progress, "simplifying with onnxsim"):
+            folded_model = onnxsim_simplify(folded_model)
+        account_for_simplify(report, folded_model)
 
     verification = None
     if verifier is not None:
-        with naming(source, when="the original model"):
-            verification = verifier.compare(folded_model, atol=atol, rtol=rtol)
+        with step(progress, "verifying: running the folded model, comparing"):
+            with naming(source, when="the original model"):
+                verification = verifier.compare(folded_model, atol=atol, rtol=rtol)
         del verifier
         report.extras["verification"] = verification.to_dict()
 
+    with step(progress, f"hashing {source}"):
+        before.files = digests.result()
+    # Metadata and doc strings only: what was verified computes exactly what is written.
+    record_provenance(folded_model, report, version=__version__, source_sha256=before.files[0].sha256)
     passed = verification is None or verification.passed
-    written = False
+    written, saved_at = False, time.time()
     if destination is not None:
         if passed or force:
             use_external = loaded.used_external_data if external_data is None else external_data
-            save_model(folded_model, destination, external_data=use_external or None)
+            with step(progress, f"saving {destination}"):
+                save_model(folded_model, destination, external_data=use_external or None)
             written = True
         report.extras["output"] = str(output) if written else None
-    return FileFoldResult(source, destination, folded_model, report, verification, written)
+    after = model_stats(folded_model, _sizes(_written_files(destination, saved_at)) if written else ())
+    return FileFoldResult(
+        source,
+        destination,
+        folded_model,
+        report,
+        verification,
+        written,
+        source_files=before.files,
+        before=before,
+        after=after,
+    )
 
 
 def _fold_torch_source(
@@ -224,9 +306,13 @@ def _fold_torch_source(
     inputs: Mapping[str, np.ndarray] | PathLike | None,
     simplify: bool,
     input_shapes: Mapping[str, Sequence[int]] | None,
+    force: bool,
+    external_data: bool | None,
+    progress: Progress | None,
     **options: Any,
 ) -> FileFoldResult:
-    """Load a PyTorch model and run ``bnfold.export`` on it (fold in torch, export, fold, verify)."""
+    """Load a PyTorch model and run ``bnfold.export`` on it (fold in torch, export, fold, verify),
+    then record provenance and write it the way an ONNX fold is written."""
     if inputs is not None or simplify:
         parameter = "inputs" if inputs is not None else "simplify"
         raise InputSpecError(
@@ -240,23 +326,83 @@ def _fold_torch_source(
             raise
         message = f"{source}: a PyTorch model needs torch: pip install 'bnfold[torch]'"
         raise MissingDependencyError(message) from None
+    destination = None
     if output is not None:
-        check_output_path(output)
+        destination = check_output_path(output)
         if same_file(source, output):
             raise OutputError(f"{output}: is the input model; write the ONNX file elsewhere")
     shapes = {name: list(shape) for name, shape in (input_shapes or {}).items()}
-    module, example_inputs = load_torch_source(source, shapes or None)
-    exported = export(module, example_inputs, output, **options)
-    exported.report.source = source
+    with step(progress, f"loading {source}"):
+        module, example_inputs = load_torch_source(source, shapes or None)
+    with step(progress, "folding in torch, exporting, folding the ONNX model, verifying"):
+        exported = export(module, example_inputs, None, **options)
+    report = exported.report
+    report.source = source
+    source_files = [file_info(source)] if Path(source).is_file() else []
+    record_provenance(
+        exported.model,
+        exported.onnx_report,
+        version=__version__,
+        source_sha256=source_files[0].sha256 if source_files else None,
+    )
+    written, saved_at = False, time.time()
+    if destination is not None:
+        if exported.passed or force:
+            with step(progress, f"saving {destination}"):
+                save_model(exported.model, destination, external_data=external_data)
+            written = True
+        report.extras["output"] = str(output) if written else None
+    after = model_stats(exported.model, _sizes(_written_files(destination, saved_at)) if written else ())
     return FileFoldResult(
         source,
-        exported.path,
+        destination,
         exported.model,
-        exported.report,
+        report,
         exported.verification,
-        exported.written,
+        written,
+        source_files=source_files,
+        after=after,
         export=exported,
     )
+
+
+class _Digests:
+    """SHA-256 of files, computed in a thread while the fold and the verification run (hashlib
+    releases the GIL on large blocks)."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self._paths = list(paths)
+        self._infos: list[FileInfo] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="bnfold-digest", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._infos = [file_info(path) for path in self._paths]
+        except BaseException as error:  # re-raised in result(), on the caller's thread
+            self._error = error
+
+    def result(self) -> list[FileInfo]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._infos
+
+
+def _written_files(path: Path | None, since: float) -> list[Path]:
+    """The output model file and, when this save wrote one, its external ``.data`` file."""
+    if path is None:
+        return []
+    data = path.with_name(path.name + ".data")
+    # A .data file left by an earlier save (one without external data now) is not part of this output.
+    fresh = data.exists() and data.stat().st_mtime >= since - 1.0
+    return [path, data] if fresh else [path]
+
+
+def _sizes(paths: Sequence[Path]) -> list[FileInfo]:
+    """Files with their sizes; the digest is left empty until asked for (``digest_output``)."""
+    return [FileInfo(os.fspath(path), path.stat().st_size, "") for path in paths]
 
 
 def same_file(first: PathLike, second: PathLike) -> bool:
@@ -304,24 +450,3 @@ def naming(model: PathLike, *, when: str = "") -> Iterator[None]:
         if when not in str(error) or str(error).startswith(f"{model}: "):
             raise
         raise error.prefixed(f"{model}: ") from None
-
-
-def _require_onnxsim() -> None:
-    try:
-        import onnxsim  # noqa: F401
-    except ImportError:
-        raise MissingDependencyError(
-            "{simplify} needs onnxsim: pip install 'bnfold[simplify]'", parameters=("simplify",)
-        ) from None
-
-
-def _simplify(model: ModelProto) -> ModelProto:
-    import onnxsim
-
-    simplified, ok = onnxsim.simplify(model)
-    if not ok:
-        raise BnfoldError(
-            "onnxsim could not validate its simplified model; fold without {simplify}",
-            parameters=("simplify",),
-        )
-    return simplified

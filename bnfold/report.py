@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["Reason", "Outcome", "Decision", "Report"]
+__all__ = ["Reason", "Outcome", "Decision", "Report", "Summary"]
 
 
 class Reason(StrEnum):
@@ -117,6 +117,8 @@ class Outcome(StrEnum):
     REWRITTEN = "rewritten"
     # An Add of parallel branches (RepVGG, ACNet) merged into one conv (rule branch-merge).
     MERGED = "merged"
+    # A BN bnfold kept that ``--simplify`` (onnxsim) then removed: the written file has no such node.
+    SIMPLIFIED = "simplified"
 
 
 # Elementwise affine nodes (Conv -> Mul -> Add chains) appear in the report only when folded.
@@ -154,6 +156,9 @@ class Decision:
             return f"folded into {self.into} by {self.rule}"
         if self.outcome is Outcome.MERGED:
             return f"branches merged into {self.into} by {self.rule}"
+        if self.outcome is Outcome.SIMPLIFIED:
+            text = f"removed by {self.rule} after bnfold kept it"
+            return f"{text} ({self.detail})" if self.detail else text
         if self.outcome is Outcome.REWRITTEN:
             text = f"rewritten as Mul {self.into} + Add by {self.rule}"
             return f"{text} ({self.detail})" if self.detail else text
@@ -166,6 +171,61 @@ class Decision:
         data["reason"] = str(self.reason) if self.reason else None
         data["message"] = self.message
         return data
+
+
+@dataclass(frozen=True, eq=False)
+class Summary:
+    """The counts of a report: BatchNormalization nodes by outcome, and the other nodes it lists.
+
+    ``str(summary)`` is the one line the CLI prints; :meth:`to_dict` is the report's JSON
+    ``summary``. It also compares equal to its line, for code written when ``Report.summary()``
+    returned text.
+    """
+
+    batchnorm: int
+    folded: int
+    kept: int
+    rewritten: int = 0
+    simplified: int = 0
+    affine_folded: int = 0
+    merged: int = 0
+    never_foldable: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        data = {"batchnorm": self.batchnorm, "folded": self.folded, "kept": self.kept}
+        # Present only when non-zero, so reports of plain folds keep their familiar shape.
+        for name in ("rewritten", "simplified", "affine_folded", "merged"):
+            if getattr(self, name):
+                data[name] = getattr(self, name)
+        data["never_foldable"] = self.never_foldable
+        return data
+
+    def to_text(self) -> str:
+        text = f"{self.batchnorm} BatchNormalization: {self.folded} folded, {self.kept} kept"
+        if self.rewritten:
+            text += f", {self.rewritten} rewritten as Mul+Add"
+        if self.simplified:
+            text += f", {self.simplified} removed by --simplify (onnxsim)"
+        if self.affine_folded:
+            text += f"; {self.affine_folded} Mul/Add folded"
+        if self.merged:
+            text += f"; {self.merged} Add of parallel branches merged"
+        if self.never_foldable:
+            text += f"; {self.never_foldable} per-sample normalization never foldable"
+        return text
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, str):
+            return self.to_text() == other
+        if isinstance(other, Summary):
+            return self.to_dict() == other.to_dict()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.to_text())
 
 
 @dataclass
@@ -212,40 +272,30 @@ class Report:
         """Folded elementwise Mul/Add nodes (affine chains), reported besides the BNs."""
         return [d for d in self.folded if d.op_type in ELEMENTWISE_AFFINE_OPS]
 
-    def _batchnorm_counts(self) -> tuple[int, int]:
-        """(BatchNormalization decisions, of which folded): Mul/Add, merged Adds and per-sample norms
-        excluded."""
-        affine = len(self.affine_folded)
-        total = len(self.decisions) - len(self.never_foldable) - affine - len(self.merged)
-        return total, len(self.folded) - affine
+    @property
+    def simplified(self) -> list[Decision]:
+        """BNs bnfold kept that onnxsim removed afterwards (``--simplify``)."""
+        return [d for d in self.decisions if d.outcome is Outcome.SIMPLIFIED]
 
-    def summary(self) -> str:
-        total, folded = self._batchnorm_counts()
-        text = f"{total} BatchNormalization: {folded} folded, {len(self.kept)} kept"
-        if self.rewritten:
-            text += f", {len(self.rewritten)} rewritten as Mul+Add"
-        if self.affine_folded:
-            text += f"; {len(self.affine_folded)} Mul/Add folded"
-        if self.merged:
-            text += f"; {len(self.merged)} Add of parallel branches merged"
-        if self.never_foldable:
-            text += f"; {len(self.never_foldable)} per-sample normalization never foldable"
-        return text
+    def summary(self) -> Summary:
+        """The counts by outcome; ``str()`` of it is the line the CLI prints."""
+        affine = len(self.affine_folded)
+        others = len(self.never_foldable) + affine + len(self.merged)
+        return Summary(
+            batchnorm=len(self.decisions) - others,
+            folded=len(self.folded) - affine,
+            kept=len(self.kept),
+            rewritten=len(self.rewritten),
+            simplified=len(self.simplified),
+            affine_folded=affine,
+            merged=len(self.merged),
+            never_foldable=len(self.never_foldable),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        total, folded = self._batchnorm_counts()
-        summary = {"batchnorm": total, "folded": folded, "kept": len(self.kept)}
-        # Present only when non-zero, so reports of plain folds keep their familiar shape.
-        if self.rewritten:
-            summary["rewritten"] = len(self.rewritten)
-        if self.affine_folded:
-            summary["affine_folded"] = len(self.affine_folded)
-        if self.merged:
-            summary["merged"] = len(self.merged)
-        summary["never_foldable"] = len(self.never_foldable)
         return {
             "source": self.source,
-            "summary": summary,
+            "summary": self.summary().to_dict(),
             "decisions": [decision.to_dict() for decision in self.decisions],
             **self.extras,
         }
@@ -266,5 +316,5 @@ class Report:
             lines.append("  ".join([*cells, row[3]]).rstrip())
             if index == 0:
                 lines.append("  ".join("-" * width for width in widths) + "  " + "-" * 13)
-        lines.append(self.summary())
+        lines.append(self.summary().to_text())
         return "\n".join(lines)

@@ -3,6 +3,7 @@ copy every untouched tensor's bytes from the input file (inline or external data
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -13,11 +14,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import bnfold
 import bnfold.onnx.graph as graph
 import bnfold.onnx.io as io
 from bnfold import fold_onnx
 from bnfold.errors import ModelLoadError
 from bnfold.onnx.io import load_model, read_tensor, save_model, store_tensor
+from bnfold.provenance import record_provenance
 from tests.builders import op_types, run
 from tests.test_cli import in_process, snapshot, temporary_files
 from tests.test_io import _save_external, run_path
@@ -127,7 +130,16 @@ def test_inline_fold_through_the_cli_equals_the_in_memory_fold(tmp_path):
     assert ran.code == 0, ran.output
     assert source.read_bytes() == source_bytes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folded.onnx", "model.onnx"]
-    assert output.read_bytes() == fold_onnx(original).model.SerializeToString()
+    # The CLI writes what the in-memory fold gives, plus its provenance (metadata, doc strings).
+    expected = fold_onnx(original)
+    expected.report.source = str(source)
+    record_provenance(
+        expected.model,
+        expected.report,
+        version=bnfold.__version__,
+        source_sha256=hashlib.sha256(source_bytes).hexdigest(),
+    )
+    assert output.read_bytes() == expected.model.SerializeToString()
 
 
 def location_of(tensor: TensorProto) -> str:

@@ -106,7 +106,7 @@ def test_per_channel_mul_add_chains_fold_into_the_layer(layer, ops, constant_fir
     assert {d.rule for d in folded} <= {rule}
     assert result.model.graph.output[0].name == "y"
     if folded:
-        assert result.report.summary().endswith(f"{len(folded)} Mul/Add folded")
+        assert str(result.report.summary()).endswith(f"{len(folded)} Mul/Add folded")
 
 
 @pytest.mark.parametrize("shape", [(1, 6, 1, 1), (6, 1, 1)])
