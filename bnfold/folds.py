@@ -127,13 +127,17 @@ def merge_branches(
     *,
     groups: int = 1,
     identity: tuple[np.ndarray, np.ndarray | None] | None = None,
+    offset: np.ndarray | None = None,
     keep_exact: bool = False,
 ) -> tuple[ConvWindow, np.ndarray, np.ndarray | None]:
     """Convs of one input (and an identity branch ``(scale, shift)``) summed into one conv: the common
-    window, the weight and the bias (None when no branch has one), in float64 rounded once."""
+    window, the weight and the bias (None when no branch has one and ``offset``, constants added to
+    the branches, is zero), in float64 rounded once."""
     dtype = weights[0].dtype
     bias64 = sum((as_float64(b) for b in biases if b is not None), np.zeros(weights[0].shape[0]))
     has_bias = any(b is not None for b in biases)
+    if offset is not None and np.any(offset):
+        bias64, has_bias = bias64 + offset, True
     scale = None
     if identity is not None:
         scale, shift = identity

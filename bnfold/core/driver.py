@@ -164,6 +164,8 @@ class _Run:
         pending = {id(site.subject): self._decision(site.subject, site.outcome, rule=rule.name, **fields)}
         for norm in site.carried_norms:
             pending[id(norm)] = self._decision(norm, Outcome.FOLDED, rule=rule.name)
+        for node in site.absorbed:
+            pending[id(node)] = self._decision(node, site.outcome, rule=rule.name)
         applied = rule.apply(self.view, plan)
         into = self.view.label(applied.into)
         logger.debug("%s: %s applied into %s", self.view.label(site.subject), rule.name, into)

@@ -10,6 +10,8 @@ outcome, so no rule has to say which "side" it is on:
   reported; a Mul/Add or an Add of branches only when folded or merged: most are no candidates);
 - ``carried_norms``: normalizations folded along with the subject (an identity-branch BN of an Add),
   reported folded with it, or kept with the refusal;
+- ``absorbed``: other nodes the fold removes that the report shows with the subject's outcome (the
+  ``Add`` of a constant between a branch and the sum);
 - ``after_fixed_point``: the driver tries the site only once every other fold is done (standalone).
 """
 
@@ -47,6 +49,10 @@ class Site:
 
     @property
     def carried_norms(self) -> tuple[Any, ...]:
+        return ()
+
+    @property
+    def absorbed(self) -> tuple[Any, ...]:
         return ()
 
     def carried_refusal_detail(self, subject_label: str, detail: str) -> str:
@@ -126,11 +132,13 @@ class AffineChain(Site):
 @dataclass(frozen=True, eq=False)
 class Branch:
     """One summand of a parallel-branch Add: a layer of ``source``, a norm of it, or ``source`` itself
-    (``node`` None)."""
+    (``node`` None), possibly plus constants (``offsets``: the ``Add`` nodes of a constant between the
+    branch and the sum, nearest the branch first, e.g. MobileOne's ``0 + BN(conv(x))``)."""
 
     tensor: Any
     node: Any
     is_layer: bool
+    offsets: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,6 +160,10 @@ class ParallelBranches(Site):
     @property
     def carried_norms(self) -> tuple[Any, ...]:
         return () if self.identity_norm is None else (self.identity_norm,)
+
+    @property
+    def absorbed(self) -> tuple[Any, ...]:
+        return tuple(offset for branch in self.branches for offset in branch.offsets)
 
     def carried_refusal_detail(self, subject_label: str, detail: str) -> str:
         return f"identity branch of Add {subject_label}: {detail}"

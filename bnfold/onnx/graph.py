@@ -21,6 +21,7 @@ from onnx import FunctionProto, GraphProto, ModelProto, NodeProto, SparseTensorP
 
 from bnfold.core.exact import EXACT_VALUES_BUDGET, ExactValues
 from bnfold.onnx.constants import ConstantLookup, constant_node_value, decoded, has_value_tensor, sparse_value
+from bnfold.onnx.expressions import EXPRESSION_OPS, evaluate
 from bnfold.onnx.io import (
     EXTERNAL_DATA_THRESHOLD,
     IN_MEMORY,
@@ -137,6 +138,10 @@ class ModelContext:
         """Drop removed nodes, then initializers, Constant nodes and value_info the folds orphaned."""
         for index in self.graphs:
             index.drop_removed_nodes()
+        while self.prune_candidates:
+            self._prune_round()
+
+    def _prune_round(self) -> None:
         used: set[str] = set()
         _used_names(self.model.graph, used)
         for function in self.model.functions:
@@ -149,9 +154,9 @@ class ModelContext:
         for index, name in self.prune_candidates:
             if name and name not in used:
                 by_graph.setdefault(id(index), (index, set()))[1].add(name)
+        self.prune_candidates = []
         for index, names in by_graph.values():
             index.prune(names)
-        self.prune_candidates.clear()
 
 
 def _used_names(graph: GraphProto, into: set[str]) -> None:
@@ -181,6 +186,8 @@ class GraphIndex:
         self.context = context
         self.path = path
         self.parent = parent
+        # Values of constant sub-expressions by node; cleared whenever the graph changes.
+        self._expression_values: dict[int, np.ndarray | None] = {}
         self.is_function = isinstance(graph, FunctionProto)
         if self.is_function:
             self.opset = _function_opset(graph, context)
@@ -207,6 +214,7 @@ class GraphIndex:
 
     # -- structure -------------------------------------------------------------------------------
     def _register(self, node: NodeProto) -> None:
+        self._expression_values.clear()
         for name in node.output:
             if name:
                 self.producer[name] = node
@@ -304,6 +312,10 @@ class GraphIndex:
                 if value is not None:
                     return ConstantLookup(value)
                 return ConstantLookup(None, Reason.PARAM_NOT_CONSTANT, f"`{name}` is set by each call site")
+            if is_op(node, *EXPRESSION_OPS) and node.output and node.output[0] == name:
+                value = self._expression_value(node)
+                if value is not None:
+                    return ConstantLookup(value)
             return ConstantLookup(None, Reason.PARAM_NOT_CONSTANT, f"`{name}` is computed by {node.op_type}")
         if name in self.initializers or name in self.sparse_initializers:
             if name in self.graph_inputs:
@@ -323,6 +335,24 @@ class GraphIndex:
             return self.parent.constant(name)
         return ConstantLookup(None, Reason.PARAM_NOT_CONSTANT, f"`{name}` is not defined")
 
+    def _expression_value(self, node: NodeProto) -> np.ndarray | None:
+        """The value of a constant sub-expression (:mod:`bnfold.onnx.expressions`), evaluated when a
+        fold first asks and remembered until the graph changes."""
+        key = id(node)
+        if key in self._expression_values:
+            return self._expression_values[key]
+        inputs: list[np.ndarray | None] = []
+        value = None
+        for name in node.input:
+            lookup = self.constant(name) if name else None
+            if lookup is not None and not lookup.is_constant:
+                break
+            inputs.append(lookup.value if lookup is not None else None)
+        else:
+            value = evaluate(node, inputs, self.opset or 0)
+        self._expression_values[key] = value
+        return value
+
     def set_constant_input(self, node: NodeProto, slot: int, value: np.ndarray, base_name: str) -> None:
         """Make ``node.input[slot]`` read ``value``.
 
@@ -330,6 +360,7 @@ class GraphIndex:
         reader; otherwise the node gets its own fresh constant and every other reader keeps the
         original (a shared weight is copied, never edited).
         """
+        self._expression_values.clear()
         old_name = node.input[slot] if slot < len(node.input) else ""
         if old_name and not self.other_consumers(old_name, node) and not self.is_graph_output(old_name):
             if old_name in self.initializers and old_name not in self.graph_inputs:
@@ -388,6 +419,7 @@ class GraphIndex:
         return SPILL
 
     def replace_input(self, node: NodeProto, slot: int, new_name: str) -> None:
+        self._expression_values.clear()
         old_name = node.input[slot]
         if old_name:
             readers = self.consumers[old_name]
@@ -402,6 +434,7 @@ class GraphIndex:
     # -- rewiring --------------------------------------------------------------------------------
     def remove_node(self, node: NodeProto) -> None:
         """Mark ``node`` removed; its inputs become prune candidates (they may now be unused)."""
+        self._expression_values.clear()
         self.removed.add(id(node))
         for name in node.input:
             if not name:
@@ -419,6 +452,7 @@ class GraphIndex:
     def take_over_output(self, node: NodeProto, slot: int, new_name: str) -> None:
         """Rename ``node.output[slot]`` to ``new_name`` (the removed BN's output), keeping names
         downstream unchanged. The old tensor's value_info is pruned."""
+        self._expression_values.clear()
         old_name = node.output[slot]
         if self.producer.get(old_name) is node:
             del self.producer[old_name]
@@ -474,8 +508,12 @@ class GraphIndex:
                     self.sparse_initializers.pop(name, None)
         for position in range(len(self.graph.node) - 1, -1, -1):
             node = self.graph.node[position]
-            if is_op(node, "Constant") and node.output[0] in unused:
+            if is_op(node, "Constant", *EXPRESSION_OPS) and node.output and all(
+                name in unused and name not in self.graph_outputs for name in node.output
+            ):
                 del self.graph.node[position]
+                # Its inputs may now be unused too (a Transpose's weight): pruned in the next round.
+                self.context.prune_candidates.extend((self, name) for name in node.input if name)
         self.nodes = list(self.graph.node)
         self.position = {id(node): index for index, node in enumerate(self.nodes)}
         value_info = self.graph.value_info

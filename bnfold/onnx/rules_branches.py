@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import NodeProto
 
-from bnfold.affine import ConvWindow
+from bnfold.affine import ConvWindow, is_supported_float
 from bnfold.core.protocol import Applied
 from bnfold.core.refuse import Refuse
 from bnfold.core.sites import Branch, ParallelBranches
@@ -101,11 +101,16 @@ class BranchMerge:
 
     def plan(self, view: OnnxView, site: ParallelBranches) -> BranchPlan:
         add = site.add
-        convs = [_conv_branch(view, add, branch.node) for branch in site.branches if branch.is_layer]
+        convs = []
+        for branch in site.branches:
+            _require_sole_readers(view, branch, add)
+            if branch.is_layer:
+                convs.append(_conv_branch(view, branch.node))
         _require_compatible(convs)
         reference = convs[0]
         identity = next((b for b in site.branches if not b.is_layer), None)
         identity_map = _identity(view, add, identity, reference) if identity is not None else None
+        offset = _offset(view, site.branches, reference.weight.ndim, reference.weight.shape[0])
         window, new_weight, new_bias = merge_branches(
             [conv.weight for conv in convs],
             [conv.bias for conv in convs],
@@ -113,6 +118,7 @@ class BranchMerge:
             reference.dilations,
             groups=reference.groups,
             identity=identity_map,
+            offset=offset,
             keep_exact=view.may_fold_again(add.output[0]),
         )
         first = min((conv.node for conv in convs), key=lambda node: view.position[id(node)])
@@ -128,6 +134,7 @@ class BranchMerge:
         if declared is not None and list(declared) != list(window.kernel):
             attributes["kernel_shape"] = list(window.kernel)
         removed = [b.node for b in site.branches if b.node is not None and b.node is not first]
+        removed += [offset for branch in site.branches for offset in branch.offsets]
         return BranchPlan(add, first, new_weight, new_bias, attributes, removed)
 
     def apply(self, view: OnnxView, plan: BranchPlan) -> Applied:
@@ -148,18 +155,82 @@ class BranchMerge:
 
 
 def _readings(view: OnnxView, tensor: str) -> list[tuple[str, Branch]]:
-    """(source, branch) ways to read ``tensor``: as a Conv or BN of its input, then as itself."""
-    node = view.producer.get(tensor)
+    """(source, branch) ways to read ``tensor``: as a Conv or BN of its input, or that input itself,
+    behind any ``Add`` nodes of a constant (``offsets``); then as ``tensor`` itself."""
+    offsets: list[NodeProto] = []
+    current = tensor
+    node = view.producer.get(current)
+    while node is not None and is_op(node, "Add") and node.output[0] == current:
+        data = _constant_add_data(view, node)
+        if data is None:
+            break
+        offsets.append(node)
+        current, node = data, view.producer.get(data)
+    offsets.reverse()  # nearest the branch first
     readings = []
     if node is not None and is_op(node, CONV, BATCHNORM):
-        if node.input and node.input[0] and node.output[0] == tensor:
-            readings.append((node.input[0], Branch(tensor, node, is_layer=node.op_type == CONV)))
+        if node.input and node.input[0] and node.output[0] == current:
+            branch = Branch(current, node, is_layer=node.op_type == CONV, offsets=tuple(offsets))
+            readings.append((node.input[0], branch))
+    if offsets:
+        readings.append((current, Branch(current, None, is_layer=False, offsets=tuple(offsets))))
     readings.append((tensor, Branch(tensor, None, is_layer=False)))
     return readings
 
 
-def _conv_branch(view: OnnxView, add: NodeProto, conv: NodeProto) -> ConvBranch:
-    require_sole_reader(view, conv.output[0], add)
+def _constant_add_data(view: OnnxView, add: NodeProto) -> str | None:
+    """The data input of an ``Add`` whose other input is a constant, or None."""
+    if len(add.input) != 2 or not all(add.input):
+        return None
+    constant = [view.constant(name).is_constant for name in add.input]
+    if constant == [False, True]:
+        return add.input[0]
+    if constant == [True, False]:
+        return add.input[1]
+    return None
+
+
+def _require_sole_readers(view: OnnxView, branch: Branch, add: NodeProto) -> None:
+    """A conv branch's output, and each constant Add after a branch, must be read only by the next
+    node (an identity BN's output is checked with its statistics)."""
+    chain = [*branch.offsets, add]
+    if branch.is_layer:
+        require_sole_reader(view, branch.node.output[0], chain[0])
+    for offset, reader in zip(branch.offsets, chain[1:], strict=True):
+        require_sole_reader(view, offset.output[0], reader)
+
+
+def _offset(view: OnnxView, branches: tuple[Branch, ...], rank: int, channels: int) -> np.ndarray | None:
+    """The constants the Adds between the branches and the sum add, per output channel (float64), or
+    Refuse when one is not one value per channel (or one for all)."""
+    total = None
+    for branch in branches:
+        for add in branch.offsets:
+            name = next(name for name in add.input if view.constant(name).is_constant)
+            value = view.constant(name).value
+            if not is_supported_float(value.dtype):
+                raise Refuse(
+                    Reason.BRANCHES_INCOMPATIBLE, f"Add {view.node_label(add)} adds a {value.dtype.name}"
+                )
+            padded = (1,) * (rank - value.ndim) + tuple(value.shape)
+            if (
+                value.ndim > rank
+                or any(size != 1 for axis, size in enumerate(padded) if axis != 1)
+                or (padded[1] not in (1, channels))
+            ):
+                shape = list(value.shape)
+                detail = f"Add {view.node_label(add)} adds a constant of shape {shape}, not one per channel"
+                raise Refuse(Reason.BRANCHES_INCOMPATIBLE, detail)
+            values = np.broadcast_to(np.asarray(value, dtype=np.float64).reshape(-1), (channels,))
+            if not np.isfinite(values).all():
+                raise Refuse(
+                    Reason.NONFINITE_STATISTICS, f"Add {view.node_label(add)} adds a value that is not finite"
+                )
+            total = values if total is None else total + values
+    return total
+
+
+def _conv_branch(view: OnnxView, conv: NodeProto) -> ConvBranch:
     weight = required_constant_input(view, conv, 1, "weight")
     bias = constant_input(view, conv, 2, "bias")
     groups = int(attribute(conv, "group", 1))
@@ -215,7 +286,8 @@ def _identity(
     if bn is None:
         return np.ones(channels), None
     output = bn.output[0]
-    if view.is_graph_output(output) or view.other_consumers(output, add):
+    reader = identity.offsets[0] if identity.offsets else add
+    if view.is_graph_output(output) or view.other_consumers(output, reader):
         raise Refuse(Reason.BN_OUTPUT_HAS_OTHER_CONSUMERS, f"`{output}` is also read elsewhere")
     params = view.norm_params(bn)
     require_channels(channels, params.channels, "conv has {} output channels")

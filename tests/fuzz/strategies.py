@@ -336,12 +336,13 @@ class _GraphBuilder:
 
     # -- a Reshape or Flatten between a layer and its BN (conv/gemm/matmul-reshape-bn) -------------
     def _shape_constant(self, values: list[int]) -> str:
-        """The shape input of a Reshape: constant, or (sometimes) computed by an Identity at run time."""
+        """The shape input of a Reshape: constant, or (sometimes) computed at run time by an op bnfold
+        does not evaluate (``Max(shape, shape)``; an Identity of a constant is a constant to bnfold)."""
         name = self.constant("shape", np.asarray(values, np.int64), shareable=False, dtype=np.int64)
         if self.draw(st.integers(0, 7)) == 0:
             self.steps.append("shape computed at run time")
             computed = self.fresh("computed_shape")
-            self.nodes.append(helper.make_node("Identity", [name], [computed], name=computed))
+            self.nodes.append(helper.make_node("Max", [name, name], [computed], name=computed))
             return computed
         return name
 
