@@ -8,7 +8,8 @@ reads its constants. Families:
 - output side (:func:`fold_output_side`): ``layer -> BN`` and everything that reduces to it
   (through a reshape, a Mul/Add chain, through a pool);
 - input side (:func:`fold_input_side`): ``BN -> layer``;
-- parallel branches (:func:`merge_branches`): ``Add`` of convs of one input (+ identity).
+- parallel branches (:func:`merge_branches`): ``Add`` of convs of one input (+ identity);
+- through a pool (:func:`require_pool_commutes`): which per-channel maps commute with a pooling.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "fold_output_side",
     "fold_input_side",
     "merge_branches",
+    "require_pool_commutes",
 ]
 
 
@@ -152,3 +154,19 @@ def merge_branches(
     if new_weight is None or (has_bias and new_bias is None):
         raise Refuse(Reason.FOLD_OVERFLOWS_DTYPE, f"merged weight or bias overflows {dtype.name}")
     return window, new_weight, new_bias
+
+
+def require_pool_commutes(affine: Affine, pool: str, what: str) -> None:
+    """Refuse unless ``pool(affine(x)) == affine(pool(x))`` for every input.
+
+    An average (``pool == "average"``: global, or windows that count only real elements) commutes with
+    any per-channel affine map: each output is a mean of inputs of one channel. A max (``"max"``,
+    padding that never wins: ONNX MaxPool's) commutes with ``x -> s * x + t`` where ``s >= 0`` (a
+    negative scale turns the max into a min; a zero scale makes every value ``t``).
+    """
+    if pool == "average":
+        return
+    negative = np.flatnonzero(affine.scale < 0)
+    if negative.size:
+        shown = ", ".join(map(str, negative[:8].tolist())) + (", ..." if negative.size > 8 else "")
+        raise Refuse(Reason.POOL_DOES_NOT_COMMUTE, f"{what} takes a max; BN scale < 0 in channels {shown}")

@@ -43,6 +43,8 @@ class Reason(StrEnum):
     # Folding through a Reshape/Flatten between the layer and the BN (bnfold.onnx.rules_reshape).
     RESHAPE_SHAPE_NOT_CONSTANT = "reshape-shape-not-constant"
     RESHAPE_NOT_CHANNEL_PRESERVING = "reshape-not-channel-preserving"
+    # Folding through a pooling between the layer and the BN (bnfold.onnx.rules_pool).
+    POOL_DOES_NOT_COMMUTE = "pool-does-not-commute"
     # PyTorch path (bnfold.fx): facts about modules and traces that ONNX graphs do not have.
     SHARED_MODULE = "shared-module"
     NO_RUNNING_STATISTICS = "no-running-statistics"
@@ -92,6 +94,9 @@ _EXPLANATIONS: dict[Reason, str] = {
     Reason.RESHAPE_NOT_CHANNEL_PRESERVING: "the Reshape/Flatten between the layer and the BN does not map "
     "the BN's channel axis one-to-one onto the layer's output channels (or the shapes that would show it "
     "are unknown)",
+    Reason.POOL_DOES_NOT_COMMUTE: "the pooling between the layer and the BN gives a different result "
+    "on the normalized values (a max with a negative scale in some channel, an average that counts its "
+    "zero padding)",
     Reason.SHARED_MODULE: "the layer or the BN (or one of their parameters) is used at more than one "
     "call site, which would all see the folded values",
     Reason.NO_RUNNING_STATISTICS: "track_running_stats=False: it normalizes with batch statistics even "

@@ -37,6 +37,7 @@ def _row(name: str, pattern: str, notes: str, *backends: str) -> RuleInfo:
 
 _RESHAPE = "`layer -> Reshape/Flatten -> BN`"
 _AFFINE = "`layer -> Mul/Add(const)`"
+_POOL = "`layer -> MaxPool/AveragePool/GlobalAveragePool/GlobalMaxPool -> BN`"
 _BRANCHES = "`Add(Conv(x), Conv(x))`, `Add(Conv(x), BN(x))`, `Add(Conv(x), x)`"
 
 RULE_TABLE: tuple[RuleInfo, ...] = (
@@ -57,6 +58,9 @@ RULE_TABLE: tuple[RuleInfo, ...] = (
         "LeViT's bn(linear(x).flatten(0, 1))",
         TORCH,
     ),
+    # ... through a pooling that commutes with the BN's per-channel map.
+    _row("conv-pool-bn", _POOL, "Conv -> MaxPool/AveragePool/GlobalAveragePool -> BN", ONNX),
+    _row("convtranspose-pool-bn", _POOL, "ConvTranspose -> pool -> BN", ONNX),
     # A BN into the layer after it (its input channels), tried when no rule above folds it.
     _row("bn-conv", "`BN -> Conv`", "only without padding", ONNX, TORCH),
     _row("bn-convtranspose", "`BN -> ConvTranspose`", "only 1x1 kernels, stride 1", ONNX, TORCH),

@@ -508,8 +508,10 @@ class GraphIndex:
                     self.sparse_initializers.pop(name, None)
         for position in range(len(self.graph.node) - 1, -1, -1):
             node = self.graph.node[position]
-            if is_op(node, "Constant", *EXPRESSION_OPS) and node.output and all(
-                name in unused and name not in self.graph_outputs for name in node.output
+            if (
+                is_op(node, "Constant", *EXPRESSION_OPS)
+                and node.output
+                and all(name in unused and name not in self.graph_outputs for name in node.output)
             ):
                 del self.graph.node[position]
                 # Its inputs may now be unused too (a Transpose's weight): pruned in the next round.

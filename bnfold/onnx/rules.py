@@ -6,6 +6,7 @@ raise :class:`~bnfold.core.refuse.Refuse`, ``apply`` the plan) and lives with it
 
 - :mod:`bnfold.onnx.rules_output` — ``layer -> BN`` (output channels; layers in :mod:`bnfold.onnx.layers`);
 - :mod:`bnfold.onnx.rules_reshape` — ``layer -> Reshape/Flatten -> BN``;
+- :mod:`bnfold.onnx.rules_pool` — ``layer -> MaxPool/AveragePool/... -> BN``;
 - :mod:`bnfold.onnx.rules_input_side` — ``BN -> layer`` (input channels);
 - :mod:`bnfold.onnx.rules_affine` — ``layer -> Mul/Add(per-channel constant)``;
 - :mod:`bnfold.onnx.rules_branches` — ``Add`` of parallel conv / BN / identity branches;
@@ -20,6 +21,7 @@ from bnfold.onnx.rules_affine import LayerThenAffine
 from bnfold.onnx.rules_branches import BranchMerge
 from bnfold.onnx.rules_input_side import BNThenConv, BNThenConvTranspose, BNThenGemm, BNThenMatMul
 from bnfold.onnx.rules_output import LayerThenBN
+from bnfold.onnx.rules_pool import LayerPoolBN
 from bnfold.onnx.rules_reshape import LayerReshapeBN
 from bnfold.onnx.rules_standalone import BNToAffine
 
@@ -35,6 +37,9 @@ RULES: tuple[Rule, ...] = (
     LayerReshapeBN("conv-reshape-bn", CONV),
     LayerReshapeBN("gemm-reshape-bn", GEMM),
     LayerReshapeBN("matmul-reshape-bn", MATMUL, channel_axis=-1),
+    # ... through a pooling that commutes with the BN's map
+    LayerPoolBN("conv-pool-bn", CONV),
+    LayerPoolBN("convtranspose-pool-bn", CONV_TRANSPOSE),
     # BN -> the layer after it (input channels), tried when no producer-side rule folds it
     BNThenConv(),
     BNThenConvTranspose(),

@@ -185,6 +185,12 @@ def bn_over_the_token_axis():
     return build()
 
 
+def maxpool_with_negative_scale():
+    from tests.onnx.test_pool import maxpool_with_negative_scale as build
+
+    return build()
+
+
 CASES = {
     Reason.NO_FOLDABLE_PRODUCER: [bn_after_relu, bn_on_graph_input],
     Reason.PRODUCER_HAS_OTHER_CONSUMERS: [conv_output_feeds_another_node],
@@ -208,6 +214,7 @@ CASES = {
     Reason.RESHAPE_SHAPE_NOT_CONSTANT: [flatten_shape_computed_at_run_time],
     Reason.RESHAPE_NOT_CHANNEL_PRESERVING: [bn_over_the_token_axis],
     Reason.BRANCHES_INCOMPATIBLE: [identity_beside_misaligned_dilated_conv],
+    Reason.POOL_DOES_NOT_COMMUTE: [maxpool_with_negative_scale],
 }
 
 
