@@ -7,6 +7,7 @@ mismatch, 2 bad input or usage, 3 internal error (a bug: set BNFOLD_DEBUG=1 for 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -17,9 +18,10 @@ import click
 
 from bnfold.core.table import ONNX
 from bnfold.core.table import rule_names as table_rule_names
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, InternalError
 from bnfold.onnx import load_model
 from bnfold.onnx.io import write_atomically
+from bnfold.onnx.outputs import STDOUT
 from bnfold.pipeline import check_report_path, fold_file, naming
 from bnfold.progress import Progress, TerminalProgress, step
 from bnfold.report import Report
@@ -66,9 +68,21 @@ class _FoldByDefault(click.Group):
             # Temporary files are gone by now (the writers remove them on any exception): what is
             # on disk is the previous output or a complete new one, never part of one.
             signum = interrupt.signum if isinstance(interrupt, Terminated) else signal.SIGINT
-            click.echo(f"bnfold: interrupted ({signal.Signals(signum).name}); no partial file left", err=True)
-            ctx.exit(128 + signum)
+            _interrupted_exit(ctx, signum)
+        except InternalError as error:
+            if os.environ.get("BNFOLD_DEBUG"):
+                raise
+            click.echo(f"bnfold: internal error: {error} (a bug in bnfold; please report it)", err=True)
+            ctx.exit(EXIT_INTERNAL)
         except Exception as error:
+            if _INTERRUPTED:
+                # An interrupt that a library turned into another exception (Ctrl-C while torch or
+                # onnxruntime was being imported): still the user's Ctrl-C, not a bug.
+                _interrupted_exit(ctx, _INTERRUPTED[-1])
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                where = f"{error.filename}: " if error.filename else ""
+                click.echo(f"bnfold: error: {where}{error.strerror}; free space and rerun", err=True)
+                ctx.exit(EXIT_USAGE)
             if os.environ.get("BNFOLD_DEBUG"):
                 raise
             click.echo(
@@ -77,6 +91,11 @@ class _FoldByDefault(click.Group):
                 err=True,
             )
             ctx.exit(EXIT_INTERNAL)
+
+
+def _interrupted_exit(ctx: click.Context, signum: int) -> None:
+    click.echo(f"bnfold: interrupted ({signal.Signals(signum).name}); no partial file left", err=True)
+    ctx.exit(128 + signum)
 
 
 def _tolerance(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
@@ -134,7 +153,7 @@ def _verification_options(function):
             "report_path",
             type=click.Path(dir_okay=False),
             default=None,
-            help="Also write the report as JSON to this file.",
+            help="Also write the report as JSON to this file ('-': standard output).",
         ),
         click.option(
             "--strict",
@@ -196,6 +215,17 @@ def _rule_options(function):
     )(function)
 
 
+def _trust_option(function):
+    """``--trust-pt2``: a ``.pt2`` archive is only loaded when the user says it is trusted."""
+    return click.option(
+        "--trust-pt2",
+        "trust_pt2",
+        is_flag=True,
+        help="Load a .pt2 MODEL. torch.export.load unpickles parts of the archive, so a .pt2 file "
+        "can run arbitrary code: pass this only for files you trust.",
+    )(function)
+
+
 @click.group(cls=_FoldByDefault, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bnfold")
 def cli() -> None:
@@ -210,7 +240,13 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=True))
-@click.option("-o", "--output", type=click.Path(), default=None, help="Where to write the folded model.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    default=None,
+    help="Where to write the folded model ('-': standard output, not a terminal).",
+)
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime equivalence check.")
 @click.option("--force", is_flag=True, help="Write the output even when verification fails (exit 1).")
 @click.option("--dry-run", is_flag=True, help="Fold and verify in memory; write no model.")
@@ -230,6 +266,7 @@ def cli() -> None:
     help="Time the model before and after in ONNX Runtime (default optimizations, median of N runs).",
 )
 @_verification_options
+@_trust_option
 def fold(
     model,
     output,
@@ -253,15 +290,20 @@ def fold(
     as_json,
     verbose,
     benchmark_runs,
+    trust_pt2,
 ) -> None:
     """Fold BatchNormalization nodes of MODEL into Conv/ConvTranspose/Gemm/MatMul.
 
     MODEL is an ONNX file, or a PyTorch model (model.pt2 from torch.export.save, or
     package.module:factory) which is folded in torch, exported to ONNX, folded again and verified
-    against the original module.
+    against the original module. A .pt2 file can run code when loaded: it needs --trust-pt2.
+    package.module:factory imports and runs that Python code (the current directory first, as
+    python -m does).
     """
     if output is None and not dry_run:
         raise click.UsageError("missing -o/--output (or pass --dry-run to write nothing)")
+    if as_json and STDOUT in (output, report_path):
+        raise click.UsageError("--json prints on standard output, which -o - / --report - already use")
     exact = _exact_mode(strict, exact_reference)
     result = fold_file(
         model,
@@ -283,11 +325,12 @@ def fold(
         benchmark_runs=benchmark_runs or 0,
         digest_output=as_json or None,
         progress=_start(quiet, verbose),
+        trust_code=trust_pt2,
     )
     if as_json:
         click.echo(result.report.to_json())
-    if not quiet:
-        click.echo(result.to_text(), err=as_json)
+    if not quiet:  # to standard error when standard output carries JSON or the model
+        click.echo(result.to_text(), err=as_json or STDOUT in (output, report_path))
     if not result.passed:
         written = "written anyway (--force)" if result.written else "not written"
         click.echo(f"bnfold: verification FAILED: {_worst(result.verification)}; output {written}", err=True)
@@ -318,12 +361,15 @@ def verify_command(
     progress = _start(quiet, verbose)
     shapes = parse_input_shapes(input_shapes)
     exact = _exact_mode(strict, exact_reference)
+    if as_json and report_path == STDOUT:
+        raise click.UsageError("--json prints on standard output, which --report - already uses")
     if report_path:
-        check_report_path(report_path, original, folded)
+        check_report_path(report_path, original, folded, inputs_path)
     # Checked up front (lazily: weights stay on disk); each then runs from its file, one at a time.
     with step(progress, f"loading {original} and {folded}"):
-        load_model(original, lazy=True)
-        load_model(folded, lazy=True)
+        loaded = [load_model(original, lazy=True), load_model(folded, lazy=True)]
+    if report_path:  # nor over the models' external data
+        check_report_path(report_path, *(path for model in loaded for path in model.external_files))
     with (
         step(progress, "verifying: running each model, then comparing"),
         naming(original, when="the original model"),
@@ -347,7 +393,7 @@ def verify_command(
     if as_json:
         click.echo(report.to_json())
     if not quiet:
-        click.echo(result.to_text(), err=as_json)
+        click.echo(result.to_text(), err=as_json or report_path == STDOUT)
     if report_path:
         write_atomically(report_path, report.to_json().encode())
     if not result.passed:
@@ -370,14 +416,18 @@ def verify_command(
     "report_path",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Also write the report as JSON to this file.",
+    help="Also write the report as JSON to this file ('-': standard output).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each step and decision (debug logs).")
-def inspect(model, skip_rules, rewrite_standalone, input_shapes, report_path, as_json, verbose) -> None:
+@_trust_option
+def inspect(
+    model, skip_rules, rewrite_standalone, input_shapes, report_path, as_json, verbose, trust_pt2
+) -> None:
     """Report what would happen to every normalization node of MODEL; write no model.
 
-    A PyTorch MODEL (.pt2 or package.module:factory) is folded and exported in memory, unverified.
+    A PyTorch MODEL (.pt2 with --trust-pt2, or package.module:factory) is folded and exported in
+    memory, unverified.
     """
     if input_shapes and not is_torch_source(model):
         raise click.UsageError("--input-shape is for PyTorch models; inspect reads no ONNX inputs")
@@ -390,8 +440,10 @@ def inspect(model, skip_rules, rewrite_standalone, input_shapes, report_path, as
         input_shapes=parse_input_shapes(input_shapes),
         report_path=report_path,
         progress=_start(False, verbose),
+        trust_code=trust_pt2,
     )
-    click.echo(result.report.to_json() if as_json else result.to_text(operators=False))
+    text = result.report.to_json() if as_json else result.to_text(operators=False)
+    click.echo(text, err=report_path == STDOUT)
 
 
 def _exact_mode(strict: bool, exact_reference: bool) -> str:
@@ -437,13 +489,26 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum: int, frame) -> None:
+    _INTERRUPTED.append(signum)
     raise Terminated(signum)
+
+
+# The interrupts this process received (see _FoldByDefault.invoke).
+_INTERRUPTED: list[int] = []
+
+
+def _interrupt(signum: int, frame) -> None:
+    _INTERRUPTED.append(signum)
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="bnfold: %(levelname)s: %(message)s")
     if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _interrupt)
         signal.signal(signal.SIGTERM, _terminate)
+        if hasattr(signal, "SIGHUP"):  # a closed terminal: clean up like Ctrl-C
+            signal.signal(signal.SIGHUP, _terminate)
     cli.main(args=argv, prog_name="bnfold")
 
 

@@ -15,6 +15,8 @@ __all__ = [
     "ProviderUnavailableError",
     "MissingDependencyError",
     "OutputError",
+    "OutputWriteError",
+    "InternalError",
 ]
 
 
@@ -69,3 +71,28 @@ class MissingDependencyError(BnfoldError):
 
 class OutputError(BnfoldError):
     """The output path cannot be written (missing directory, not writable, ...)."""
+
+
+class OutputWriteError(OutputError, OSError):
+    """Writing an output failed in the operating system (a full disk, a quota, an I/O error).
+
+    Also an ``OSError`` (with ``errno``), for callers that catch those; its message names the path.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        parameters: Mapping[str, str] | Iterable[str] = (),
+        errno: int | None = None,
+    ) -> None:
+        super().__init__(message, parameters=parameters)
+        self.errno = errno
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class InternalError(Exception):
+    """A bug in bnfold, caught before it could do harm (e.g. a fold that made the model invalid:
+    the model is not written). Not a :class:`BnfoldError`: the CLI exits 3."""

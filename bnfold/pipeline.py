@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from onnx import ModelProto
 
-from bnfold.errors import BnfoldError, InputSpecError, MissingDependencyError, OutputError
+from bnfold.errors import BnfoldError, InputSpecError, InternalError, MissingDependencyError, OutputError
 from bnfold.latency import Latency, measure_latency
 from bnfold.onnx import fold_onnx, load_model, save_model
-from bnfold.onnx.io import LoadedModel, check_output_path, write_atomically
+from bnfold.onnx.io import check_folded, check_output_path, write_atomically
+from bnfold.onnx.outputs import STDOUT, check_disjoint, output_target, same_path
 from bnfold.progress import Progress, step
 from bnfold.provenance import record_provenance
 from bnfold.report import Report
@@ -40,7 +41,7 @@ from bnfold.version import __version__
 if TYPE_CHECKING:  # the torch path is imported only when a PyTorch source is folded
     from bnfold.fx.onnx_export import ExportResult
 
-__all__ = ["FileFoldResult", "fold_file", "check_report_path"]
+__all__ = ["FileFoldResult", "fold_file", "check_report_path", "check_paths"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def fold_file(
     benchmark_runs: int = 0,
     digest_output: bool | None = None,
     progress: Progress | None = None,
+    trust_code: bool = False,
 ) -> FileFoldResult:
     """Fold the model at ``source`` and write it to ``output`` once verification passed.
 
@@ -133,13 +135,17 @@ def fold_file(
     the written model in ONNX Runtime at its default optimization level (median of N runs after a
     warm-up). ``digest_output`` hashes the written files for the report (default: when
     ``report_path`` is given). ``progress`` is told about each step (see :mod:`bnfold.progress`).
+
+    ``output`` and ``report_path`` may be ``-`` (standard output; not both); no path written may be
+    one that is read (:func:`check_paths`). ``trust_code`` allows a ``.pt2`` source, whose loading
+    can run code from the file.
     """
     source_text = os.fspath(source)
     skips = list(skip_rules)
     if benchmark_runs < 0:
         raise InputSpecError("{benchmark_runs} must be >= 0", parameters=("benchmark_runs",))
-    if report_path is not None:
-        check_report_path(report_path, source, output)
+    inputs_path = None if isinstance(inputs, Mapping) else inputs
+    check_paths(source_text, output, report_path, inputs_path, external_data)
     if benchmark_runs and is_torch_source(source_text):
         raise InputSpecError(
             "{benchmark_runs} times ONNX models only (a PyTorch source has no ONNX model before the fold)",
@@ -161,9 +167,9 @@ def fold_file(
         progress=progress,
     )
     if is_torch_source(source_text):
-        result = _fold_torch_source(source_text, output, **options)
+        result = _fold_torch_source(source_text, output, trust_code=trust_code, **options)
     else:
-        result = _fold_onnx_file(source_text, output, seed=seed, **options)
+        result = _fold_onnx_file(source_text, output, seed=seed, report_path=report_path, **options)
     if result.written and (digest_output or (digest_output is None and report_path is not None)):
         with step(progress, "hashing the written files"):
             result.after.files = [file_info(info.path) for info in result.after.files]
@@ -220,6 +226,7 @@ def _fold_onnx_file(
     seed: int,
     exact: str,
     progress: Progress | None,
+    report_path: PathLike | None = None,
 ) -> FileFoldResult:
     destination = None
     if output is not None:
@@ -238,8 +245,8 @@ def _fold_onnx_file(
     # copies the others from the input file (onnxsim needs them all in memory).
     with step(progress, f"loading {source}"):
         loaded = load_model(source, lazy=not simplify)
-    if destination is not None:
-        _check_not_input_data(loaded, source, destination)
+    inputs_path = None if isinstance(inputs, Mapping) else inputs
+    check_paths(source, output, report_path, inputs_path, external_data, loaded.external_files)
     # The source's digest (for the report and the provenance metadata) is computed beside the work.
     digests = _Digests([loaded.path, *loaded.external_files])
     before = model_stats(loaded.model)
@@ -258,6 +265,9 @@ def _fold_onnx_file(
         )
     report = result.report
     report.source = source
+    # A model the fold made invalid is bnfold's bug (InternalError), never written and never blamed
+    # on the input, which passed the same checker when it was loaded.
+    check_folded(result.model, source)
     folded_model = result.model
     if simplify:
         with step(progress, "simplifying with onnxsim"):
@@ -267,7 +277,7 @@ def _fold_onnx_file(
     verification = None
     if verifier is not None:
         with step(progress, "verifying: running the folded model, comparing"):
-            with naming(source, when="the original model"):
+            with naming(source, when="the original model"), _folded_is_ours():
                 verification = verifier.compare(folded_model, atol=atol, rtol=rtol)
         del verifier
         report.extras["verification"] = verification.to_dict()
@@ -281,6 +291,8 @@ def _fold_onnx_file(
     if destination is not None:
         if passed or force:
             use_external = loaded.used_external_data if external_data is None else external_data
+            if os.fspath(destination) == STDOUT and external_data is None:
+                use_external = False  # standard output holds one file: the weights go inline
             with step(progress, f"saving {destination}"):
                 save_model(folded_model, destination, external_data=use_external or None)
             written = True
@@ -309,6 +321,7 @@ def _fold_torch_source(
     force: bool,
     external_data: bool | None,
     progress: Progress | None,
+    trust_code: bool = False,
     **options: Any,
 ) -> FileFoldResult:
     """Load a PyTorch model and run ``bnfold.export`` on it (fold in torch, export, fold, verify),
@@ -333,7 +346,7 @@ def _fold_torch_source(
             raise OutputError(f"{output}: is the input model; write the ONNX file elsewhere")
     shapes = {name: list(shape) for name, shape in (input_shapes or {}).items()}
     with step(progress, f"loading {source}"):
-        module, example_inputs = load_torch_source(source, shapes or None)
+        module, example_inputs = load_torch_source(source, shapes or None, trust_code=trust_code)
     with step(progress, "folding in torch, exporting, folding the ONNX model, verifying"):
         exported = export(module, example_inputs, None, **options)
     report = exported.report
@@ -391,9 +404,14 @@ class _Digests:
 
 
 def _written_files(path: Path | None, since: float) -> list[Path]:
-    """The output model file and, when this save wrote one, its external ``.data`` file."""
+    """The output model file and, when this save wrote one, its external ``.data`` file (none for
+    standard output or a device: nothing to measure there)."""
     if path is None:
         return []
+    target = output_target(path)
+    if not target.atomic:
+        return []
+    path = target.real
     data = path.with_name(path.name + ".data")
     # A .data file left by an earlier save (one without external data now) is not part of this output.
     fresh = data.exists() and data.stat().st_mtime >= since - 1.0
@@ -406,38 +424,80 @@ def _sizes(paths: Sequence[Path]) -> list[FileInfo]:
 
 
 def same_file(first: PathLike, second: PathLike) -> bool:
-    """Whether two paths name one file (the same path, or hard links)."""
-    first, second = Path(first), Path(second)
-    if first.resolve() == second.resolve():
-        return True
-    try:
-        return os.path.samefile(first, second)
-    except OSError:
-        return False
+    """Whether two paths name one file (the same path through links, or hard links)."""
+    return same_path(first, second)
 
 
-def _check_not_input_data(loaded: LoadedModel, source: PathLike, output: Path) -> None:
-    """Refuse an output (or its .data file) that would overwrite the input's external data.
+def check_paths(
+    source: PathLike,
+    output: PathLike | None,
+    report_path: PathLike | None,
+    inputs_path: PathLike | None,
+    external_data: bool | None,
+    data_files: Iterable[PathLike] = (),
+) -> None:
+    """Refuse to write any file that is read (the source, its external data ``data_files``, the
+    inputs file) and to write one file twice (the output, its ``.data`` file, the report), through
+    symbolic and hard links; ``-`` is standard output (for one of them only).
 
-    Folding in place replaces the model and its data together, so that one case is allowed.
+    Folding in place (``output`` is ``source``) replaces the model and its data together; whether
+    that is allowed is decided by the caller (only after a verified fold).
     """
-    if not loaded.external_files:
-        return
-    targets = [output, output.with_name(output.name + ".data")]
-    for target in targets:
-        if target.resolve() in loaded.external_files and not same_file(source, output):
-            raise OutputError(f"{output}: would overwrite {target}, which holds the weights of {source}")
+    if (
+        output is not None
+        and report_path is not None
+        and os.fspath(output) == os.fspath(report_path) == STDOUT
+    ):
+        raise OutputError(
+            "the output and {report_path} cannot both be standard output", parameters=("report_path",)
+        )
+    for path in (output, report_path):
+        if path is not None:
+            check_output_path(path)
+    source_path = source if os.path.exists(source) else None  # None: a factory spec
+    in_place = output is not None and source_path is not None and same_file(source, output)
+    writes = [("the output", "the model", output), ("{report_path}", "the report", report_path)]
+    if output is not None and external_data is not False:
+        target = output_target(output)
+        if target.atomic:
+            writes.append(
+                ("the output", "the model's data file", target.real.with_name(target.real.name + ".data"))
+            )
+    source_reads = [("the model", source_path), *(("the input's external data", path) for path in data_files)]
+    reads = [("{inputs}", inputs_path)]
+    if in_place:
+        _check_disjoint([("{report_path}", "the report", report_path)], source_reads)
+    else:
+        reads += source_reads
+    _check_disjoint(writes, reads)
+
+
+def _check_disjoint(writes, reads) -> None:
+    """:func:`check_disjoint`, its message naming the options as the caller spells them."""
+    try:
+        check_disjoint(writes, reads)
+    except OutputError as error:
+        raise OutputError(str(error), parameters=("report_path", "inputs")) from None
 
 
 def check_report_path(report_path: PathLike, *models: PathLike | None) -> None:
     """Fail early when the JSON report cannot be written, or would overwrite a model."""
-    target = check_output_path(report_path).resolve()
-    for model in models:
-        if model is not None and Path(model).resolve() == target:
-            raise OutputError(
-                f"{report_path}: {{report_path}} would overwrite the model {model}",
-                parameters=("report_path",),
-            )
+    check_output_path(report_path)
+    _check_disjoint(
+        [("{report_path}", "the report", report_path)], [("the model", model) for model in models]
+    )
+
+
+@contextlib.contextmanager
+def _folded_is_ours() -> Iterator[None]:
+    """ONNX Runtime refusing to load or run the folded model, where it loaded and ran the original,
+    is a bug in the fold (InternalError), not bad input."""
+    try:
+        yield
+    except BnfoldError as error:
+        if "the folded model" not in str(error):
+            raise
+        raise InternalError(f"the fold made an invalid model, which was not written ({error})") from None
 
 
 @contextlib.contextmanager

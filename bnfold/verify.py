@@ -379,7 +379,8 @@ def _session_source(model: ModelSource) -> Iterator[bytes | str]:
     elif not isinstance(model, ModelProto):
         path = model
         model = load_model(path, lazy=True).model
-        if not _lists_trailing_empty_outputs(model.graph):
+        # (ONNX Runtime takes only UTF-8 paths: another is copied to the temporary directory below)
+        if not _lists_trailing_empty_outputs(model.graph) and _is_utf8(os.fspath(path)):
             del model
             yield os.fspath(path)
             return
@@ -398,6 +399,14 @@ def _session_source(model: ModelSource) -> Iterator[bytes | str]:
             path = Path(directory) / "model.onnx"
             save_model(model, path, external_data=True)
             yield str(path)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name's undecodable bytes, kept as surrogates
+        return False
+    return True
 
 
 def _lists_trailing_empty_outputs(graph: onnx.GraphProto) -> bool:

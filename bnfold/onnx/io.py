@@ -42,8 +42,6 @@ import atexit
 import contextlib
 import mmap
 import os
-import signal
-import stat
 import sys
 import tempfile
 import threading
@@ -56,18 +54,27 @@ import onnx
 from google.protobuf.message import DecodeError, EncodeError
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, numpy_helper
 from onnx.external_data_helper import (
-    load_external_data_for_model,
-    load_external_data_for_tensor,
     uses_external_data,
 )
 
-from bnfold.errors import ModelLoadError, OutputError
+from bnfold.errors import BnfoldError, InternalError, ModelLoadError, OutputError
+from bnfold.onnx.outputs import (
+    check_output_path,
+    commit,
+    commit_pair,
+    output_target,
+    signals_held,
+    write_all,
+    write_atomically,
+    write_error,
+)
 
 __all__ = [
     "LoadedModel",
     "load_model",
     "save_model",
     "check_output_path",
+    "check_folded",
     "write_atomically",
     "exceeds_protobuf_limit",
     "has_data_on_disk",
@@ -114,12 +121,9 @@ def load_model(path: str | os.PathLike, *, check: bool = True, lazy: bool = Fals
     used_external_data = _uses_external_data(model)
     external_files: tuple[Path, ...] = ()
     if used_external_data:
-        external_files = _external_files(model, path.parent)
         try:
-            if lazy:
-                _resolve_external_data(model, path.parent)
-            else:
-                load_external_data_for_model(model, str(path.parent))
+            external_files = _external_files(model, path.parent)
+            _resolve_external_data(model, path.parent, keep_on_disk=lazy)
         except (OSError, ValueError, onnx.checker.ValidationError) as error:
             raise ModelLoadError(f"{path}: cannot load its external data ({_one_line(error)})") from None
     if check:
@@ -281,7 +285,7 @@ def _point_at(
     tensor.ClearField("raw_data")
     tensor.data_location = TensorProto.EXTERNAL
     del tensor.external_data[:]
-    entries = [("location", location), ("offset", str(offset)), ("length", str(length))]
+    entries = [("location", _location_text(location)), ("offset", str(offset)), ("length", str(length))]
     if identity is not None:
         entries.append((_IDENTITY_KEY, identity))
     for key, value in entries:
@@ -290,6 +294,25 @@ def _point_at(
 
 
 _IDENTITY_KEY = "bnfold-source-file"
+_PATH_BYTES = "\0bnfold-path/"
+"""The start of the location of a file whose absolute path is not UTF-8 (protobuf strings must be),
+followed by the path's bytes in hexadecimal; the NUL byte keeps every other reader from opening it."""
+
+
+def _location_text(path: str) -> str:
+    """``path`` as protobuf can hold it: itself, or (not UTF-8) its bytes behind ``_PATH_BYTES``."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return _PATH_BYTES + os.fsencode(path).hex()
+    return path
+
+
+def _location_path(text: str) -> str:
+    """The inverse of :func:`_location_text`."""
+    if text.startswith(_PATH_BYTES):
+        return os.fsdecode(bytes.fromhex(text[len(_PATH_BYTES) :]))
+    return text
 
 
 def _file_identity(path: str | os.PathLike) -> str:
@@ -302,17 +325,21 @@ def _external_info(tensor: TensorProto) -> dict[str, str]:
     return {entry.key: entry.value for entry in tensor.external_data}
 
 
-def _resolve_external_data(model: ModelProto, directory: Path) -> None:
-    """Check every external tensor's file and range; keep the large main-graph initializers on disk
-    (absolute locations), load the rest (small ones, subgraph initializers, Constant values)."""
+def _resolve_external_data(model: ModelProto, directory: Path, *, keep_on_disk: bool) -> None:
+    """Check every external tensor's file and range (model-local functions included); with
+    ``keep_on_disk`` keep the large main-graph initializers on disk (absolute locations), and load
+    the rest (small ones, subgraph initializers, Constant values) into raw_data, so that no
+    reference relative to the source's folder survives into an output written elsewhere."""
     root = directory.resolve()
     initializers = list(model.graph.initializer)  # alive, so that their ids stay theirs
     main = {id(tensor) for tensor in initializers}
-    for tensor, _ in list(_all_tensors(model.graph)):
+    for tensor, _ in list(_model_tensors(model)):
         if not uses_external_data(tensor):
             continue
         info = _external_info(tensor)
         location = info.get("location", "")
+        if "\0" in location:
+            raise ValueError(f"tensor `{tensor.name}`: location {location!r} contains a NUL byte")
         target = (directory / location).resolve()
         if not location or os.path.isabs(location) or not target.is_relative_to(root):
             raise ValueError(f"tensor `{tensor.name}`: location {location!r} is not inside {directory}")
@@ -329,19 +356,21 @@ def _resolve_external_data(model: ModelProto, directory: Path) -> None:
                 f"tensor `{tensor.name}`: bytes {offset}..{offset + length} lie outside {location} "
                 f"({size} bytes)"
             )
-        if id(tensor) in main and length >= EXTERNAL_DATA_THRESHOLD and _item_size(tensor.data_type):
+        large = length >= EXTERNAL_DATA_THRESHOLD and _item_size(tensor.data_type)
+        if keep_on_disk and id(tensor) in main and large:
             _point_at(tensor, str(target), offset, length, _file_identity(target))
-        else:
-            load_external_data_for_tensor(tensor, str(directory))
+        else:  # read here (onnx's reader cannot open a folder whose name is not UTF-8)
+            with open(target, "rb") as handle:
+                tensor.raw_data = os.pread(handle.fileno(), length, offset)
             tensor.data_location = TensorProto.DEFAULT
             del tensor.external_data[:]
 
 
 def _external_files(model: ModelProto, directory: Path) -> tuple[Path, ...]:
     files = set()
-    for tensor, _ in _all_tensors(model.graph):
+    for tensor, _ in _model_tensors(model):
         for entry in tensor.external_data:
-            if entry.key == "location" and uses_external_data(tensor):
+            if entry.key == "location" and uses_external_data(tensor) and "\0" not in entry.value:
                 files.add((directory / entry.value).resolve())
     return tuple(sorted(files))
 
@@ -375,14 +404,20 @@ def _non_utf8_field(message) -> str | None:
 
 def _uses_external_data(model: ModelProto) -> bool:
     # Every tensor, as onnx's loader sees them: subgraph initializers and Constant values included.
-    return any(uses_external_data(tensor) for tensor, _ in _all_tensors(model.graph))
+    return any(uses_external_data(tensor) for tensor, _ in _model_tensors(model))
 
 
 def _all_tensors(graph: GraphProto) -> Iterator[tuple[TensorProto, bool]]:
     """(tensor, is_initializer) for every tensor of ``graph`` and its subgraphs."""
     for tensor in graph.initializer:
         yield tensor, True
-    for node in graph.node:
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes) -> Iterator[tuple[TensorProto, bool]]:
+    """(tensor, False) for every tensor attribute of ``nodes`` (Constant values included), and the
+    tensors of their subgraphs."""
+    for node in nodes:
         for attribute in node.attribute:
             if attribute.type == AttributeProto.TENSOR:
                 yield attribute.t, False
@@ -396,6 +431,14 @@ def _all_tensors(graph: GraphProto) -> Iterator[tuple[TensorProto, bool]]:
                     yield from _all_tensors(subgraph)
 
 
+def _model_tensors(model: ModelProto) -> Iterator[tuple[TensorProto, bool]]:
+    """Every tensor of the model: its graphs' (subgraphs included) and those inside its model-local
+    functions (``model.functions``: Constant nodes and subgraphs of their bodies)."""
+    yield from _all_tensors(model.graph)
+    for function in model.functions:
+        yield from _node_tensors(function.node)
+
+
 def _check(model: ModelProto, path: Path, lazy_ranges=()) -> None:
     """``onnx.checker`` on a copy whose large tensors are one-element stand-ins (so the weights are
     neither copied nor serialized), with the one check that needs their bytes — raw_data at least
@@ -405,6 +448,20 @@ def _check(model: ModelProto, path: Path, lazy_ranges=()) -> None:
         onnx.checker.check_model(_checkable_copy(model, lengths))
     except (onnx.checker.ValidationError, ValueError) as error:
         raise ModelLoadError(f"{path}: invalid ONNX model ({_one_line(error)})") from None
+
+
+def check_folded(model: ModelProto, source: str | os.PathLike) -> None:
+    """Raise :class:`~bnfold.errors.InternalError` when a fold left a model the ONNX checker refuses.
+
+    The input passed the same check when it was loaded, so such a model is bnfold's bug: it must
+    be reported as one and never written (nor blamed on the input).
+    """
+    try:
+        onnx.checker.check_model(_checkable_copy(model, {}))
+    except (onnx.checker.ValidationError, ValueError) as error:
+        raise InternalError(
+            f"{source}: the fold made an invalid model, which was not written ({_one_line(error)})"
+        ) from None
 
 
 def _checkable_copy(model: ModelProto, lengths: dict[int, int]) -> ModelProto:
@@ -507,67 +564,6 @@ def exceeds_protobuf_limit(model: ModelProto) -> bool:
         return True
 
 
-def check_output_path(path: str | os.PathLike) -> Path:
-    """Fail early, before any work, when ``path`` cannot be written."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise OutputError(f"{path}: is a directory, expected an output file name")
-    if not directory.is_dir():
-        raise OutputError(f"{path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise OutputError(f"{path}: directory {directory} is not writable")
-    return path
-
-
-def write_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    _commit(check_output_path(path), [data])
-
-
-def _remove(temporary: str | None) -> None:
-    if temporary is not None:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back until the block is done, then deliver them.
-
-    Only the main thread can install handlers; elsewhere the block runs as it is.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(signum)
-        if handler is not None:  # None: a handler not installed from Python, which cannot be restored
-            previous[signum] = handler
-            signal.signal(signum, lambda number, frame: received.append(number))
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for signum in dict.fromkeys(received):
-            signal.raise_signal(signum)
-
-
-def _file_mode(path: Path) -> int:
-    """The mode a plain write would give ``path``: its current mode, else 0o666 less the umask.
-
-    (mkstemp creates its files 0o600, which would leave every output readable by its owner only.)
-    """
-    with contextlib.suppress(OSError):
-        return stat.S_IMODE(path.stat().st_mode)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 # -- tensors whose bytes are on disk -------------------------------------------------------------
 def has_data_on_disk(model: ModelProto) -> bool:
     """Whether any main-graph initializer keeps its bytes outside the protobuf: a reference to bytes
@@ -591,7 +587,7 @@ def _on_disk(tensor: TensorProto) -> tuple[str, int, int] | None:
     if tensor.data_location != TensorProto.EXTERNAL:
         return None
     info = _external_info(tensor)
-    location = info.get("location", "")
+    location = _location_path(info.get("location", ""))
     if not os.path.isabs(location) or "length" not in info:
         return None
     identity = info.get(_IDENTITY_KEY)
@@ -694,7 +690,7 @@ class _Spill:
     leave it behind)."""
 
     def __init__(self) -> None:
-        with _signals_held():
+        with signals_held():
             descriptor, self.path = tempfile.mkstemp(prefix="bnfold-spill-", suffix=".bin")
             atexit.register(self.close)
         self.handle = os.fdopen(descriptor, "wb", buffering=0)
@@ -706,8 +702,16 @@ class _Spill:
         with self.lock:
             offset = self.size
             written = 0
-            while written < len(data):
-                written += self.handle.write(data[written:])
+            try:
+                while written < len(data):
+                    written += self.handle.write(data[written:])
+            except OSError as error:  # a full temporary folder: the user's to fix (TMPDIR)
+                self.handle.seek(offset)
+                self.handle.truncate(offset)
+                raise write_error(
+                    f"{self.path} (new weights beyond the memory budget; set TMPDIR to a folder with space)",
+                    error,
+                ) from None
             self.size += len(data)
         return offset, len(data)
 
@@ -857,7 +861,7 @@ class _Sink:
         data = piece.tensor.SerializeToString() if isinstance(piece, _Serialized) else piece
         if len(data) >= self.BATCH:  # a weight: written as it is, not joined with others (a copy)
             self.flush()
-            _write_all(self.handle, data)
+            write_all(self.handle, data)
             self.written += len(data)
             return
         self.pending.append(data)
@@ -874,20 +878,28 @@ class _Sink:
 
     def flush(self) -> None:
         if self.pending:
-            _write_all(self.handle, b"".join(self.pending) if len(self.pending) > 1 else self.pending[0])
+            write_all(self.handle, b"".join(self.pending) if len(self.pending) > 1 else self.pending[0])
             self.pending, self.pending_size = [], 0
 
     def _copy(self, piece: _Range) -> None:
         with open(piece.path, "rb") as source:
             offset, remaining = piece.offset, piece.length
-            destination = self.handle.fileno()
+            try:
+                destination = self.handle.fileno()
+            except (AttributeError, OSError, ValueError):  # not a file (a test's captured stdout)
+                destination = None
             while remaining:
                 try:
+                    if destination is None:
+                        raise OSError("no file descriptor to copy into")
                     copied = os.copy_file_range(source.fileno(), destination, remaining, offset)
-                except (AttributeError, OSError):  # another file system, an old kernel: read and write
+                except (
+                    AttributeError,
+                    OSError,
+                ):  # another file system, old kernel, pipe: read, write
                     copied = len(chunk := os.pread(source.fileno(), min(remaining, 1 << 24), offset))
                     if copied:
-                        _write_all(self.handle, chunk)
+                        write_all(self.handle, chunk)
                 if copied == 0:
                     raise OSError(f"{piece.path} ends before byte {piece.offset + piece.length}")
                 offset += copied
@@ -895,22 +907,16 @@ class _Sink:
         self.written += piece.length
 
 
-def _write_all(handle, data: bytes | memoryview) -> None:
-    """Write all of ``data`` to an unbuffered file (one write may take only part of it)."""
-    view = memoryview(data)
-    written = 0
-    while written < len(view):
-        written += handle.write(view[written:])
-
-
 def save_model(model: ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
     """Write ``model`` atomically; with external data when asked, or when it exceeds 2 GB.
 
     External data goes to ``<name>.data`` beside the model; the in-memory model is left as it was.
     Tensors whose bytes are on disk (a lazy load) are copied from their files, never read into memory;
-    those in the in-memory store are written from their arrays' buffers.
+    those in the in-memory store are written from their arrays' buffers. ``path`` may be ``-``
+    (standard output), a device or a FIFO (written directly, inline only), or a symbolic link (the
+    file it points to is replaced); see :mod:`bnfold.onnx.outputs`.
     """
-    path = check_output_path(path)
+    target = output_target(path)
     if external_data is None or not external_data:
         pieces = _inline_pieces(model)
         size = sum(_piece_length(piece) for piece in pieces)
@@ -918,70 +924,61 @@ def save_model(model: ModelProto, path: str | os.PathLike, *, external_data: boo
             external_data = size >= PROTOBUF_LIMIT
         elif size >= PROTOBUF_LIMIT:
             raise OutputError(f"{path}: the model is over 2 GB; write it with --external-data")
+    if target.kind == "stdout" and sys.stdout.isatty():
+        raise OutputError(
+            "-: standard output is a terminal; redirect it to a file or a pipe to write the model there"
+        )
+    if external_data and not target.atomic:
+        raise OutputError(
+            f"{path}: a model with external data needs a regular file (its weights go beside it); "
+            "write to a file, or pass --no-external-data"
+        )
+    data_path = target.real.with_name(target.real.name + ".data")
+    if external_data and _location_text(data_path.name) != data_path.name:
+        raise OutputError(
+            f"{path}: its data file's name {data_path.name!r} is not UTF-8, which ONNX needs to name "
+            "it in the model; choose another output name, or pass --no-external-data"
+        )
     if not external_data:
-        _commit(path, pieces)
+        commit(target, _pieces_writer(pieces), stale=lambda: _own_data_file(target.real, data_path))
         return
-    data_path = path.with_name(path.name + ".data")
-    data_temporary = model_temporary = None
+    written: list[list[_Piece]] = []
+
+    def write_data(handle) -> None:
+        sink = _Sink(handle)
+        with _externalized(_subgraph_initializers(model), data_path.name, sink):
+            written.append(_external_pieces(model, data_path.name, sink))
+        sink.flush()
+
+    commit_pair(target, data_path, write_data, lambda: _pieces_writer(written[0]))
+
+
+def _pieces_writer(pieces: list[_Piece]):
+    def write(handle) -> None:
+        sink = _Sink(handle)
+        for piece in pieces:
+            sink.write(piece)
+        sink.flush()
+
+    return write
+
+
+def _own_data_file(model_path: Path, data_path: Path) -> Path | None:
+    """``data_path`` when the model now at ``model_path`` (about to be replaced by a model with its
+    weights inline) keeps its weights there, so that it would be left behind unused; else None —
+    a file of that name that the old model does not use (or another program's file) is kept."""
+    if not data_path.is_file() or not model_path.is_file():
+        return None
     try:
-        with _signals_held():  # an interrupt lands once the name is known, so the file is removed
-            descriptor, data_temporary = _temporary_beside(data_path)
-        with os.fdopen(descriptor, "wb", buffering=0) as handle:
-            sink = _Sink(handle)
-            with _externalized(_subgraph_initializers(model), data_path.name, sink):
-                pieces = _external_pieces(model, data_path.name, sink)
-            sink.flush()
-            os.fsync(handle.fileno())
-        os.chmod(data_temporary, _file_mode(data_path))
-        model_temporary = _write_temporary_pieces(path, pieces)
-        # Both files are complete: rename the data, then the model that points at it (the model
-        # never names a missing file), with no interrupt in between to split the pair.
-        with _signals_held():
-            os.replace(data_temporary, data_path)
-            data_temporary = None
-            os.replace(model_temporary, path)
-    except BaseException:
-        _remove(data_temporary)
-        _remove(model_temporary)
-        raise
-
-
-def _commit(path: Path, pieces: list[_Piece]) -> None:
-    temporary = None
-    try:
-        temporary = _write_temporary_pieces(path, pieces)
-        os.replace(temporary, path)
-    except BaseException:
-        _remove(temporary)
-        raise
-
-
-def _write_temporary_pieces(path: Path, pieces: list[_Piece]) -> str:
-    """A complete, fsynced file of ``pieces`` beside ``path`` (a temporary name), with ``path``'s mode."""
-    temporary = None
-    try:
-        with _signals_held():  # as in save_model
-            descriptor, temporary = _temporary_beside(path)
-        with os.fdopen(descriptor, "wb", buffering=0) as handle:
-            sink = _Sink(handle)
-            for piece in pieces:
-                sink.write(piece)
-            sink.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, _file_mode(path))
-    except BaseException:
-        _remove(temporary)
-        raise
-    return temporary
-
-
-def _temporary_beside(path: Path) -> tuple[int, str]:
-    """A new temporary file beside ``path``: (descriptor, name).
-
-    Callers create it with SIGINT/SIGTERM held back until they hold the name: an interrupt between
-    the file's creation and the assignment would leave a file nobody removes.
-    """
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        scanned = _scan_file(model_path)
+        old = scanned[0] if scanned is not None else _parse_file(model_path)
+    except (BnfoldError, OSError, ValueError):
+        return None
+    for tensor, _ in _model_tensors(old):
+        location = _external_info(tensor).get("location") if uses_external_data(tensor) else None
+        if location is not None and os.path.normpath(location) == data_path.name:
+            return data_path
+    return None
 
 
 def _model_pieces(model: ModelProto, initializer_entries: list[list[_Piece]]) -> list[_Piece]:

@@ -90,14 +90,14 @@ def test_pt2_with_input_shape(tmp_path: Path) -> None:
     program = torch.export.export(model, (torch.randn(2, 4, 5, 5),), dynamic_shapes=dynamic)
     torch.export.save(program, str(path))
     out = tmp_path / "folded.onnx"
-    ran = in_process(path, "-o", out, "--input-shape", "inputs=3,4,5,5", "-q")
+    ran = in_process(path, "-o", out, "--input-shape", "inputs=3,4,5,5", "-q", "--trust-pt2")
     assert ran.code == 0, ran.output
     assert ran.stdout == ""
     graph_input = onnx.load(str(out)).graph.input[0]
     assert [d.dim_value for d in graph_input.type.tensor_type.shape.dim] == [3, 4, 5, 5]
 
     # The spatial size was not exported as dynamic: the program's guard refuses it, in one line.
-    ran = in_process(path, "-o", out, "--input-shape", "inputs=3,4,6,6")
+    ran = in_process(path, "-o", out, "--input-shape", "inputs=3,4,6,6", "--trust-pt2")
     assert ran.code == 2 and "does not run on --input-shape [[3, 4, 6, 6]]" in ran.stderr
     assert "Traceback" not in ran.output
 

@@ -54,13 +54,13 @@ def test_pt2_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "model.pt2"
     torch.export.save(torch.export.export(model, (example,)), str(path))
 
-    module, inputs = load_torch_source(str(path))
+    module, inputs = load_torch_source(str(path), trust_code=True)
     assert torch.equal(inputs[0], example), "the example inputs saved with the program"
     result = bnfold.fold_module(module, inputs)
     assert [(d.node, d.outcome) for d in result.report.decisions] == [("bn", Outcome.FOLDED)]
     assert result.verification
 
-    _, shaped = load_torch_source(str(path), {"inputs": [2, 4, 5, 5]})
+    _, shaped = load_torch_source(str(path), {"inputs": [2, 4, 5, 5]}, trust_code=True)
     assert shaped[0].shape == (2, 4, 5, 5)
 
 
@@ -99,7 +99,7 @@ def test_corrupt_pt2_files(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pt2"
     garbage.write_bytes(b"not a zip")
     with pytest.raises(ModelLoadError, match="not a torch.export archive") as caught:
-        load_torch_source(str(garbage))
+        load_torch_source(str(garbage), trust_code=True)
     one_line(caught)
     import zipfile
 
@@ -107,7 +107,7 @@ def test_corrupt_pt2_files(tmp_path: Path) -> None:
     with zipfile.ZipFile(fake, "w") as archive:
         archive.writestr("hello.txt", "hi")
     with pytest.raises(ModelLoadError, match="cannot load the exported program") as caught:
-        load_torch_source(str(fake))
+        load_torch_source(str(fake), trust_code=True)
     one_line(caught)
     with pytest.raises(ModelLoadError, match="is a directory"):
         (tmp_path / "dir.pt2").mkdir()
