@@ -8,6 +8,7 @@ mismatch, 2 bad input or usage, 3 internal error (a bug: set BNFOLD_DEBUG=1 for 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ import threading
 
 import click
 
-from bnfold.core.table import ONNX
+from bnfold.core.table import ONNX, RULE_TABLE
 from bnfold.core.table import rule_names as table_rule_names
 from bnfold.errors import BnfoldError, InternalError
 from bnfold.onnx import load_model
@@ -197,9 +198,8 @@ def _start(quiet: bool, verbose: bool) -> Progress | None:
 
 
 def _rule_options(function):
-    """``--skip-rule`` (names of both backends, listed without importing torch) and
+    """``--skip-rule`` (checked against the model's kind: :func:`_checked_skips`) and
     ``--rewrite-standalone-bn``."""
-    names = list(table_rule_names())
     function = click.option(
         "--rewrite-standalone-bn",
         "rewrite_standalone",
@@ -210,8 +210,8 @@ def _rule_options(function):
         "--skip-rule",
         "skip_rules",
         multiple=True,
-        type=click.Choice(names),
-        help="Do not apply this rule (repeatable).",
+        metavar="RULE",
+        help="Do not apply this rule (repeatable); `bnfold rules` lists them.",
     )(function)
 
 
@@ -235,6 +235,7 @@ def cli() -> None:
     bnfold MODEL.onnx -o FOLDED.onnx    fold, verify, write, print the report
     bnfold verify ORIGINAL FOLDED       compare two models in ONNX Runtime
     bnfold inspect MODEL.onnx           report what would fold; write nothing
+    bnfold rules                        list the fold rules (names for --skip-rule)
     """
 
 
@@ -453,13 +454,50 @@ def _exact_mode(strict: bool, exact_reference: bool) -> str:
 
 
 def _checked_skips(model: str, skip_rules) -> list[str]:
-    """``--skip-rule`` names for this kind of model; a name only the PyTorch backend knows is a usage
-    error on an ONNX model."""
-    if not is_torch_source(model):
-        torch_only = sorted(set(skip_rules) - set(table_rule_names(ONNX)))
-        if torch_only:
-            raise click.UsageError(f"rule(s) {', '.join(torch_only)} apply to PyTorch models only")
-    return list(skip_rules)
+    """``--skip-rule`` names for this kind of model: an ONNX file takes the ONNX rules (a PyTorch-only
+    name is refused as such), a PyTorch model the rules of either backend (it is folded in torch, then
+    as ONNX after export)."""
+    skips = list(skip_rules)
+    onnx_names, all_names = table_rule_names(ONNX), table_rule_names()
+    known = all_names if is_torch_source(model) else onnx_names
+    for name in skips:
+        if name in known:
+            continue
+        if name in all_names:
+            message = f"rule(s) {name} apply to PyTorch models only (ONNX rules: {', '.join(onnx_names)})"
+        else:
+            kind = "PyTorch" if is_torch_source(model) else "ONNX"
+            message = f"{name!r} is not one of the {kind} rules ({', '.join(known)}; see `bnfold rules`)"
+        raise click.BadParameter(message, param_hint="'--skip-rule'")
+    return skips
+
+
+@cli.command(name="rules")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def rules_command(as_json: bool) -> None:
+    """List the fold rules: name, pattern, backends, notes (names for --skip-rule)."""
+    if as_json:
+        rows = [
+            {
+                "name": info.name,
+                "pattern": info.pattern.replace("`", ""),
+                "backends": sorted(info.backends),
+                "notes": info.notes,
+            }
+            for info in RULE_TABLE
+        ]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = [("rule", "pattern", "backends", "notes")]
+    for info in RULE_TABLE:
+        backends = "onnx, torch" if len(info.backends) > 1 else next(iter(info.backends))
+        table.append((info.name, info.pattern.replace("`", ""), backends, info.notes))
+    widths = [max(len(row[index]) for row in table) for index in range(3)]
+    for index, row in enumerate(table):
+        cells = [cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)]
+        click.echo("  ".join([*cells, row[3]]).rstrip())
+        if index == 0:
+            click.echo("  ".join("-" * width for width in [*widths, 5]))
 
 
 def _worst(result: VerificationResult) -> str:

@@ -14,13 +14,12 @@ import statistics
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bnfold.errors import InputSpecError
-from bnfold.verify import VerificationResult
+from bnfold.verify import VerificationResult, read_input_file
 
 __all__ = ["Latency", "measure_latency", "WARMUP_RUNS"]
 
@@ -116,15 +115,7 @@ def _feeds(
     if inputs is not None:
         if isinstance(inputs, Mapping):
             return {name: np.asarray(value) for name, value in inputs.items()}
-        path = Path(inputs)
-        try:
-            if path.suffix == ".npy":
-                (meta, *_) = session.get_inputs()
-                return {meta.name: np.load(path, allow_pickle=False)}
-            with np.load(path, allow_pickle=False) as archive:
-                return {name: archive[name] for name in archive.files}
-        except (OSError, ValueError) as error:
-            raise InputSpecError(f"{path}: not a readable input file ({error})") from None
+        return read_input_file(inputs, [meta.name for meta in session.get_inputs()])
     shapes = verification.input_shapes if verification is not None else {}
     seed = verification.seed if verification is not None else 0
     feeds = {}

@@ -23,6 +23,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
+from bnfold.errors import InputSpecError
+
 __all__ = ["assert_equivalent"]
 
 
@@ -38,8 +42,10 @@ def assert_equivalent(
 ):
     """Run ``model`` (a torch module, in the mode you give it) and ``onnx_model`` on ``inputs``; compare.
 
-    ``inputs``: a tensor, a tuple of positional inputs (fed to the ONNX inputs in order), or a dict
-    (keyword arguments for the module, ONNX inputs by the same names). ``atol``/``rtol`` default to
+    ``inputs``: a tensor or numpy array (one input), a tuple or list of them (positional inputs, fed
+    to the ONNX inputs in order), or a dict (keyword arguments for the module, ONNX inputs by the
+    same names); numpy arrays become tensors of their dtype. Anything else is an
+    :class:`~bnfold.errors.InputSpecError` that says what to pass. ``atol``/``rtol`` default to
     bnfold's per-dtype tolerances (float32: rtol 1e-4, atol 1e-5 scaled by the output's magnitude).
     An output over the default tolerance is then judged against ``model`` evaluated in float64 (a
     deep copy in double precision): it passes when the ONNX model is no further from that exact
@@ -47,7 +53,6 @@ def assert_equivalent(
     ``"always"``: the float64 judgment is computed and shown for every output).
     Returns the :class:`~bnfold.verify.VerificationResult` when every output matches.
     """
-    import torch
 
     from bnfold.fx.compare import (
         TorchRun,
@@ -58,9 +63,10 @@ def assert_equivalent(
     )
 
     if isinstance(inputs, Mapping):
-        run = TorchRun((), None, module_outputs(model, (), dict(inputs)), dict(inputs))
+        kwargs = {str(name): _as_tensor(value, f"inputs[{name!r}]") for name, value in inputs.items()}
+        run = TorchRun((), None, module_outputs(model, (), kwargs), kwargs)
     else:
-        args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        args = _positional(inputs)
         run = TorchRun(args, None, module_outputs(model, args))
     result = compare_runs_with_onnx(
         [run],
@@ -79,3 +85,32 @@ def assert_equivalent(
             f"{label} does not match the PyTorch module (outputs {failing}):\n{result.to_text()}"
         )
     return result
+
+
+_WHAT_TO_PASS = (
+    "pass a torch.Tensor or numpy array (one input), a tuple/list of them (positional inputs), "
+    "or a dict name -> tensor (keyword inputs)"
+)
+
+
+def _positional(inputs: Any) -> tuple[Any, ...]:
+    """The module's positional inputs from what a test passes."""
+    import torch
+
+    if isinstance(inputs, torch.Tensor | np.ndarray):
+        return (_as_tensor(inputs, "inputs"),)
+    if isinstance(inputs, tuple | list):
+        if not inputs:
+            raise InputSpecError(f"inputs is empty; {_WHAT_TO_PASS}")
+        return tuple(_as_tensor(value, f"inputs[{index}]") for index, value in enumerate(inputs))
+    raise InputSpecError(f"inputs is a {type(inputs).__name__}; {_WHAT_TO_PASS}")
+
+
+def _as_tensor(value: Any, where: str) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray | np.generic):
+        return torch.from_numpy(np.array(value))  # a copy: the test's array is never shared or edited
+    raise InputSpecError(f"{where} is a {type(value).__name__}, not a tensor or numpy array; {_WHAT_TO_PASS}")

@@ -49,6 +49,7 @@ __all__ = [
     "default_tolerances",
     "compare_output",
     "parse_input_shapes",
+    "read_input_file",
     "ort_session",
     "run_session",
     "PROVIDERS",
@@ -150,7 +151,8 @@ class Verifier:
             raise BnfoldError(f"unknown exact mode {exact!r}; choose from {', '.join(EXACT_MODES)}")
         if inputs is not None and input_shapes:
             raise InputSpecError(
-                "give either --inputs (real data, with its own shapes) or --input-shape, not both"
+                "give either {inputs} (real data, with its own shapes) or {input_shapes}, not both",
+                parameters=("inputs", "input_shapes"),
             )
         self.exact = exact
         self.seed = seed
@@ -457,7 +459,8 @@ def run_session(session, feeds: dict[str, np.ndarray], role: str) -> list[np.nda
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputSpecError(
             f"ONNX Runtime failed to run the {role} model on the inputs ({message}); "
-            "check --input-shape / --inputs"
+            "check {input_shapes} / {inputs}",
+            parameters=("input_shapes", "inputs"),
         ) from None
 
 
@@ -465,7 +468,9 @@ def run_session(session, feeds: dict[str, np.ndarray], role: str) -> list[np.nda
 def _input_dtype(meta) -> np.dtype:
     if meta.type not in _ORT_TYPES:
         raise InputSpecError(
-            f"input {meta.name!r} has type {meta.type}, which bnfold cannot generate; pass --inputs data.npz"
+            f"input {meta.name!r} has type {meta.type}, which bnfold cannot generate; "
+            "pass real data in {inputs}",
+            parameters=("inputs",),
         )
     return np.dtype(_ORT_TYPES[meta.type])
 
@@ -480,7 +485,8 @@ def _random_inputs(
     if unknown:
         names = ", ".join(meta.name for meta in metas)
         raise InputSpecError(
-            f"--input-shape names unknown input(s) {sorted(unknown)}; the model has: {names}"
+            f"{{input_shapes}} names unknown input(s) {sorted(unknown)}; the model has: {names}",
+            parameters=("input_shapes",),
         )
     feeds = {}
     for position, meta in enumerate(metas):
@@ -489,13 +495,15 @@ def _random_inputs(
             shape = list(shapes[meta.name])
             if len(shape) != len(declared):
                 raise InputSpecError(
-                    f"--input-shape {meta.name}: rank {len(shape)} given, the model declares {declared}"
+                    f"{{input_shapes}} {meta.name}: rank {len(shape)} given, the model declares {declared}",
+                    parameters=("input_shapes",),
                 )
             for given, fixed in zip(shape, declared, strict=True):
                 if isinstance(fixed, int) and fixed != given:
                     given_text = ",".join(map(str, shape))
                     raise InputSpecError(
-                        f"--input-shape {meta.name}={given_text}: the model fixes it to {declared}"
+                        f"{{input_shapes}} {meta.name}={given_text}: the model fixes it to {declared}",
+                        parameters=("input_shapes",),
                     )
         else:
             shape = [dim if isinstance(dim, int) and dim >= 0 else 1 for dim in declared]
@@ -515,32 +523,56 @@ def _random_inputs(
 
 def _load_inputs(session, inputs: Mapping[str, np.ndarray] | str | os.PathLike) -> dict[str, np.ndarray]:
     if not isinstance(inputs, Mapping):
-        path = Path(inputs)
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                inputs = {name: archive[name] for name in archive.files}
-        except FileNotFoundError:
-            raise InputSpecError(f"{path}: no such file") from None
-        except (OSError, ValueError) as error:
-            raise InputSpecError(f"{path}: not a readable .npz file ({error})") from None
+        inputs = read_input_file(inputs, [meta.name for meta in session.get_inputs()])
     metas = {meta.name: meta for meta in session.get_inputs()}
     missing = sorted(set(metas) - set(inputs))
     extra = sorted(set(inputs) - set(metas))
     if missing or extra:
         raise InputSpecError(
-            f"--inputs do not match the model's inputs: missing {missing}, unexpected {extra}"
+            f"{{inputs}} do not match the model's inputs: missing {missing}, unexpected {extra}",
+            parameters=("inputs",),
         )
     feeds = {}
     for name, meta in metas.items():
         value = np.asarray(inputs[name])
         dtype = _input_dtype(meta)
         if value.dtype != dtype:
-            raise InputSpecError(f"--inputs {name}: dtype {value.dtype.name}, the model expects {dtype.name}")
+            raise InputSpecError(
+                f"{{inputs}} {name}: dtype {value.dtype.name}, the model expects {dtype.name}",
+                parameters=("inputs",),
+            )
         declared = list(meta.shape)
         if len(declared) != value.ndim or any(
             isinstance(fixed, int) and fixed != given
             for fixed, given in zip(declared, value.shape, strict=True)
         ):
-            raise InputSpecError(f"--inputs {name}: shape {list(value.shape)}, the model declares {declared}")
+            raise InputSpecError(
+                f"{{inputs}} {name}: shape {list(value.shape)}, the model declares {declared}",
+                parameters=("inputs",),
+            )
         feeds[name] = value
     return feeds
+
+
+def read_input_file(path: str | os.PathLike, input_names: list[str]) -> dict[str, np.ndarray]:
+    """Arrays by input name from an ``.npz`` (one array per input name) or, for a model with one
+    input, an ``.npy`` (that input's array). Never unpickles (``allow_pickle=False``)."""
+    path = Path(path)
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputSpecError(f"{path}: no such file") from None
+    except (OSError, ValueError) as error:
+        raise InputSpecError(f"{path}: not a readable .npz file (or .npy) ({error})") from None
+    if isinstance(loaded, np.ndarray):
+        if len(input_names) != 1:
+            raise InputSpecError(
+                f"{path}: one array (.npy) for a model with {len(input_names)} inputs "
+                f"({', '.join(input_names)}); pass an .npz with one array per input name",
+            )
+        return {input_names[0]: loaded}
+    with loaded as archive:
+        try:
+            return {name: archive[name] for name in archive.files}
+        except (OSError, ValueError) as error:
+            raise InputSpecError(f"{path}: not a readable .npz file ({error})") from None
