@@ -4,7 +4,9 @@ For each model, side by side in one run:
 - ``load+save``: a fresh process doing plain ``onnx.load`` + ``onnx.save`` (the I/O floor);
 - ``bnfold``: a fresh process running ``bnfold MODEL -o OUT --no-verify -q``;
 - in-process stage times of bnfold as the CLI runs them: lazy load (with the checker), fold, save,
-  and verification (both ONNX Runtime sessions and the comparison; ``--no-verify`` skips it all).
+  and verification (both ONNX Runtime sessions and the comparison; ``--no-verify`` skips it all);
+- ``bnfold verify MODEL FOLDED`` and ``bnfold MODEL -o OUT`` (verification on) in fresh processes:
+  wall time and peak RSS, also per model size (the target: at most ~1.5x the model file).
 Peak RSS is each child process's VmHWM. Ratios are what to read: machines here are shared.
 The targets of issue 5: fold / load+save under 5% (and under 0.1 s on the VGG-11-BN-style model),
 CLI time and peak RSS at most 1.2x those of load+save, and for a model over 2 GB with external data
@@ -237,9 +239,9 @@ def stage_times(path: Path, output: Path, *, verify: bool = True) -> dict[str, f
     loaded = load_model(path, lazy=True)
     times["load"] = time.perf_counter() - start
     verifier = None
-    if verify:  # the original's session is made before the in-place fold, as the CLI does
+    if verify:  # the original runs (from its file) before the in-place fold, as the CLI does
         start = time.perf_counter()
-        verifier = Verifier(loaded.model, provider="cpu")
+        verifier = Verifier(path, provider="cpu")
         times["verify"] = time.perf_counter() - start
     start = time.perf_counter()
     result = fold_onnx(loaded.model, inplace=True)
@@ -274,6 +276,12 @@ def measure(name: str, path: Path, output: Path, *, external: bool = False) -> d
     fold_seconds, fold_rss = timed_child(BNFOLD_CLI, str(path), "-o", str(output), "--no-verify", "-q")
     stages = stage_times(path, output, verify=not external)
     size = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
+    verify_seconds = verify_rss = verified_fold_rss = float("nan")
+    if not external:  # `bnfold verify` on the pair, and a fold with verification, each in a fresh process
+        verify_seconds, verify_rss = timed_child(BNFOLD_CLI, "verify", str(path), str(output), "-q")
+        checked = output.with_name(output.stem + ".verified.onnx")
+        _, verified_fold_rss = timed_child(BNFOLD_CLI, str(path), "-o", str(checked), "-q")
+        checked.unlink(missing_ok=True)
     return {
         "model": name,
         "size_mb": size / 2**20,
@@ -290,6 +298,12 @@ def measure(name: str, path: Path, output: Path, *, external: bool = False) -> d
         "save_s": stages["save"],
         "verify_s": stages.get("verify", float("nan")),
         "verified": stages.get("passed", "skipped"),
+        "verify_cli_s": verify_seconds,
+        "verify_peak_rss_mb": verify_rss,
+        # Per size only where the model outweighs the ~85 MB of a process with onnxruntime loaded.
+        "verify_rss_per_size": verify_rss / (size / 2**20) if size >= 64 << 20 else float("nan"),
+        "fold_verify_peak_rss_mb": verified_fold_rss,
+        "fold_verify_rss_per_size": verified_fold_rss / (size / 2**20) if size >= 64 << 20 else float("nan"),
     }
 
 
@@ -353,6 +367,11 @@ def main() -> None:
         ("save_s", "{:.3f}"),
         ("verify_s", "{:.3f}"),
         ("verified", "{}"),
+        ("verify_cli_s", "{:.2f}"),
+        ("verify_peak_rss_mb", "{:.0f}"),
+        ("verify_rss_per_size", "{:.2f}"),
+        ("fold_verify_peak_rss_mb", "{:.0f}"),
+        ("fold_verify_rss_per_size", "{:.2f}"),
     ]
     table = [[title for title, _ in columns]]
     table += [[fmt.format(row[title]) for title, fmt in columns] for row in rows]
@@ -364,7 +383,9 @@ def main() -> None:
     print(
         "ratios: cli_time_ratio = bnfold CLI / plain load+save (wall), cli_rss_ratio = their peak RSS, "
         "fold_ratio = in-process fold step / plain load+save; verify_s = both sessions + compare "
-        "(skipped for the external-data model)"
+        "(skipped for the external-data model); verify_peak_rss_mb = `bnfold verify MODEL FOLDED` and "
+        "fold_verify_peak_rss_mb = `bnfold MODEL -o OUT` (with verification), each a fresh process, "
+        "*_per_size = that peak / the model's size"
     )
     if arguments.json:
         arguments.json.write_text(json.dumps(rows, indent=2))

@@ -61,6 +61,9 @@ PROVIDERS = ("auto", "cpu", "cuda")
 
 ModelSource = ModelProto | bytes | str | os.PathLike
 
+LEAN_BYTES = 64 << 20
+"""Above this many bytes of weights, a model reaches ONNX Runtime as a file with external data."""
+
 _ORT_TYPES = {
     "tensor(float)": np.float32,
     "tensor(double)": np.float64,
@@ -348,6 +351,9 @@ def ort_session(model: ModelSource, provider: str, role: str):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4  # FATAL only: errors reach the user in our one-line message
+    # Prepacked weights are copies: without them, weights stored as external data stay mapped from
+    # their file (a verification's peak memory about 1.2x the model instead of 2x).
+    options.add_session_config_entry("session.disable_prepacking", "1")
     with _session_source(model) as source:
         try:
             session = ort.InferenceSession(source, sess_options=options, providers=providers)
@@ -370,9 +376,14 @@ def _session_source(model: ModelSource) -> Iterator[bytes | str]:
     """Bytes or a path ONNX Runtime can load, with trailing empty node outputs dropped.
 
     Empty trailing outputs mean nothing, but ONNX Runtime 1.32 crashes (SIGSEGV) on a
-    BatchNormalization-9 that lists them when graph optimizations are disabled. A file that needs
-    no such edit is handed to ONNX Runtime by its path: no copy, and no parse of its weights here.
-    Otherwise a model with weights on disk is copied to a temporary directory (``TMPDIR``).
+    BatchNormalization-9 that lists them when graph optimizations are disabled.
+
+    Memory: ONNX Runtime maps weights stored as external data into memory (with prepacking off,
+    see :func:`ort_session`), but parses embedded ones and then copies them (about 2x the model at
+    its peak). So a file with external data goes by its path; a model of more than
+    :data:`LEAN_BYTES` of weights otherwise (embedded in its file, left on disk by a lazy load, or
+    in memory) is written with external data to a temporary directory (``TMPDIR``; file ranges are
+    copied by the kernel, not read) and goes by that path; a small one goes as bytes.
     """
     if isinstance(model, bytes):
         parsed = ModelProto()
@@ -380,18 +391,21 @@ def _session_source(model: ModelSource) -> Iterator[bytes | str]:
         model = parsed
     elif not isinstance(model, ModelProto):
         path = model
-        model = load_model(path, lazy=True).model
+        loaded = load_model(path, lazy=True)
+        model = loaded.model
+        small = os.path.getsize(path) <= LEAN_BYTES
         # (ONNX Runtime takes only UTF-8 paths: another is copied to the temporary directory below)
-        if not _lists_trailing_empty_outputs(model.graph) and _is_utf8(os.fspath(path)):
-            del model
+        if (
+            (loaded.used_external_data or small)
+            and not _lists_trailing_empty_outputs(model.graph)
+            and _is_utf8(os.fspath(path))
+        ):
+            del model, loaded
             yield os.fspath(path)
             return
     with _without_trailing_empty_outputs(model):
-        # A model whose weights are on disk (a lazy load, a fold's spill file), or one over 2 GB, is
-        # written with external data to a temporary directory (file ranges are copied by the kernel,
-        # not read into memory) and ONNX Runtime loads it from there; others go as bytes.
         serialized = None
-        if not has_data_on_disk(model):
+        if not has_data_on_disk(model) and model.ByteSize() <= LEAN_BYTES:
             with contextlib.suppress(EncodeError, ValueError):
                 serialized = model.SerializeToString()
         if serialized is not None:

@@ -407,3 +407,14 @@ def test_a_file_goes_to_onnx_runtime_by_path_and_a_copy_goes_to_tmpdir(monkeypat
     lazy = bnfold.load_model(tmp_path / "a.onnx", lazy=True).model
     assert verify(lazy, lazy, provider="cpu")
     assert len(copies) == 2 and all(path.is_relative_to(tmp_path / "tmp") for path in copies)
+
+    # A file with more embedded weights than LEAN_BYTES is copied with external data (ONNX Runtime
+    # maps those instead of parsing and copying them); one with external data goes by its path.
+    monkeypatch.setattr(verify_module, "LEAN_BYTES", 1000)
+    copies.clear()
+    assert verify(tmp_path / "a.onnx", tmp_path / "a.onnx", provider="cpu")
+    assert len(copies) == 2 and all(path.is_relative_to(tmp_path / "tmp") for path in copies)
+    onnx.save(sensitive_model(depth=2, offset=0.0), str(tmp_path / "b.onnx"), save_as_external_data=True)
+    copies.clear()
+    assert verify(tmp_path / "b.onnx", tmp_path / "b.onnx", provider="cpu")
+    assert copies == []
