@@ -341,6 +341,7 @@ class GraphIndex:
         key = id(node)
         if key in self._expression_values:
             return self._expression_values[key]
+        self._expression_values[key] = None  # a cycle (an invalid graph) reads as not constant
         inputs: list[np.ndarray | None] = []
         value = None
         for name in node.input:

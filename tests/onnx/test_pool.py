@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from bnfold import Outcome, Reason, fold_onnx
@@ -108,3 +110,39 @@ def test_a_layer_output_read_besides_the_pool_keeps_the_bn():
     model.graph.output.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, None))
     (decision,) = fold_onnx(model).report.decisions
     assert decision.reason is Reason.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT
+
+
+@given(
+    pool=st.sampled_from(["MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool"]),
+    kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    strides=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    pads=st.tuples(*[st.integers(0, 1)] * 4),
+    ceil_mode=st.integers(0, 1),
+    count_include_pad=st.integers(0, 1),
+    negative=st.booleans(),
+    height=st.integers(3, 7),
+)
+def test_any_pool_either_folds_exactly_or_is_refused(
+    pool, kernel, strides, pads, ceil_mode, count_include_pad, negative, height
+):
+    """Random pool geometries and BN signs: a fold is checked in ONNX Runtime at two input sizes; a
+    refusal leaves the model as it was."""
+    attributes = {}
+    if pool in ("MaxPool", "AveragePool"):
+        # ONNX requires pads smaller than the kernel on each axis.
+        pads = tuple(min(pad, kernel[axis % 2] - 1) for axis, pad in enumerate(pads))
+        attributes = {"kernel_shape": list(kernel), "strides": list(strides), "pads": list(pads)}
+        attributes["ceil_mode"] = ceil_mode
+        if pool == "AveragePool":
+            attributes["count_include_pad"] = count_include_pad
+    model = pool_model(pool, negative_scale=negative, **attributes)
+    result = fold_onnx(model)
+    (decision,) = result.report.decisions
+    if decision.outcome is Outcome.KEPT:
+        assert decision.reason is Reason.POOL_DOES_NOT_COMMUTE, decision
+        assert result.model.SerializeToString() == model.SerializeToString()
+        return
+    for shape in ((1, 3, height, height + 1), (2, 3, height + 2, height)):
+        feeds = {"x": np.random.default_rng(height).standard_normal(shape).astype(np.float32)}
+        for expected, actual in zip(run(model, feeds), run(result.model, feeds), strict=True):
+            np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
