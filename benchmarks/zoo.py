@@ -1,9 +1,11 @@
 """bnfold on real architectures from torchvision and timm: how many BatchNorms each path folds, why
 the rest stay, how exact the folded models are, and whether default verification passes.
 
-Every model is built with random init (no weight downloads) and BatchNorm statistics that are
-first calibrated on random data (so activations stay in a sane range through deep networks) and
-then randomized per channel (so no fold is an identity; ``--stats raw`` skips the calibration).
+Every model is built with random init (no weight downloads) and every BatchNorm's affine
+parameters randomized per channel (so no fold is an identity); its running statistics are then
+measured on one random batch (so activations stay in a sane range through deep networks, as in a
+trained model). ``--stats raw`` instead perturbs the default statistics (mean 0, variance 1) at
+random: deep models then reach output scales of 1e4-1e10, which stresses verification tolerances.
 Each model runs in its own child process with a timeout; in the child:
 
 1. export to ONNX with every BN kept: ``torch.onnx.export(dynamo=False, opset 17,
@@ -154,7 +156,7 @@ ZOO: dict[str, ZooModel] = {
             (1, 3, 75, 75),
             _torchvision("inception_v3", aux_logits=False, init_weights=True, transform_input=False),
         ),
-        ZooModel("vgg11_bn", "torchvision", "VGG-BN", IMAGE_64, _torchvision("vgg11_bn")),
+        ZooModel("vgg11_bn", "torchvision", "VGG-BN", (1, 3, 224, 224), _torchvision("vgg11_bn")),
         ZooModel("convnext_tiny", "torchvision", "ConvNeXt", IMAGE_64, _torchvision("convnext_tiny")),
         ZooModel("r3d_18", "torchvision", "R3D video", (1, 3, 4, 32, 32), _torchvision_video("r3d_18")),
         ZooModel(
@@ -206,8 +208,10 @@ def calibrate_batchnorm(module, input_shape: tuple[int, ...], seed: int, batch: 
     """Set every BN's running statistics to the batch statistics of one random batch.
 
     With random init and made-up statistics, activations grow or vanish layer after layer in deep
-    networks (outputs of 1e4 or 1e-6); statistics measured on data keep every layer normalized, as
-    in a trained model. Leaves ``module`` in eval mode.
+    networks (outputs of 1e4 to 1e10 measured here); statistics measured on data keep every layer
+    normalized, as in a trained model. Run it after ``randomize_batchnorm`` (whose statistics it
+    replaces), so that each BN's statistics match its input in the final network. Leaves
+    ``module`` in eval mode.
     """
     import torch
 
@@ -500,7 +504,9 @@ def run_other_tools(source: Path, directory: Path, row: dict, timeout: float) ->
     row["others_s"] = time.perf_counter() - start
 
 
-def measure_model(spec: ZooModel, seed: int, stats: str, tools: bool, timeout: float) -> dict:
+def measure_model(
+    spec: ZooModel, seed: int, stats: str, tools: bool, timeout: float, negative_fraction: float = 0.1
+) -> dict:
     """Build, export, fold both ways and measure one model; returns its row."""
     import numpy as np
     import torch
@@ -510,9 +516,9 @@ def measure_model(spec: ZooModel, seed: int, stats: str, tools: bool, timeout: f
     start = time.perf_counter()
     torch.manual_seed(seed)
     module = spec.build()
+    row["bn_layers"] = randomize_batchnorm(module, seed + 1, negative_fraction)
     if stats == "calibrated":
         calibrate_batchnorm(module, spec.input_shape, seed)
-    row["bn_layers"] = randomize_batchnorm(module, seed + 1)
     module.eval()
     x = torch.randn(spec.input_shape, generator=torch.Generator().manual_seed(seed + 2))
     row["build_s"] = time.perf_counter() - start
@@ -574,6 +580,8 @@ def run_child(name: str, arguments: argparse.Namespace) -> dict:
         arguments.stats,
         "--timeout",
         str(arguments.timeout),
+        "--negative-fraction",
+        str(arguments.negative_fraction),
     ]
     if arguments.no_tools:
         command.append("--no-tools")
@@ -783,7 +791,13 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "--stats",
         choices=["calibrated", "raw"],
         default="calibrated",
-        help="BN statistics: calibrated on random data, then randomized (default), or randomized only",
+        help="BN running statistics: measured on a random batch (default), or perturbed defaults",
+    )
+    parser.add_argument(
+        "--negative-fraction",
+        type=float,
+        default=0.1,
+        help="fraction of BN channels with a negative scale (default 0.1; 0 lets pooling rules fold)",
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per model (default 300)")
     parser.add_argument("--no-tools", action="store_true", help="skip onnxsim/onnxslim/onnxoptimizer")
@@ -798,7 +812,14 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(1)
         spec = ZOO[arguments.child]
-        row = measure_model(spec, arguments.seed, arguments.stats, not arguments.no_tools, arguments.timeout)
+        row = measure_model(
+            spec,
+            arguments.seed,
+            arguments.stats,
+            not arguments.no_tools,
+            arguments.timeout,
+            arguments.negative_fraction,
+        )
         print(RESULT_PREFIX + json.dumps(row), flush=True)
         return 0
     if arguments.list:
