@@ -423,17 +423,25 @@ def run_onnx_path(
         row["verify_outputs"] = [
             {
                 key: output.get(key)
-                for key in ("name", "max_abs_error", "atol", "rtol", "needed_atol", "passed", "note")
+                for key in (
+                    "name",
+                    "max_abs_error",
+                    "atol",
+                    "rtol",
+                    "needed_atol",
+                    "passed",
+                    "within_tolerance",
+                    "decided_by",
+                    "exact",
+                    "note",
+                )
                 if key in output
             }
             for output in verification["outputs"]
         ]
         row["verify_notes"] = verification.get("notes", [])
-        row["verify_extra"] = {
-            key: value
-            for key, value in verification.items()
-            if key not in ("outputs", "notes", "passed", "provider", "seed", "input_shapes", "input_source")
-        }
+        row["verify_mode"] = verification.get("mode")
+        row["verify_reference"] = verification.get("reference")
     if reference is not None:
         row["onnx_err"] = rms_error(ort_outputs(folded, x), reference)
         row["onnx_err_max"] = max_error(ort_outputs(folded, x), reference)
@@ -627,23 +635,39 @@ def _format_count(value: Any) -> str:
     return "–" if value is None else str(value)
 
 
+def exact_ratio(row: dict) -> float | None:
+    """The worst output's RMS error against bnfold's float64 reference, folded / original (from the
+    verification report), or None when the reference was not computed."""
+    ratios = []
+    for output in row.get("verify_outputs", []):
+        exact = output.get("exact") or {}
+        if exact.get("usable") is False or exact.get("folded_rms") is None:
+            continue
+        ratios.append(ratio(exact["folded_rms"], exact.get("original_rms")))
+    return max((value for value in ratios if value is not None), default=None)
+
+
 def _verify_cell(row: dict) -> str:
+    """pass / FAIL, how far over the plain tolerance, and the float64 judgment when it decided."""
     if row.get("onnx_error"):
         return "error"
     passed = row.get("verify_passed")
     if passed is None:
         return "–"
-    if passed:
-        return "pass"
-    worst = max(
-        (
-            (output.get("needed_atol") or 0.0) / output["atol"]
-            for output in row.get("verify_outputs", [])
-            if output.get("atol")
-        ),
+    outputs = row.get("verify_outputs", [])
+    over = max(
+        ((output.get("needed_atol") or 0.0) / output["atol"] for output in outputs if output.get("atol")),
         default=0.0,
     )
-    return f"**FAIL** ({worst:.1f}× atol)" if worst else "**FAIL**"
+    within = all(output.get("within_tolerance", output.get("passed")) for output in outputs)
+    exact = exact_ratio(row)
+    if passed and within:
+        return "pass"
+    details = [] if within else [f"{over:.1f}× atol"]
+    if exact is not None:
+        details.append(f"float64: {exact:.2f}× orig")
+    text = "pass" if passed else "**FAIL**"
+    return f"{text} ({'; '.join(details)})" if details else text
 
 
 def _others_cell(row: dict) -> str:
@@ -724,6 +748,18 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
         torch_reasons.update(row.get("torch_reasons") or {})
     onnx_ratios = [ratio(row.get("onnx_err"), row.get("onnx_err_base")) for row in ran]
     onnx_ratios = [value for value in onnx_ratios if value is not None and 0 < value < math.inf]
+    over_tolerance = [
+        row["model"]
+        for row in ran
+        if not all(
+            output.get("within_tolerance", output.get("passed")) for output in row.get("verify_outputs", [])
+        )
+    ]
+    reference_seconds = {
+        row["model"]: (row.get("verify_reference") or {}).get("seconds") or 0.0
+        for row in ran
+        if (row.get("verify_reference") or {}).get("computed")
+    }
     return {
         "models": len(rows),
         "ran": len(ran),
@@ -734,6 +770,10 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
         "onnx_errors": [row["model"] for row in ran if row.get("onnx_error")],
         "torch_errors": [row["model"] for row in ran if row.get("torch_error")],
         "verify_failures": [row["model"] for row in ran if row.get("verify_passed") is False],
+        "over_tolerance": over_tolerance,
+        "reference_computed": len(reference_seconds),
+        "reference_s_total": sum(reference_seconds.values()),
+        "reference_s_max": max(reference_seconds.values(), default=0.0),
         "onnx_reasons": dict(onnx_reasons.most_common()),
         "torch_reasons": dict(torch_reasons.most_common()),
         "onnx_err_ratio_geomean": (
@@ -757,6 +797,13 @@ def render_summary(summary: dict[str, Any]) -> str:
         f"kept by the ONNX path: {_format_reasons(summary['onnx_reasons']) or 'none'}",
         f"kept by the PyTorch path: {_format_reasons(summary['torch_reasons']) or 'none'}",
     ]
+    if summary.get("over_tolerance") or summary.get("reference_computed"):
+        lines.append(
+            f"over the plain float32 tolerance on {len(summary['over_tolerance'])} "
+            f"({', '.join(summary['over_tolerance']) or 'none'}); bnfold's float64 reference computed on "
+            f"{summary['reference_computed']} models, {summary['reference_s_total']:.1f} s in all, "
+            f"at most {summary['reference_s_max']:.1f} s"
+        )
     if geomean is not None:
         lines.append(
             f"ONNX path err× (RMS vs float64, folded / unfolded): geometric mean {geomean:.3f}, "
@@ -801,6 +848,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per model (default 300)")
     parser.add_argument("--no-tools", action="store_true", help="skip onnxsim/onnxslim/onnxoptimizer")
+    parser.add_argument(
+        "--from-json", type=Path, help="print the table and summary of an earlier --json file"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -821,6 +871,12 @@ def main(argv: list[str] | None = None) -> int:
             arguments.negative_fraction,
         )
         print(RESULT_PREFIX + json.dumps(row), flush=True)
+        return 0
+    if arguments.from_json:
+        rows = json.loads(arguments.from_json.read_text())["rows"]
+        print(render_table(rows))
+        print()
+        print(render_summary(summarize(rows)))
         return 0
     if arguments.list:
         for model in ZOO.values():

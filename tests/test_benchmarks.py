@@ -190,14 +190,20 @@ def _zoo_rows() -> list[dict]:
         "torch_err": 1.0,
         "torch_err_base": 1.0,
         "verify_passed": False,
-        "verify_outputs": [{"name": "output", "max_abs_error": 3e-4, "atol": 1e-4, "needed_atol": 3e-4}],
+        "verify_outputs": [{"name": "output", "atol": 1e-4, "needed_atol": 3e-4, "passed": False}],
         "others_left": {"onnxsim": 3, "onnxslim": "error"},
         "total_s": 12.3,
     }
     passing = {**ok, "model": "net_b", "bn_nodes": 5, "onnx_left": 0, "onnx_left_file": 0, "torch_left": 0}
     passing.update(onnx_reasons={}, torch_reasons={}, verify_passed=True, onnx_err=4.0)
+    passing["verify_outputs"] = [{"name": "output", "atol": 1e-4, "needed_atol": 5e-5, "passed": True}]
     crashed = {"model": "net_c", "status": "crash (exit -11)", "error": "Segmentation fault", "total_s": 1.0}
-    return [ok, passing, crashed]
+    exact = {"folded_rms": 1e-5, "original_rms": 2e-5, "usable": True, "passed": True}
+    judged = {**passing, "model": "net_d", "verify_passed": True}
+    judged["verify_outputs"] = [
+        {"name": "output", "atol": 1e-4, "needed_atol": 3e-4, "within_tolerance": False, "exact": exact}
+    ]
+    return [ok, passing, crashed, judged]
 
 
 def test_zoo_table_and_summary_without_torch() -> None:
@@ -217,15 +223,18 @@ def test_zoo_table_and_summary_without_torch() -> None:
     assert first[column["left onnxsim/onnxslim/onnxoptimizer"]] == "3 / error / –"
     assert cells[1][column["verify (defaults)"]] == "pass"
     assert "crash (exit -11): Segmentation fault" in cells[2][column["kept ONNX by reason"]]
+    # Over the float32 tolerance, passed by the float64 judgment: both are shown.
+    assert cells[3][column["verify (defaults)"]] == "pass (3.0× atol; float64: 0.50× orig)"
 
     summary = zoo.summarize(rows)
-    assert (summary["models"], summary["ran"], summary["failed"]) == (3, 2, ["net_c"])
-    assert (summary["bn"], summary["left_onnx"], summary["left_torch"]) == (15, 2, 4)
+    assert (summary["models"], summary["ran"], summary["failed"]) == (4, 3, ["net_c"])
+    assert (summary["bn"], summary["left_onnx"], summary["left_torch"]) == (20, 2, 4)
     assert summary["verify_failures"] == ["net_a"]
+    assert summary["over_tolerance"] == ["net_a", "net_d"]
     assert summary["torch_reasons"] == {"producer-has-other-consumers": 3, "custom-forward": 1}
-    assert summary["onnx_err_ratio_geomean"] == pytest.approx((0.5 * 1.0) ** 0.5)
+    assert summary["onnx_err_ratio_geomean"] == pytest.approx((0.5 * 1.0 * 1.0) ** (1 / 3))
     text = zoo.render_summary(summary)
-    assert "15 BatchNormalization nodes: 2 left by the ONNX path, 4 by the PyTorch path" in text
+    assert "20 BatchNormalization nodes: 2 left by the ONNX path, 4 by the PyTorch path" in text
     assert "did not run: net_c" in text
 
 
