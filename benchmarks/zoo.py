@@ -732,9 +732,17 @@ def table_row(row: dict) -> list[str]:
 
 
 def render_table(rows: list[dict]) -> str:
-    """A markdown table, one line per model."""
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(table_row(row)) + " |" for row in rows]
+    """A markdown table, one line per model (the other tools' column only when they ran)."""
+    shown = [
+        index
+        for index, column in enumerate(TABLE_COLUMNS)
+        if not column.startswith("left onnxsim") or any(row.get("others_left") for row in rows)
+    ]
+    header = [TABLE_COLUMNS[index] for index in shown]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = table_row(row)
+        lines.append("| " + " | ".join(cells[index] for index in shown) + " |")
     return "\n".join(lines)
 
 

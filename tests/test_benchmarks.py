@@ -237,6 +237,13 @@ def test_zoo_table_and_summary_without_torch() -> None:
     assert "20 BatchNormalization nodes: 2 left by the ONNX path, 4 by the PyTorch path" in text
     assert "did not run: net_c" in text
 
+    # Without the other tools (--no-tools) their column is left out.
+    bare = [{key: value for key, value in row.items() if key != "others_left"} for row in rows]
+    header = zoo.render_table(bare).splitlines()[0]
+    assert [cell.strip() for cell in header.strip("|").split("|")] == [
+        column for column in zoo.TABLE_COLUMNS if not column.startswith("left onnxsim")
+    ]
+
 
 def test_zoo_lists_its_models_and_refuses_unknown_ones_without_torchvision() -> None:
     script = ROOT / "benchmarks" / "zoo.py"
