@@ -18,6 +18,9 @@ import torch
 from torch import fx, nn
 
 from bnfold.comparison import ReferenceUnavailable
+from bnfold.core.driver import run_rules
+from bnfold.core.protocol import Rule
+from bnfold.core.table import TORCH, check_skip_rules
 from bnfold.errors import BnfoldError
 from bnfold.fx.compare import (
     TorchRun,
@@ -35,22 +38,9 @@ from bnfold.fx.nodes import (
     is_per_sample_norm_call,
     owner_path,
 )
-from bnfold.fx.rules import (
-    RULES,
-    FoldContext,
-    Layer,
-    NormCall,
-    Refusal,
-    Rule,
-    batchnorm_refusal,
-    find_consumer,
-    find_producer,
-    identify,
-    read_batchnorm,
-    readers,
-)
-from bnfold.fx.rules_reshape import find_producer_through_reshape
+from bnfold.fx.rules import RULES
 from bnfold.fx.trace import as_args, is_exported_module, trace
+from bnfold.fx.view import FxView
 from bnfold.report import Decision, Outcome, Reason, Report
 from bnfold.verify import VerificationResult
 
@@ -110,10 +100,7 @@ def fold_module(
     while folded layers still get new tensors. Every fold is computed in float64 and rounded once
     into the layer's dtype (float16, bfloat16, float32, float64).
     """
-    skipped = set(skip_rules)
-    unknown = skipped - set(rule_names(RULES))
-    if unknown:
-        raise BnfoldError(f"unknown rule(s) {sorted(unknown)}; choose from {rule_names(RULES)}")
+    skipped = check_skip_rules(skip_rules, TORCH)
     fresh = isinstance(model, torch.export.ExportedProgram)
     program = model if fresh else None
     if fresh:
@@ -133,12 +120,12 @@ def fold_module(
     reference = _reference_factory(model, program, runs, inplace=inplace, exact=exact) if checking else None
     working = model if inplace or fresh else _deepcopy(model)
     traced = trace(working, args, tracer=tracer, dynamic_shapes=dynamic_shapes)
-    context = FoldContext(traced.graph_module, root=working, trusted_shapes=traced.trusted_shapes)
+    context = FxView(traced.graph_module, root=working, trusted_shapes=traced.trusted_shapes)
     report = Report(source=type(model).__name__)
     report.extras["tracer"] = traced.tracer
     if traced.fallback_reason:
         report.extras["symbolic_trace_error"] = traced.fallback_reason
-    _fold_graph(context, rules, skipped, report)
+    run_rules(context, rules, report, skipped=skipped)
     _report_subgraphs(context, context.graph_module, "", {}, report)
     if context.assumed_ranks:
         _insert_rank_checks(context.graph_module, context.assumed_ranks)
@@ -188,78 +175,8 @@ def _deepcopy(model: nn.Module) -> nn.Module:
         return copy.deepcopy(model)
 
 
-def _fold_graph(context: FoldContext, rules: Sequence[Rule], skipped: set[str], report: Report) -> None:
-    """One pass in graph order is a fixed point: a node's inputs are visited (and folded) before it.
-
-    So each branch of a RepVGG block has had its conv-bn fold when the add summing the branches is
-    reached, and an inner add of a chain ``add(add(a, b), c)`` is merged before the outer one.
-    """
-    decisions: dict[fx.Node, Decision] = {}  # in graph order; a merge may replace a BN's decision
-    for node in list(context.graph_module.graph.nodes):
-        if node.graph is not context.graph_module.graph or _erased(node):
-            continue
-        call = identify(context, node)
-        if call is None:
-            if _try_merge_branches(context, node, rules, skipped, decisions):
-                context.refresh()
-            continue
-        if call.kind == "per-sample":
-            decisions[node] = _decision(call, Outcome.NEVER_FOLDABLE, reason=Reason.PER_SAMPLE_STATISTICS)
-            continue
-        decision = _try_fold(context, call, rules, skipped)
-        decisions[node] = decision
-        if decision.outcome is Outcome.FOLDED:
-            logger.debug("folded %s into %s by %s", decision.node, decision.into, decision.rule)
-            context.refresh()
-    for decision in decisions.values():
-        report.add(decision)
-
-
-def _try_merge_branches(
-    context: FoldContext,
-    add: fx.Node,
-    rules: Sequence[Rule],
-    skipped: set[str],
-    decisions: dict[fx.Node, Decision],
-) -> bool:
-    """Merge the parallel branches an add sums into one conv; True when it did.
-
-    A merged add is reported (op ``add``, outcome ``merged``), so that every change to the graph
-    shows in the report; an add that is not merged is not. An identity-branch BN it sums is: folded
-    by the merge, or kept with the merge's refusal, which replaces the decision the BN got on its own
-    (visited earlier, since it feeds the add) because it says more.
-    """
-    for rule in rules:
-        if rule.side != "branches":
-            continue
-        branches = rule.read_branches(context, add)
-        if branches is None:
-            continue
-        norm = branches.identity_norm
-        if rule.name in skipped:
-            match = Refusal(Reason.RULE_DISABLED, f"rule {rule.name} is skipped")
-        else:
-            match = rule.match(context, branches)
-        if isinstance(match, Refusal):
-            logger.debug("%s not merged: %s %s", add.name, match.reason, match.detail)
-            if norm is not None and norm.node in decisions:
-                detail = f"identity branch of `{add.name}`: {match.detail}"
-                decisions[norm.node] = _kept(norm, Refusal(match.reason, detail), rule)
-            return False
-        name = add.name  # apply() erases the add
-        into = rule.apply(context, match)
-        logger.debug("merged the branches of %s into %s", name, into)
-        decisions[add] = Decision(
-            node=name, op_type="add", output=name, outcome=Outcome.MERGED, rule=rule.name, into=into
-        )
-        if norm is not None:
-            decisions[norm.node] = _decision(norm, Outcome.FOLDED, rule=rule.name, into=into)
-        return True
-    return False
-
-
 def _report_subgraphs(
-    context: FoldContext,
+    context: FxView,
     graph_module: fx.GraphModule,
     path: str,
     operand_owners: dict[str, str],
@@ -320,77 +237,6 @@ def _cond_operand_owners(parent: fx.GraphModule, call: fx.Node, branch: fx.Graph
         if isinstance(operand, fx.Node) and operand.op == "get_attr":
             owners[placeholder.name] = owner_path(operand.target)
     return owners
-
-
-def _erased(node: fx.Node) -> bool:
-    return getattr(node, "_erased", False)
-
-
-def _try_fold(context: FoldContext, call: NormCall, rules: Sequence[Rule], skipped: set[str]) -> Decision:
-    """Fold the BN into the layer before it if a rule can, else into the layer after it.
-
-    When every candidate refuses, the first refusal (the producer's, when there is one) is the reason
-    and the others are added to its detail — as the ONNX driver does.
-    """
-    batchnorm = read_batchnorm(context, call)
-    if isinstance(batchnorm, Refusal):
-        return _kept(call, batchnorm)
-    refusal = batchnorm_refusal(context, batchnorm)
-    if refusal:
-        return _kept(call, refusal)
-    producer = find_producer(context, batchnorm)
-    through = find_producer_through_reshape(context, batchnorm) if isinstance(producer, Refusal) else None
-    consumer = find_consumer(context, batchnorm)
-    candidates: list[tuple[Rule, Layer]] = []
-    for side, layer in (("producer", producer), ("through-reshape", through), ("consumer", consumer)):
-        if isinstance(layer, Layer):
-            rule = next((r for r in rules if r.side == side and r.accepts(batchnorm, layer)), None)
-            if rule is not None:
-                candidates.append((rule, layer))
-    if not candidates:
-        return _kept(call, _nothing_to_fold_into(batchnorm, producer))
-    refusals: list[tuple[Rule, Refusal]] = []
-    for rule, layer in candidates:
-        if rule.name in skipped:
-            refusals.append((rule, Refusal(Reason.RULE_DISABLED, f"rule {rule.name} is skipped")))
-            continue
-        match = rule.match(context, batchnorm, layer)
-        if isinstance(match, Refusal):
-            refusals.append((rule, match))
-            continue
-        into = rule.apply(context, match)
-        return _decision(call, Outcome.FOLDED, rule=rule.name, into=into)
-    rule, refusal = refusals[0]
-    if len(refusals) > 1:
-        also = "; ".join(
-            f"{other.name}: {why.reason}" + (f" ({why.detail})" if why.detail else "")
-            for other, why in refusals[1:]
-        )
-        refusal = Refusal(
-            refusal.reason, f"{refusal.detail}; also {also}" if refusal.detail else f"also {also}"
-        )
-    return _kept(call, refusal, rule)
-
-
-def _nothing_to_fold_into(batchnorm, producer: Layer | Refusal) -> Refusal:
-    if isinstance(producer, Refusal):
-        reason, detail = producer.reason, producer.detail
-    else:
-        reason, detail = Reason.NO_FOLDABLE_PRODUCER, f"no rule folds {producer.op_type} `{producer.name}`"
-    users = readers(batchnorm)
-    if users and reason is Reason.NO_FOLDABLE_PRODUCER:
-        detail += f"; its output feeds {', '.join(user.name for user in users[:3])}, which no rule folds into"
-    return Refusal(reason, detail)
-
-
-def _kept(call: NormCall, refusal: Refusal, rule: Rule | None = None) -> Decision:
-    return _decision(
-        call, Outcome.KEPT, rule=rule.name if rule else None, reason=refusal.reason, detail=refusal.detail
-    )
-
-
-def _decision(call: NormCall, outcome: Outcome, **fields) -> Decision:
-    return Decision(node=call.name, op_type=call.op_type, output=call.node.name, outcome=outcome, **fields)
 
 
 # -- checking -----------------------------------------------------------------------------------

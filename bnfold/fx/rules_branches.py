@@ -29,7 +29,6 @@ whose output channels are not its input channels.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,111 +36,42 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from bnfold.affine import ConvWindow, merge_branch_kernels
-from bnfold.fx.nodes import argument_names, bind, returns_tuple
-from bnfold.fx.rules import (
-    BatchNorm,
-    FoldContext,
-    Layer,
-    NormCall,
-    Refusal,
-    Rule,
-    _affine,
-    _channel_refusal,
-    _layer,
-    _replace_module,
-    _rounded,
-    _set_argument,
-    batchnorm_refusal,
+from bnfold.affine import ConvWindow
+from bnfold.core.protocol import Applied
+from bnfold.core.refuse import Refuse
+from bnfold.folds import merge_branches, require_scale_fits
+from bnfold.fx.branch_reading import Branch, Branches, read_branches
+from bnfold.fx.checks import (
+    batchnorm_map,
     channels_on_axis_one,
+    require_channel_count,
+    require_editable,
+    require_float_statistics,
+    require_no_write_between,
+    require_not_shared,
+    require_sole_reader,
+)
+from bnfold.fx.nodes import argument_names, bind
+from bnfold.fx.reading import BatchNorm, Layer, read_batchnorm, value_readers_of
+from bnfold.fx.state import numpy_dtype
+from bnfold.fx.view import FxView
+from bnfold.fx.writing import (
     drop_unused_owner,
-    editable_layer_refusal,
     erase_batchnorm,
-    identify,
-    mutation_refusal,
-    read_batchnorm,
-    sole_reader_refusal,
-    statistics_dtype_refusal,
-    value_readers_of,
+    replace_module,
+    set_argument,
     write_functional_tensors,
 )
 from bnfold.report import Reason
 
-__all__ = ["Branch", "Branches", "BranchMatch", "BranchMerge", "add_operands"]
+__all__ = ["BranchMerge", "BranchPlan"]
 
 aten = torch.ops.aten
-_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
-_ADD_METHODS = ("add", "add_")
-_ADD_OPS = (aten.add.Tensor, aten.add_.Tensor)
 _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-_IN_PLACE = (operator.iadd, "add_", aten.add_.Tensor)
-
-
-def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """The two tensors an add node sums (``alpha`` 1), or None when it is not such an add.
-
-    An in-place add (``a += b``, ``a.add_(b)``) writes into ``a``: it counts only when nothing but
-    the add reads ``a``, since a merge would leave anything else that reads ``a`` (or a caller's
-    input tensor) unchanged where the add had changed it.
-    """
-    if node.op == "call_method" and node.target in _ADD_METHODS:
-        operands, options = node.args, dict(node.kwargs)
-    elif node.op == "call_function" and (node.target in _ADD_FUNCTIONS or node.target in _ADD_OPS):
-        operands, options = node.args, dict(node.kwargs)
-        if node.target in _ADD_OPS:
-            bound = bind(node)
-            operands = (bound.get("self"), bound.get("other"))
-            options = {key: value for key, value in bound.items() if key not in ("self", "other")}
-    else:
-        return None
-    if options.get("alpha", 1) != 1 or set(options) - {"alpha"} or len(operands) != 2:
-        return None
-    first, second = operands
-    if not isinstance(first, fx.Node) or not isinstance(second, fx.Node) or first is second:
-        return None
-    if node.target in _IN_PLACE and (first.op == "placeholder" or set(first.users) != {node}):
-        return None
-    return first, second
-
-
-@dataclass(frozen=True)
-class Branch:
-    """One operand of the add: a conv of ``x`` (``layer``), a BN of ``x`` (``norm``), or ``x`` itself."""
-
-    node: fx.Node
-    layer: Layer | None = None
-    norm: NormCall | None = None
-
-
-@dataclass(frozen=True)
-class Branches:
-    """The two branches an add sums, both reading ``source``; at least one is a conv.
-
-    ``passed`` maps a branch node to the nodes that pass its value on unchanged to the add, innermost
-    first: ``nn.Identity`` (timm's ``drop`` and the activation of ``apply_act=False``), eval-mode
-    dropout, ``+ 0`` (MobileOne starts its sum with ``out = 0``). A merge removes them too.
-    """
-
-    add: fx.Node
-    source: fx.Node
-    branches: tuple[Branch, Branch]
-    passed: tuple[tuple[fx.Node, tuple[fx.Node, ...]], ...] = ()
-
-    def reader_of(self, node: fx.Node) -> fx.Node:
-        """The node that reads ``node`` on its way to the add: the add, or the first pass-through."""
-        chain = dict(self.passed).get(node)
-        return chain[0] if chain else self.add
-
-    @property
-    def identity_norm(self) -> NormCall | None:
-        """The identity branch's BN, which the report accounts for, if there is one."""
-        return next((branch.norm for branch in self.branches if branch.norm is not None), None)
-
-
 @dataclass
-class BranchMatch:
+class BranchPlan:
     """The merged conv: which layer carries it, its new weight, bias, kernel and padding; what goes."""
 
     branches: Branches
@@ -155,6 +85,77 @@ class BranchMatch:
     assumes: frozenset[str] = frozenset()  # graph inputs whose example rank the merge relies on
 
 
+class BranchMerge:
+    """``add`` of Conv / BN / identity branches of one input -> one Conv (RepVGG, ACNet, MobileOne)."""
+
+    name = "branch-merge"
+    site = Branches
+
+    def find(self, view: FxView, node: fx.Node) -> Branches | None:
+        return read_branches(view, node)
+
+    def plan(self, view: FxView, branches: Branches) -> BranchPlan:
+        convs: list[Layer] = []
+        geometries: list[_Geometry] = []
+        for branch in branches.branches:
+            if branch.layer is None:
+                continue
+            _require_mergeable(view, branches.reader_of(branch.layer.node), branch.layer)
+            convs.append(branch.layer)
+            geometries.append(_geometry(branch.layer))
+        _require_compatible(convs, geometries)
+        _require_no_write(view, branches)
+        reference, geometry = convs[0], geometries[0]
+        identity_map, batchnorm, assumes = None, None, frozenset()
+        identity = next((branch for branch in branches.branches if branch.layer is None), None)
+        if identity is not None:
+            scale, shift, batchnorm, assumes = _identity(view, branches, identity, reference, geometry)
+            identity_map = (scale, shift)
+        window, weight, bias = merge_branches(
+            [view.exact.array(conv.weight) for conv in convs],
+            [view.exact.array(conv.bias) if conv.bias is not None else None for conv in convs],
+            [g.window for g in geometries],
+            geometry.dilations,
+            groups=reference.groups,
+            identity=identity_map,
+            keep_exact=True,
+        )
+        padding = _torch_padding(window, geometry)
+        position = {node: index for index, node in enumerate(view.graph_module.graph.nodes)}
+        carrier = min(convs, key=lambda conv: position[conv.node])
+        removed = [conv for conv in convs if conv is not carrier]
+        new_weight = view.exact.tensor(weight, reference.weight)
+        new_bias = view.exact.tensor(bias, reference.weight) if bias is not None else None
+        return BranchPlan(
+            branches, carrier, removed, batchnorm, new_weight, new_bias, window.kernel, padding, assumes
+        )
+
+    def apply(self, view: FxView, plan: BranchPlan) -> Applied:
+        """The first conv becomes the merged one and takes the add's place; the rest go."""
+        graph_module, graph = view.graph_module, view.graph_module.graph
+        carrier, add = plan.carrier, plan.branches.add
+        view.assume(plan.assumes)
+        if carrier.module is not None:
+            replace_module(graph_module, carrier.node.target, _merged_module(carrier, plan))
+        else:
+            write_functional_tensors(view, carrier, plan.weight, plan.bias)
+            _set_padding(carrier.node, plan.padding)
+        add.replace_all_uses_with(carrier.node)
+        graph.erase_node(add)
+        for _, chain in plan.branches.passed:
+            for node in reversed(chain):
+                graph.erase_node(node)
+        for layer in plan.removed:
+            layer.node.replace_all_uses_with(carrier.node)  # readers of its shape (the same shape)
+            _remove_layer(graph_module, layer)
+        if plan.batchnorm is not None:
+            for output in plan.batchnorm.outputs:  # readers of its shape: the source has that shape
+                output.replace_all_uses_with(plan.branches.source)
+            erase_batchnorm(view, plan.batchnorm)
+        view.refresh()
+        return Applied(carrier.name)
+
+
 @dataclass(frozen=True)
 class _Geometry:
     """A conv branch's stride, dilation and the window it reads, resolved to explicit values."""
@@ -164,213 +165,18 @@ class _Geometry:
     window: ConvWindow
 
 
-class BranchMerge(Rule):
-    """``add`` of Conv / BN / identity branches of one input -> one Conv (RepVGG, ACNet, MobileOne)."""
-
-    name = "branch-merge"
-    side = "branches"
-
-    def accepts(self, batchnorm: BatchNorm, layer: Layer) -> bool:
-        return False  # not a (BN, layer) rule: the driver offers it adds (read_branches)
-
-    def read_branches(self, context: FoldContext, add: fx.Node) -> Branches | None:
-        """The add's operands as branches of one tensor, or None when it is not such an add.
-
-        A conv or BN operand is read as a branch of its own input, else as an identity branch (the
-        tensor itself): ``add(conv(x), x)`` pairs a conv of ``x`` with ``x``.
-        """
-        operands = add_operands(add)
-        if operands is None:
-            return None
-        unwrapped = [_passed_through(context, operand, add) for operand in operands]
-        first, second = (inner for inner, _ in unwrapped)
-        passed = tuple((inner, chain) for inner, chain in unwrapped if chain)
-        for source, one in _readings(context, first):
-            for other_source, other in _readings(context, second):
-                if source is not other_source or (one.layer is None and other.layer is None):
-                    continue
-                # Only a conv or BN output is looked through (a float tensor: adding 0 is exact).
-                if any(
-                    branch.layer is None and branch.norm is None and branch.node in dict(passed)
-                    for branch in (one, other)
-                ):
-                    continue
-                return Branches(add, source, (one, other), passed)
-        return None
-
-    def match(self, context: FoldContext, branches: Branches) -> BranchMatch | Refusal:  # type: ignore[override]
-        convs: list[Layer] = []
-        geometries: list[_Geometry] = []
-        for branch in branches.branches:
-            if branch.layer is None:
-                continue
-            reader = branches.reader_of(branch.layer.node)
-            geometry = _conv_refusal(context, reader, branch.layer) or _geometry(branch.layer)
-            if isinstance(geometry, Refusal):
-                return geometry
-            convs.append(branch.layer)
-            geometries.append(geometry)
-        refusal = _compatibility_refusal(convs, geometries) or _mutation_refusal(context, branches)
-        if refusal:
-            return refusal
-        reference, geometry = convs[0], geometries[0]
-        channels = reference.weight.shape[0]
-        windows = [g.window for g in geometries]
-        weights = [context.exact.float64(conv.weight) for conv in convs]
-        biases = [context.exact.float64(conv.bias) for conv in convs if conv.bias is not None]
-        bias64 = sum(biases, np.zeros(channels))
-        has_bias = any(conv.bias is not None for conv in convs)
-        batchnorm, scale, assumes = None, None, frozenset()
-        identity = next((branch for branch in branches.branches if branch.layer is None), None)
-        if identity is not None:
-            mapped = _identity(context, branches, identity, reference, geometry)
-            if isinstance(mapped, Refusal):
-                return mapped
-            scale, shift, batchnorm, assumes = mapped
-            if shift is not None:
-                bias64, has_bias = bias64 + shift, True
-        merged = merge_branch_kernels(
-            weights, windows, geometry.dilations, identity_scale=scale, groups=reference.groups
-        )
-        if isinstance(merged, str):
-            return Refusal(Reason.BRANCHES_INCOMPATIBLE, merged)
-        window, weight64 = merged
-        padding = _torch_padding(window, geometry)
-        if isinstance(padding, Refusal):
-            return padding
-        weight = _rounded(weight64, reference.weight, context.exact)
-        bias = _rounded(bias64, reference.weight, context.exact) if has_bias else None
-        if weight is None or (has_bias and bias is None):
-            detail = f"the merged weight or bias overflows {reference.weight.dtype}"
-            return Refusal(Reason.FOLD_OVERFLOWS_DTYPE, detail)
-        position = {node: index for index, node in enumerate(context.graph_module.graph.nodes)}
-        carrier = min(convs, key=lambda conv: position[conv.node])
-        removed = [conv for conv in convs if conv is not carrier]
-        return BranchMatch(
-            branches, carrier, removed, batchnorm, weight, bias, window.kernel, padding, assumes
-        )
-
-    def apply(self, context: FoldContext, match: BranchMatch) -> str:  # type: ignore[override]
-        """The first conv becomes the merged one and takes the add's place; the rest go."""
-        graph_module, graph = context.graph_module, context.graph_module.graph
-        carrier, add = match.carrier, match.branches.add
-        context.assume(match.assumes)
-        if carrier.module is not None:
-            _replace_module(graph_module, carrier.node.target, _merged_module(carrier, match))
-        else:
-            write_functional_tensors(context, carrier, match.weight, match.bias)
-            _set_padding(carrier.node, match.padding)
-        add.replace_all_uses_with(carrier.node)
-        graph.erase_node(add)
-        for _, chain in match.branches.passed:
-            for node in reversed(chain):
-                graph.erase_node(node)
-        for layer in match.removed:
-            layer.node.replace_all_uses_with(carrier.node)  # readers of its shape (the same shape)
-            _remove_layer(graph_module, layer)
-        if match.batchnorm is not None:
-            for output in match.batchnorm.outputs:  # readers of its shape: the source has that shape
-                output.replace_all_uses_with(match.branches.source)
-            erase_batchnorm(context, match.batchnorm)
-        return carrier.name
-
-
-def _passed_through(
-    context: FoldContext, operand: fx.Node, add: fx.Node
-) -> tuple[fx.Node, tuple[fx.Node, ...]]:
-    """(the value ``operand`` passes on unchanged, the pass-through nodes innermost first).
-
-    Each pass-through node must be read only by the next one (the last by ``add``).
-    """
-    chain: list[fx.Node] = []
-    node, reader = operand, add
-    while isinstance(node, fx.Node) and set(node.users) == {reader}:
-        inner = _pass_through_input(context, node)
-        if inner is None:
-            break
-        chain.append(node)
-        node, reader = inner, node
-    return node, tuple(reversed(chain))
-
-
-def _pass_through_input(context: FoldContext, node: fx.Node) -> fx.Node | None:
-    """The input a node returns unchanged (``nn.Identity``, eval dropout, ``t + 0``), else None."""
-    if node.op == "call_module":
-        module = context.graph_module.get_submodule(str(node.target))
-        identity = isinstance(module, nn.Identity) or (
-            isinstance(module, nn.modules.dropout._DropoutNd) and not module.training
-        )
-        if identity and len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node):
-            return node.args[0]
-        return None
-    if node.op != "call_function":
-        return None
-    if node.target is operator.add or node.target in (aten.add.Tensor, aten.add.Scalar):
-        arguments = node.args
-        if len(arguments) != 2 or set(node.kwargs) - {"alpha"} or node.kwargs.get("alpha", 1) != 1:
-            return None
-        first, second = arguments
-        if isinstance(first, fx.Node) and _is_zero(second):
-            return first
-        if isinstance(second, fx.Node) and _is_zero(first):
-            return second
-    return None
-
-
-def _is_zero(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
-
-
-def _readings(context: FoldContext, node: fx.Node) -> list[tuple[fx.Node, Branch]]:
-    """(source, branch) ways to read an operand: as a conv or BN of its input, then as itself."""
-    readings = []
-    layer = _layer(context, node)
-    if isinstance(layer, Layer) and layer.kind == "conv":
-        source = node.args[0] if node.op == "call_module" else bind(node).get("input")
-        if isinstance(source, fx.Node):
-            readings.append((source, Branch(node, layer=layer)))
-    norm = _batchnorm_of(context, node)
-    if norm is not None:
-        source = _norm_input(norm)
-        if isinstance(source, fx.Node):
-            readings.append((source, Branch(node, norm=norm)))
-    readings.append((node, Branch(node)))
-    return readings
-
-
-def _batchnorm_of(context: FoldContext, node: fx.Node) -> NormCall | None:
-    """The BN whose normalized output ``node`` is (the call, or ``getitem(call, 0)`` of a tuple one)."""
-    if node.op == "call_function" and node.target is operator.getitem and node.args[1:] == (0,):
-        call_node = node.args[0]
-        if not isinstance(call_node, fx.Node) or not returns_tuple(call_node):
-            return None
-    elif returns_tuple(node):
-        return None
-    else:
-        call_node = node
-    call = identify(context, call_node)
-    return call if call is not None and call.kind == "batchnorm" else None
-
-
-def _norm_input(norm: NormCall) -> Any:
-    if norm.module is not None:
-        return norm.node.args[0] if norm.node.args else None
-    return bind(norm.node).get("input")
-
-
-def _conv_refusal(context: FoldContext, add: fx.Node, layer: Layer) -> Refusal | None:
+def _require_mergeable(view: FxView, add: fx.Node, layer: Layer) -> None:
     """Why this conv branch cannot be edited: other readers, sharing, hooks, run-time or odd weights."""
-    refusal = sole_reader_refusal(layer, add) or editable_layer_refusal(context, layer)
-    if refusal:
-        return refusal
+    require_sole_reader(layer, add)
+    require_editable(view, layer)
     padding_mode = getattr(layer.module, "padding_mode", "zeros")
     if padding_mode != "zeros":
         detail = f"`{layer.name}` has padding_mode={padding_mode!r}; only zero padding merges"
-        return Refusal(Reason.BRANCHES_INCOMPATIBLE, detail)
+        raise Refuse(Reason.BRANCHES_INCOMPATIBLE, detail)
     return None
 
 
-def _geometry(layer: Layer) -> _Geometry | Refusal:
+def _geometry(layer: Layer) -> _Geometry:
     """Strides, dilations and the window of a conv, module or functional, any spelling of its options."""
     rank, kernel = layer.spatial_dims, tuple(layer.weight.shape[2:])
     if layer.module is not None:
@@ -382,7 +188,7 @@ def _geometry(layer: Layer) -> _Geometry | Refusal:
     strides, dilations = _expand(stride, rank), _expand(dilation, rank)
     if strides is None or dilations is None or min(strides + dilations) < 1:
         detail = f"`{layer.name}` has stride {stride}, dilation {dilation}"
-        return Refusal(Reason.BRANCHES_INCOMPATIBLE, detail)
+        raise Refuse(Reason.BRANCHES_INCOMPATIBLE, detail)
     if padding == "valid":
         pads = (0,) * rank
         window = ConvWindow(kernel, pads, pads)
@@ -393,7 +199,7 @@ def _geometry(layer: Layer) -> _Geometry | Refusal:
     else:
         pads = _expand(padding, rank)
         if pads is None or min(pads, default=0) < 0:
-            return Refusal(Reason.BRANCHES_INCOMPATIBLE, f"`{layer.name}` has padding {padding!r}")
+            raise Refuse(Reason.BRANCHES_INCOMPATIBLE, f"`{layer.name}` has padding {padding!r}")
         window = ConvWindow(kernel, pads, pads)
     return _Geometry(strides, dilations, window)
 
@@ -408,7 +214,7 @@ def _expand(value: Any, rank: int) -> tuple[int, ...] | None:
     return values if len(values) == rank else None
 
 
-def _compatibility_refusal(convs: list[Layer], geometries: list[_Geometry]) -> Refusal | None:
+def _require_compatible(convs: list[Layer], geometries: list[_Geometry]) -> None:
     """Why conv branches cannot be one conv: each of these must agree."""
     if len(convs) < 2:
         return None
@@ -426,11 +232,11 @@ def _compatibility_refusal(convs: list[Layer], geometries: list[_Geometry]) -> R
     for what, left, right in checks:
         if left != right:
             detail = f"{what} differ: {_shown(left)} (`{first.name}`) and {_shown(right)} (`{second.name}`)"
-            return Refusal(Reason.BRANCHES_INCOMPATIBLE, detail)
+            raise Refuse(Reason.BRANCHES_INCOMPATIBLE, detail)
     return None
 
 
-def _mutation_refusal(context: FoldContext, branches: Branches) -> Refusal | None:
+def _require_no_write(view: FxView, branches: Branches) -> None:
     """The merged conv reads the source once, where the first branch did: refuse an in-place write
     into the source between the first and the last branch that reads it (the add, for ``x`` itself)."""
     reads = []
@@ -441,55 +247,44 @@ def _mutation_refusal(context: FoldContext, branches: Branches) -> Refusal | Non
             reads.append(branch.norm.node)
         else:
             reads.append(branches.add)  # ``x`` itself is read by the add
-    return mutation_refusal(context, branches.source, reads, f"the branches of `{branches.add.name}`")
+    require_no_write_between(view, branches.source, reads, f"the branches of `{branches.add.name}`")
 
 
 def _identity(
-    context: FoldContext, branches: Branches, identity: Branch, conv: Layer, geometry: _Geometry
-) -> tuple[np.ndarray, np.ndarray | None, BatchNorm | None, frozenset[str]] | Refusal:
+    view: FxView, branches: Branches, identity: Branch, conv: Layer, geometry: _Geometry
+) -> tuple[np.ndarray, np.ndarray | None, BatchNorm | None, frozenset[str]]:
     """The identity branch's per-channel (scale, shift) and its BN: a BN's map, or (1, none) for ``x``;
     and the graph inputs whose example rank that relies on."""
     channels = conv.weight.shape[0]
     if any(stride != 1 for stride in geometry.strides):
         detail = f"`{conv.name}` has stride {_shown(geometry.strides)}; an identity branch has stride 1"
-        return Refusal(Reason.BRANCHES_INCOMPATIBLE, detail)
+        raise Refuse(Reason.BRANCHES_INCOMPATIBLE, detail)
     if conv.weight.shape[1] * conv.groups != channels:
         detail = (
             f"`{conv.name}` maps {conv.weight.shape[1] * conv.groups} channels to {channels}; "
             "an identity keeps them"
         )
-        return Refusal(Reason.BRANCHES_INCOMPATIBLE, detail)
+        raise Refuse(Reason.BRANCHES_INCOMPATIBLE, detail)
     if identity.norm is None:
         return np.ones(channels), None, None, frozenset()
-    batchnorm = read_batchnorm(context, identity.norm)
-    if isinstance(batchnorm, Refusal):
-        return batchnorm
-    refusal = batchnorm_refusal(context, batchnorm)
-    if refusal:
-        return refusal
+    batchnorm = read_batchnorm(view, identity.norm)
+    require_not_shared(view, batchnorm)
     reader = branches.reader_of(identity.node)
     readers = [user for user in value_readers_of(batchnorm) if user is not reader]
     if readers or identity.node not in batchnorm.outputs:
         where = "is returned" if any(user.op == "output" for user in readers) else "is also read elsewhere"
-        return Refusal(Reason.BN_OUTPUT_HAS_OTHER_CONSUMERS, f"the output of `{identity.norm.name}` {where}")
-    refusal = statistics_dtype_refusal(batchnorm) or _channel_refusal(batchnorm, conv, channels, "output")
-    if refusal:
-        return refusal
+        raise Refuse(Reason.BN_OUTPUT_HAS_OTHER_CONSUMERS, f"the output of `{identity.norm.name}` {where}")
+    require_float_statistics(batchnorm)
+    require_channel_count(batchnorm, conv, channels, "output")
     # The BN normalizes the source's axis 1; the conv reads channels there only when it is batched.
-    assumes = channels_on_axis_one(context, batchnorm, branches.source, conv, "input")
-    if isinstance(assumes, Refusal):
-        return assumes
-    affine = _affine(batchnorm, channels)
-    if isinstance(affine, Refusal):
-        return affine
+    assumes = channels_on_axis_one(view, batchnorm, branches.source, conv, "input")
+    affine = batchnorm_map(batchnorm, channels)
     # As in conv-bn: a scale the weight dtype cannot hold is degenerate even where sums would fit.
-    if _rounded(affine.scale, conv.weight) is None:
-        detail = f"the scale of `{identity.norm.name}` overflows {conv.weight.dtype}"
-        return Refusal(Reason.FOLD_OVERFLOWS_DTYPE, detail)
+    require_scale_fits(affine, numpy_dtype(conv.weight.dtype), f"the scale of `{identity.norm.name}`")
     return affine.scale, affine.shift, batchnorm, assumes
 
 
-def _torch_padding(window: ConvWindow, geometry: _Geometry) -> tuple[int, ...] | str | Refusal:
+def _torch_padding(window: ConvWindow, geometry: _Geometry) -> tuple[int, ...] | str:
     """The merged window's pads as a torch conv's ``padding``: equal at both ends, or ``"same"``."""
     if window.pads_begin == window.pads_end:
         return window.pads_begin
@@ -501,10 +296,10 @@ def _torch_padding(window: ConvWindow, geometry: _Geometry) -> tuple[int, ...] |
         f"the merged kernel {list(window.kernel)} needs pads {list(window.pads_begin)} before and "
         f"{list(window.pads_end)} after, which a torch conv cannot express"
     )
-    return Refusal(Reason.BRANCHES_INCOMPATIBLE, detail)
+    raise Refuse(Reason.BRANCHES_INCOMPATIBLE, detail)
 
 
-def _merged_module(carrier: Layer, match: BranchMatch) -> nn.Module:
+def _merged_module(carrier: Layer, match: BranchPlan) -> nn.Module:
     """A new plain ``nn.Conv1d/2d/3d`` holding the merged kernel (built on ``meta``: no initialization)."""
     module, weight = carrier.module, match.weight
     merged = _CONV_CLASSES[carrier.spatial_dims](
@@ -534,7 +329,7 @@ def _set_padding(node: fx.Node, padding: tuple[int, ...] | str) -> None:
         node.target = packet.padding if isinstance(padding, str) else packet.default
         padding = padding if isinstance(padding, str) else list(padding)
     names = argument_names(node.target)
-    _set_argument(node, names.index("padding"), "padding", padding)
+    set_argument(node, names.index("padding"), "padding", padding)
 
 
 def _remove_layer(graph_module: fx.GraphModule, layer: Layer) -> None:

@@ -11,8 +11,9 @@ the reshapes stay (a no-op round trip).
     Before:  x -Linear(W, b)-> [B, N, C] -flatten(0, 1)-> [B*N, C] -BN(s, t)-> y
     After:   x -Linear(W*s, b*s + t)-> [B, N, C] -flatten(0, 1)-> y
 
-The shapes come from ``example_inputs`` (ShapeProp, or torch.export's metadata). Refuses: shapes
-unknown (``unknown-shape``); a BN axis 1 that is not the Linear's features, e.g.
+The shapes are the graph's symbolic ones (:mod:`bnfold.fx.shapes`): sizes read from ``x.shape`` stay
+symbols, so ``view(B, C, T)`` is refused even where the example has ``T = 1`` (``shape-dependent``).
+Refuses: shapes unknown (``unknown-shape``); a BN axis 1 that is not the Linear's features, e.g.
 ``linear(x).reshape(B, C, N)`` (``reshape-not-channel-preserving``); a Linear or reshape output read by
 anything but the next step (reading only its shape, as ``reshape_as(features)`` does, is fine).
 """
@@ -22,25 +23,19 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from bnfold.affine import fold_bias, scale_output_channels
+from bnfold.core.protocol import Applied
+from bnfold.core.refuse import Refuse
+from bnfold.core.sites import ThroughReshape
+from bnfold.fx.checks import require_channel_count, require_foldable_pair
 from bnfold.fx.nodes import output_shape, reads_only_metadata
-from bnfold.fx.rules import (
-    BatchNorm,
-    FoldContext,
-    Layer,
-    Match,
-    Refusal,
-    Rule,
-    _affine,
-    _channel_refusal,
-    _layer,
-    _layer_refusal,
-    _rounded_match,
-)
+from bnfold.fx.reading import BatchNorm, Layer, identify, layer_at, norm_input, read_batchnorm
+from bnfold.fx.rules_output import plan_output_fold
 from bnfold.fx.shapes import proven_equal
+from bnfold.fx.view import FxView
+from bnfold.fx.writing import LayerFold, apply_layer_fold
 from bnfold.report import Reason
 
-__all__ = ["LinearReshapeBN", "find_producer_through_reshape", "reshape_chain"]
+__all__ = ["LinearReshapeBN", "reshape_chain"]
 
 aten = torch.ops.aten
 _RESHAPE_METHODS = frozenset({"flatten", "reshape", "view", "reshape_as", "view_as", "unflatten"})
@@ -64,9 +59,9 @@ def _is_reshape(node: fx.Node) -> bool:
     return False
 
 
-def reshape_chain(batchnorm: BatchNorm) -> tuple[fx.Node, list[fx.Node]] | None:
+def reshape_chain(normalized: object) -> tuple[fx.Node, list[fx.Node]] | None:
     """(the node before the reshapes, the reshapes from the BN's input back), or None without one."""
-    node, chain = batchnorm.input, []
+    node, chain = normalized, []
     while isinstance(node, fx.Node) and _is_reshape(node) and node.args:
         chain.append(node)
         node = node.args[0]
@@ -75,68 +70,55 @@ def reshape_chain(batchnorm: BatchNorm) -> tuple[fx.Node, list[fx.Node]] | None:
     return node, chain
 
 
-def find_producer_through_reshape(context: FoldContext, batchnorm: BatchNorm) -> Layer | None:
-    """The Linear that the BN normalizes through flatten/reshape/view calls, or None."""
-    found = reshape_chain(batchnorm)
-    if found is None:
-        return None
-    layer = _layer(context, found[0])
-    return layer if isinstance(layer, Layer) and layer.kind == "linear" else None
-
-
-class LinearReshapeBN(Rule):
+class LinearReshapeBN:
     """Linear -> flatten/reshape/view -> BatchNorm with the Linear's features on the BN's axis 1."""
 
     name = "linear-reshape-bn"
-    side = "through-reshape"
+    site = ThroughReshape
 
-    def accepts(self, batchnorm: BatchNorm, layer: Layer) -> bool:
-        return layer.kind == "linear"
+    def find(self, view: FxView, node: fx.Node) -> ThroughReshape | None:
+        call = identify(view, node)
+        if call is None or call.kind != "batchnorm":
+            return None
+        found = reshape_chain(norm_input(call))
+        if found is None or view.layer_node(found[0], ("linear",)) is None:
+            return None
+        return ThroughReshape(norm=node, reshape=tuple(found[1]), layer=found[0])
 
-    def match(self, context: FoldContext, batchnorm: BatchNorm, layer: Layer) -> Match | Refusal:
-        refusal = _layer_refusal(context, batchnorm, layer)
-        if refusal:
-            return refusal
-        _, chain = reshape_chain(batchnorm)
+    def plan(self, view: FxView, site: ThroughReshape) -> LayerFold:
+        batchnorm = read_batchnorm(view, identify(view, site.norm))
+        layer = layer_at(view, site.layer)
+        require_foldable_pair(view, batchnorm, layer)
+        chain = list(site.reshape)
         # Each step, the last reshape included, may feed only the next one (or shape reads).
         steps = [layer.node, *reversed(chain), batchnorm.node]
         for step, following in zip(steps, steps[1:], strict=False):
-            refusal = _other_readers_refusal(step, following, layer)
-            if refusal:
-                return refusal
+            _require_only_reader(step, following, layer)
         channels = layer.weight.shape[0]
-        refusal = _channel_refusal(batchnorm, layer, channels, "output")
-        if refusal:
-            return refusal
-        assumes = _axis_facts(context, batchnorm, layer, chain[0], channels)
-        if isinstance(assumes, Refusal):
-            return assumes
-        affine = _affine(batchnorm, channels)
-        if isinstance(affine, Refusal):
-            return affine
-        weight = context.exact.float64(layer.weight)
-        weight64 = scale_output_channels(weight, affine.scale, layer.layout, layer.groups)
-        bias64 = fold_bias(context.exact.float64(layer.bias) if layer.bias is not None else None, affine)
-        return _rounded_match(context, batchnorm, layer, weight64, bias64, "producer", assumes)
+        require_channel_count(batchnorm, layer, channels, "output")
+        assumes = _axis_facts(view, batchnorm, layer, chain[0], channels)
+        return plan_output_fold(view, batchnorm, layer, chain[0], assumes)
+
+    def apply(self, view: FxView, plan: LayerFold) -> Applied:
+        return Applied(apply_layer_fold(view, plan))
 
 
-def _other_readers_refusal(step: fx.Node, following: fx.Node, layer: Layer) -> Refusal | None:
+def _require_only_reader(step: fx.Node, following: fx.Node, layer: Layer) -> None:
     """Refuse when anything besides the next reshape sees ``step``'s values (they would be folded)."""
     others = [user for user in step.users if user is not following and not reads_only_metadata(user, step)]
     if any(user.op == "output" for user in others):
-        return Refusal(
+        raise Refuse(
             Reason.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT, f"`{step.name}` (from `{layer.name}`) is returned"
         )
     if others:
         names = ", ".join(user.name for user in others[:3])
         detail = f"`{step.name}` (from `{layer.name}`) also feeds {names}"
-        return Refusal(Reason.PRODUCER_HAS_OTHER_CONSUMERS, detail)
-    return None
+        raise Refuse(Reason.PRODUCER_HAS_OTHER_CONSUMERS, detail)
 
 
 def _axis_facts(
-    context: FoldContext, batchnorm: BatchNorm, layer: Layer, reshaped: fx.Node, channels: int
-) -> frozenset[str] | Refusal:
+    view: FxView, batchnorm: BatchNorm, layer: Layer, reshaped: fx.Node, channels: int
+) -> frozenset[str]:
     """The BN's axis 1 must be the Linear's features for every input: ``[M, C]`` or ``[M, C, 1, ...]``.
 
     Proven on the graph's symbolic shapes (sizes read from ``x.shape`` stay symbols), never on the
@@ -145,18 +127,18 @@ def _axis_facts(
     """
     example = output_shape(reshaped)
     shown = [size if isinstance(size, int) else "?" for size in example] if example is not None else None
-    facts = context.facts.shape(reshaped)
+    facts = view.facts.shape(reshaped)
     if facts is None:
         if example is None:
             detail = (
                 f"the shape of `{reshaped.name}` (reshaped `{layer.name}`) is unknown; pass example_inputs"
             )
-            return Refusal(Reason.UNKNOWN_SHAPE, detail)
+            raise Refuse(Reason.UNKNOWN_SHAPE, detail)
         detail = (
             f"the shape of `{reshaped.name}` (reshaped `{layer.name}`) is {shown} in the example, but the "
             "graph does not fix it for every input"
         )
-        return Refusal(Reason.SHAPE_DEPENDENT, detail)
+        raise Refuse(Reason.SHAPE_DEPENDENT, detail)
     dims = facts.dims
     if len(dims) >= 2 and proven_equal(dims[1], channels) and all(proven_equal(size, 1) for size in dims[2:]):
         return facts.assumes
@@ -172,9 +154,9 @@ def _axis_facts(
             f"`{batchnorm.call.name}` normalizes axis 1 of `{reshaped.name}` [{sizes}]: `{layer.name}`'s "
             f"{channels} features are there one-to-one for the example {shown} only, not for every input size"
         )
-        return Refusal(Reason.SHAPE_DEPENDENT, detail)
+        raise Refuse(Reason.SHAPE_DEPENDENT, detail)
     detail = (
         f"`{batchnorm.call.name}` normalizes axis 1 of `{reshaped.name}` {shown or list(dims)}, which is not "
         f"`{layer.name}`'s {channels} features (its last axis) one-to-one"
     )
-    return Refusal(Reason.RESHAPE_NOT_CHANNEL_PRESERVING, detail)
+    raise Refuse(Reason.RESHAPE_NOT_CHANNEL_PRESERVING, detail)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import itertools
 import operator
-from dataclasses import dataclass
 from typing import Any
 
 import sympy
@@ -35,198 +34,32 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from bnfold.fx.nodes import BATCHNORM_MODULES, PER_SAMPLE_MODULES, output_shape
+from bnfold.fx.shape_ops import (
+    BINARY_NAMES,
+    CONV_FUNCTIONS,
+    ELEMENTWISE_MODULES,
+    ELEMENTWISE_NAMES,
+    POOL_FUNCTIONS,
+    POOL_MODULES,
+    SIZE_ARITHMETIC,
+    Shape,
+    Size,
+    Sizes,
+    asserted_rank,
+    batchnorm_ranks,
+    is_torch_function,
+    item_of,
+    permuted,
+    pool_rank,
+    proven_equal,
+    reduced,
+    resolve,
+    size_expr,
+    spatial_digit,
+    union_of,
+)
 
 __all__ = ["Shape", "ShapeFacts", "batchnorm_ranks", "proven_equal"]
-
-
-@dataclass(frozen=True)
-class Shape:
-    """A tensor's sizes as sympy expressions, and the graph inputs whose example rank they assume."""
-
-    dims: tuple[sympy.Expr, ...]
-    assumes: frozenset[str] = frozenset()
-    #: the graph inputs whose example rank the *rank* assumes (None: the same as ``assumes``);
-    #: ``x.flatten(1)`` has rank 2 for every input, whatever its sizes assume
-    rank_assumes: frozenset[str] | None = None
-
-    @property
-    def rank(self) -> int:
-        return len(self.dims)
-
-    @property
-    def rank_assumptions(self) -> frozenset[str]:
-        return self.assumes if self.rank_assumes is None else self.rank_assumes
-
-    def derived(self, dims: tuple[sympy.Expr, ...]) -> Shape:
-        """A shape computed from this one by an operation that keeps the rank's assumptions."""
-        return Shape(tuple(dims), self.assumes, self.rank_assumptions)
-
-
-@dataclass(frozen=True)
-class _Sizes:
-    """A tuple of sizes read from a tensor (``x.shape``, ``x.size()``), or one size (``x.shape[0]``)."""
-
-    dims: tuple[sympy.Expr, ...]
-    assumes: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True)
-class _Size:
-    expr: sympy.Expr
-    assumes: frozenset[str] = frozenset()
-
-
-def proven_equal(size: sympy.Expr, value: int | sympy.Expr) -> bool:
-    """Whether ``size`` equals ``value`` for every value of its symbols."""
-    return sympy.simplify(sympy.sympify(size) - sympy.sympify(value)) == 0
-
-
-_BATCHNORM_RANKS = {
-    nn.BatchNorm1d: frozenset({2, 3}),
-    nn.BatchNorm2d: frozenset({4}),
-    nn.BatchNorm3d: frozenset({5}),
-}
-
-
-def batchnorm_ranks(module: nn.Module) -> frozenset[int] | None:
-    """The input ranks a BN module accepts, when it is torch's own check that says so (else None).
-
-    A subclass that overrides ``_check_input_dim`` may accept any rank.
-    """
-    for base, ranks in _BATCHNORM_RANKS.items():
-        if isinstance(module, base):
-            check = type(module)._check_input_dim
-            return ranks if check is base._check_input_dim else None
-    return None
-
-
-_ELEMENTWISE_MODULES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Softplus,
-    nn.Softmax,
-    nn.LogSoftmax,
-    nn.Identity,
-    nn.modules.dropout._DropoutNd,
-)
-_POOL_MODULES = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.Upsample,
-)
-_ELEMENTWISE_NAMES = frozenset(
-    {
-        "relu",
-        "relu_",
-        "relu6",
-        "sigmoid",
-        "sigmoid_",
-        "tanh",
-        "tanh_",
-        "gelu",
-        "silu",
-        "hardswish",
-        "hardsigmoid",
-        "mish",
-        "leaky_relu",
-        "elu",
-        "hardtanh",
-        "softplus",
-        "softmax",
-        "log_softmax",
-        "dropout",
-        "clone",
-        "contiguous",
-        "detach",
-        "neg",
-        "abs",
-        "exp",
-        "sqrt",
-        "rsqrt",
-        "float",
-        "half",
-        "double",
-        "bfloat16",
-        "to",
-        "type_as",
-        "clamp",
-        "clamp_",
-        "clip",
-        "batch_norm",
-        "layer_norm",
-        "group_norm",
-        "instance_norm",
-        "rms_norm",
-    }
-)
-_BINARY_NAMES = frozenset(
-    {
-        "add",
-        "add_",
-        "iadd",
-        "sub",
-        "sub_",
-        "isub",
-        "mul",
-        "mul_",
-        "imul",
-        "truediv",
-        "div",
-        "div_",
-        "itruediv",
-        "maximum",
-        "minimum",
-    }
-)
-_SIZE_ARITHMETIC = {"add": operator.add, "iadd": operator.add, "sub": operator.sub, "mul": operator.mul}
-_POOL_FUNCTIONS = frozenset(
-    {
-        functional.max_pool1d,
-        functional.max_pool2d,
-        functional.max_pool3d,
-        functional.avg_pool1d,
-        functional.avg_pool2d,
-        functional.avg_pool3d,
-        functional.adaptive_avg_pool1d,
-        functional.adaptive_avg_pool2d,
-        functional.adaptive_avg_pool3d,
-        functional.adaptive_max_pool1d,
-        functional.adaptive_max_pool2d,
-        functional.adaptive_max_pool3d,
-        functional.interpolate,
-    }
-)
-_CONV_FUNCTIONS = {
-    functional.conv1d: 1,
-    functional.conv2d: 2,
-    functional.conv3d: 3,
-    functional.conv_transpose1d: 1,
-    functional.conv_transpose2d: 2,
-    functional.conv_transpose3d: 3,
-}
 
 
 class ShapeFacts:
@@ -244,7 +77,7 @@ class ShapeFacts:
         self._example_ranks: dict[str, int] = {}
         nodes = list(graph_module.graph.nodes)
         for node in nodes:
-            asserted = _asserted_rank(node)
+            asserted = asserted_rank(node)
             if asserted is not None:
                 self._asserted[asserted[0]] = asserted[1]
         for node in nodes:
@@ -294,7 +127,7 @@ class ShapeFacts:
             )
             return Shape(dims, frozenset({node.name}))
         if node.op == "get_attr":
-            value = _resolve(self._root, str(node.target))
+            value = resolve(self._root, str(node.target))
             if isinstance(value, torch.Tensor):
                 return Shape(tuple(sympy.Integer(size) for size in value.shape))
             return None
@@ -307,9 +140,9 @@ class ShapeFacts:
     def _from_meta(self, node: fx.Node) -> Any:
         value = node.meta.get("val")
         if isinstance(value, torch.Tensor):
-            return Shape(tuple(_expr(size) for size in value.shape))
+            return Shape(tuple(size_expr(size) for size in value.shape))
         if isinstance(value, torch.SymInt | int) and not isinstance(value, bool):
-            return _Size(_expr(value))
+            return Size(size_expr(value))
         return None
 
     def _get(self, value: Any) -> Any:
@@ -318,11 +151,11 @@ class ShapeFacts:
         if isinstance(value, bool):
             return None
         if isinstance(value, int):
-            return _Size(sympy.Integer(value))
+            return Size(sympy.Integer(value))
         if isinstance(value, list | tuple):
             items = [self._get(item) for item in value]
-            if all(isinstance(item, _Size) for item in items):
-                return _Sizes(tuple(item.expr for item in items), _union(items))
+            if all(isinstance(item, Size) for item in items):
+                return Sizes(tuple(item.expr for item in items), union_of(items))
         return None
 
     def _module(self, node: fx.Node, module: nn.Module) -> Any:
@@ -335,7 +168,7 @@ class ShapeFacts:
                 dims[1] = sympy.Integer(module.num_features)
                 return Shape(tuple(dims))
             return source
-        if isinstance(module, _ELEMENTWISE_MODULES):
+        if isinstance(module, ELEMENTWISE_MODULES):
             return source
         if source is None:
             return None
@@ -343,8 +176,8 @@ class ShapeFacts:
             return self._conv(source, module.weight.shape, module.transposed, len(module.kernel_size))
         if isinstance(module, nn.Linear):
             return source.derived((*source.dims[:-1], sympy.Integer(module.out_features)))
-        if isinstance(module, _POOL_MODULES):
-            spatial = _pool_rank(module)
+        if isinstance(module, POOL_MODULES):
+            spatial = pool_rank(module)
             return self._spatial_unknown(source, spatial if spatial else source.rank - 2)
         if isinstance(module, nn.Flatten):
             return self._flatten(source, module.start_dim, module.end_dim)
@@ -394,36 +227,36 @@ class ShapeFacts:
         if target is getattr:
             return self._attribute(first, args[1])
         if target is operator.getitem:
-            return _item(first, args[1])
+            return item_of(first, args[1])
         if node.op == "call_method" and name in ("size", "dim", "numel", "ndimension"):
             return self._size_method(name, first, args[1:], kwargs)
         if target is torch._assert:
             return None
-        if target in _CONV_FUNCTIONS:
+        if target in CONV_FUNCTIONS:
             weight = self.shape(args[1]) if len(args) > 1 else self.shape(kwargs.get("weight"))
             if not isinstance(first, Shape) or weight is None:
                 return None
             transposed = "transpose" in name
             sizes = torch.Size(int(size) for size in weight.dims)
-            return self._conv(first, sizes, transposed, _CONV_FUNCTIONS[target])
+            return self._conv(first, sizes, transposed, CONV_FUNCTIONS[target])
         if target is functional.linear:
             weight = self.shape(args[1]) if len(args) > 1 else self.shape(kwargs.get("weight"))
             if isinstance(first, Shape) and weight is not None:
                 return first.derived((*first.dims[:-1], weight.dims[0]))
             return None
-        if target in _POOL_FUNCTIONS:
+        if target in POOL_FUNCTIONS:
             if not isinstance(first, Shape):
                 return None
-            spatial = _digit(name)
+            spatial = spatial_digit(name)
             return self._spatial_unknown(first, spatial if spatial else first.rank - 2)
-        if name in _ELEMENTWISE_NAMES and (node.op == "call_method" or _is_torch_function(target)):
+        if name in ELEMENTWISE_NAMES and (node.op == "call_method" or is_torch_function(target)):
             return first if isinstance(first, Shape) else None
-        if name in _BINARY_NAMES or target in (operator.add, operator.sub, operator.mul, operator.truediv):
+        if name in BINARY_NAMES or target in (operator.add, operator.sub, operator.mul, operator.truediv):
             return self._binary(name, [self._get(arg) for arg in args[:2]])
         if target is operator.floordiv:
             values = [self._get(arg) for arg in args[:2]]
-            if all(isinstance(value, _Size) for value in values):
-                return _Size(sympy.floor(values[0].expr / values[1].expr), _union(values))
+            if all(isinstance(value, Size) for value in values):
+                return Size(sympy.floor(values[0].expr / values[1].expr), union_of(values))
             return None
         if name == "flatten" and (node.op == "call_method" or target is torch.flatten):
             start = kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
@@ -446,12 +279,12 @@ class ShapeFacts:
                 return first.derived((*first.dims[:axis], sympy.Integer(1), *first.dims[axis:]))
             return None
         if name in ("permute", "transpose") and isinstance(first, Shape):
-            return _permuted(name, first, args[1:])
+            return permuted(name, first, args[1:])
         reduction = name in ("mean", "sum", "amax", "amin")
-        if reduction and (node.op == "call_method" or _is_torch_function(target)):
+        if reduction and (node.op == "call_method" or is_torch_function(target)):
             axes = kwargs.get("dim", args[1] if len(args) > 1 else None)
             keep = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
-            return _reduced(first, axes, keep)
+            return reduced(first, axes, keep)
         if target is torch.cat and args:
             return self._cat(args[0], kwargs.get("dim", args[1] if len(args) > 1 else 0))
         return None
@@ -460,23 +293,23 @@ class ShapeFacts:
         if not isinstance(value, Shape):
             return None
         if attribute == "shape":
-            return _Sizes(value.dims, value.assumes)
+            return Sizes(value.dims, value.assumes)
         if attribute == "ndim":
-            return _Size(sympy.Integer(value.rank), value.assumes)
+            return Size(sympy.Integer(value.rank), value.assumes)
         return None
 
     def _size_method(self, name: str, value: Any, args: tuple, kwargs: dict) -> Any:
         if not isinstance(value, Shape):
             return None
         if name in ("dim", "ndimension"):
-            return _Size(sympy.Integer(value.rank), value.assumes)
+            return Size(sympy.Integer(value.rank), value.assumes)
         if name == "numel":
-            return _Size(sympy.Mul(*value.dims), value.assumes)
+            return Size(sympy.Mul(*value.dims), value.assumes)
         axis = args[0] if args else kwargs.get("dim")
         if axis is None:
-            return _Sizes(value.dims, value.assumes)
+            return Sizes(value.dims, value.assumes)
         if isinstance(axis, int) and -value.rank <= axis < value.rank:
-            return _Size(value.dims[axis], value.assumes)
+            return Size(value.dims[axis], value.assumes)
         return None
 
     def _binary(self, name: str, values: list[Any]) -> Any:
@@ -484,10 +317,10 @@ class ShapeFacts:
             return None
         shapes = [value for value in values if isinstance(value, Shape)]
         if not shapes:
-            if all(isinstance(value, _Size) for value in values):
+            if all(isinstance(value, Size) for value in values):
                 left, right = values[0].expr, values[1].expr
-                function = _SIZE_ARITHMETIC.get(name.rstrip("_"))
-                return _Size(function(left, right), _union(values)) if function else None
+                function = SIZE_ARITHMETIC.get(name.rstrip("_"))
+                return Size(function(left, right), union_of(values)) if function else None
             return None
         if len(shapes) == 1:  # a tensor and a number
             return shapes[0]
@@ -509,14 +342,14 @@ class ShapeFacts:
     def _reshape(self, source: Shape | None, sizes: Any) -> Shape | None:
         listed = sizes if isinstance(sizes, list | tuple) else [sizes]
         values = [self._get(size) for size in listed]
-        if len(values) == 1 and isinstance(values[0], _Sizes):  # reshape(other.shape)
+        if len(values) == 1 and isinstance(values[0], Sizes):  # reshape(other.shape)
             return Shape(values[0].dims, values[0].assumes)
         dims: list[sympy.Expr | None] = []
         assumes: frozenset[str] = frozenset()
         for size, value in zip(listed, values, strict=True):
             if isinstance(size, int) and size == -1:
                 dims.append(None)
-            elif isinstance(value, _Size):
+            elif isinstance(value, Size):
                 dims.append(value.expr)
                 assumes |= value.assumes
             else:
@@ -545,94 +378,3 @@ class ShapeFacts:
         assumes = frozenset().union(*(shape.assumes for shape in shapes))
         rank_assumes = frozenset().union(*(shape.rank_assumptions for shape in shapes))
         return Shape((*first.dims[:axis], total, *first.dims[axis + 1 :]), assumes, rank_assumes)
-
-
-def _union(values: list[Any]) -> frozenset[str]:
-    return frozenset().union(*(getattr(value, "assumes", frozenset()) for value in values))
-
-
-def _item(value: Any, index: Any) -> Any:
-    if isinstance(value, _Sizes):
-        if isinstance(index, int) and -len(value.dims) <= index < len(value.dims):
-            return _Size(value.dims[index], value.assumes)
-        if isinstance(index, slice):
-            return _Sizes(value.dims[index], value.assumes)
-    return None
-
-
-def _reduced(shape: Any, axes: Any, keep: Any) -> Shape | None:
-    """``x.mean(dim, keepdim)``: the reduced axes become 1 (kept) or go."""
-    if not isinstance(shape, Shape) or not isinstance(keep, bool) or axes is None:
-        return None
-    axes = [axes] if isinstance(axes, int) else list(axes) if isinstance(axes, list | tuple) else None
-    if not axes or not all(isinstance(axis, int) for axis in axes) or shape.rank == 0:
-        return None
-    reduced = {axis % shape.rank for axis in axes}
-    dims = [
-        sympy.Integer(1) if axis in reduced else size
-        for axis, size in enumerate(shape.dims)
-        if keep or axis not in reduced
-    ]
-    return shape.derived(tuple(dims))
-
-
-def _permuted(name: str, shape: Shape, args: tuple) -> Shape | None:
-    if name == "transpose":
-        if len(args) != 2 or not all(isinstance(axis, int) for axis in args):
-            return None
-        order = list(range(shape.rank))
-        first, second = args[0] % shape.rank, args[1] % shape.rank
-        order[first], order[second] = order[second], order[first]
-    else:
-        order = list(args[0]) if len(args) == 1 and isinstance(args[0], list | tuple) else list(args)
-        if sorted(axis % shape.rank for axis in order if isinstance(axis, int)) != list(range(shape.rank)):
-            return None
-    return shape.derived(tuple(shape.dims[axis % shape.rank] for axis in order))
-
-
-def _asserted_rank(node: fx.Node) -> tuple[fx.Node, int] | None:
-    """``torch._assert(x.ndim == k, ...)`` (or ``x.dim() == k``): (x, k)."""
-    if node.op != "call_function" or node.target is not torch._assert or not node.args:
-        return None
-    condition = node.args[0]
-    if not isinstance(condition, fx.Node) or condition.target is not operator.eq:
-        return None
-    left, right = condition.args[:2]
-    if isinstance(left, int):
-        left, right = right, left
-    if not isinstance(right, int) or not isinstance(left, fx.Node):
-        return None
-    if left.op == "call_function" and left.target is getattr and left.args[1:] == ("ndim",):
-        return left.args[0], right
-    if left.op == "call_method" and left.target in ("dim", "ndimension") and len(left.args) == 1:
-        return left.args[0], right
-    return None
-
-
-def _expr(size: Any) -> sympy.Expr:
-    if isinstance(size, torch.SymInt):
-        return sympy.sympify(size.node.expr)
-    return sympy.Integer(int(size))
-
-
-def _resolve(root: nn.Module, target: str) -> Any:
-    value: Any = root
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return value
-
-
-def _pool_rank(module: nn.Module) -> int | None:
-    return _digit(type(module).__name__)
-
-
-def _digit(name: str) -> int | None:
-    for digit in ("1d", "2d", "3d"):
-        if digit in name:
-            return int(digit[0])
-    return None
-
-
-def _is_torch_function(target: Any) -> bool:
-    module = getattr(target, "__module__", "") or ""
-    return module.startswith("torch")

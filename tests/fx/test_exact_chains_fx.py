@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-import bnfold.fx.rules as fx_rules  # noqa: E402
+import bnfold.fx.state as fx_state  # noqa: E402
 from bnfold import fold_module  # noqa: E402
 from tests.fx import nets  # noqa: E402
 
@@ -52,7 +52,7 @@ def test_a_chain_of_folds_rounds_once_in_torch(kind, model, example):
 
 
 def test_without_room_for_exact_values_the_chain_rounds_per_step(monkeypatch):
-    monkeypatch.setattr(fx_rules, "EXACT_VALUES_BUDGET", 0)
+    monkeypatch.setattr(fx_state, "EXACT_VALUES_BUDGET", 0)
     _, model, example = next(models())
     folded = fold_module(copy.deepcopy(model), (example,))
     wide = fold_module(copy.deepcopy(model).double(), (example.double(),))

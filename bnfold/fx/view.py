@@ -1,0 +1,102 @@
+"""The FX graph as the core driver sees it: :class:`FxView`, a :class:`~bnfold.fx.state.FoldState` that
+also implements :class:`bnfold.core.protocol.GraphView`.
+
+Rules get this same object: the driver's questions (which nodes, which are norms, how to name them)
+are answered here, the rules' (layers, constants, uses, shapes, in-place writes) by the state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx
+
+from bnfold.core.protocol import NodeIdentity
+from bnfold.fx.checks import require_not_shared
+from bnfold.fx.nodes import function_label
+from bnfold.fx.reading import LAYOUTS, identify, layer_kind, norm_input, read_batchnorm
+from bnfold.fx.state import FoldState
+
+__all__ = ["FxView"]
+
+
+class FxView(FoldState):
+    """The top-level graph of a torch fold. ``torch.cond`` branches are not folded (their parameters
+    arrive as operands; :mod:`bnfold.fx.fold` reports their BNs)."""
+
+    path = "main"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._identities: dict[fx.Node, NodeIdentity] = {}
+        self._kinds: dict[fx.Node, str | None] = {}
+
+    # -- bnfold.core.protocol.GraphView -----------------------------------------------------------
+    def live_nodes(self) -> list[fx.Node]:
+        return list(self.graph_module.graph.nodes)
+
+    def is_removed(self, node: fx.Node) -> bool:
+        return getattr(node, "_erased", False) or node.graph is not self.graph_module.graph
+
+    def is_norm(self, node: fx.Node) -> bool:
+        return self._kind(node) == "batchnorm"
+
+    def is_per_sample_norm(self, node: fx.Node) -> bool:
+        return self._kind(node) == "per-sample"
+
+    def _kind(self, node: fx.Node) -> str | None:
+        """``batchnorm``, ``per-sample`` or None; remembered, since a fold may delete a node's module."""
+        if node not in self._kinds:
+            call = identify(self, node) if not self.is_removed(node) else None
+            self._kinds[node] = call.kind if call is not None else None
+        return self._kinds[node]
+
+    def check_norm(self, norm: fx.Node) -> None:
+        require_not_shared(self, read_batchnorm(self, identify(self, norm)))
+
+    def identity(self, node: fx.Node) -> NodeIdentity:
+        """How the report names ``node``; kept from before a fold erased it (its module may be gone)."""
+        known = self._identities.get(node)
+        if known is not None:
+            return known
+        call = identify(self, node) if not self.is_removed(node) else None
+        if call is not None:
+            identity = NodeIdentity(call.name, call.op_type, node.name)
+        else:
+            label = node.target if isinstance(node.target, str) else function_label(node.target)
+            identity = NodeIdentity(node.name, "add" if "add" in str(label) else str(label), node.name)
+        self._identities[node] = identity
+        return identity
+
+    def label(self, node: Any) -> str:
+        return node if isinstance(node, str) else self.identity(node).node
+
+    def no_site_detail(self, norm: fx.Node) -> str:
+        source = norm_input(identify(self, norm))
+        if not isinstance(source, fx.Node):
+            detail = "its input is not a tensor computed in the graph"
+        elif source.op == "placeholder":
+            detail = f"input `{source.name}` is a graph input"
+        else:
+            detail = f"input comes from {self.describe(source)}"
+        readers = list(norm.users)
+        if readers:
+            names = ", ".join(user.name for user in readers[:3])
+            detail += f"; its output feeds {names}, which no rule folds into"
+        return detail
+
+    def subgraphs(self) -> list[FxView]:
+        return []
+
+    # -- for the rules and messages -------------------------------------------------------------
+    def describe(self, node: fx.Node) -> str:
+        """``ReLU `act``` for a module, ``relu `relu``` for a function."""
+        if node.op == "call_module":
+            module = self.graph_module.get_submodule(str(node.target))
+            return f"{type(module).__name__} `{node.target}`"
+        label = function_label(node.target) if node.op == "call_function" else str(node.target)
+        return f"{label} `{node.name}`"
+
+    def layer_node(self, node: Any, kinds: tuple[str, ...] = tuple(LAYOUTS)) -> fx.Node | None:
+        """``node`` when it is a Conv / ConvTranspose / Linear of one of ``kinds`` (module or function)."""
+        return node if isinstance(node, fx.Node) and layer_kind(self, node) in kinds else None
