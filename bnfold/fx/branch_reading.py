@@ -85,6 +85,11 @@ class Branches(ParallelBranches):
         """The identity branch's BN call, if there is one (``identity_norm`` is its node)."""
         return next((branch.norm for branch in self.branches if branch.norm is not None), None)
 
+    @property
+    def absorbed(self) -> tuple[fx.Node, ...]:
+        """The ``+ 0`` adds the merge removes, reported merged with the add (as the ONNX path does)."""
+        return tuple(node for _, chain in self.passed for node in chain if node.op == "call_function")
+
     def carried_refusal_detail(self, subject_label: str, detail: str) -> str:
         return f"identity branch of `{subject_label}`: {detail}"
 
