@@ -80,6 +80,28 @@ class _GraphBuilder:
             self.steps.append(f"share {name}")
             return name
         name = self.fresh(base)
+        expression = self.draw(st.sampled_from(["", "", "", "", "Identity", "Transpose", "Cast"]))
+        if expression == "Transpose" and values.ndim < 2:
+            expression = ""
+        if expression == "Cast" and values.dtype.name not in ("float16", "float32", "float64"):
+            expression = ""
+        if expression:
+            # What exporters leave in front of a weight (issue 13): a constant sub-expression.
+            stored, attributes = values, {}
+            if expression == "Transpose":
+                stored, attributes = np.transpose(values), {"perm": list(range(values.ndim))[::-1]}
+            elif expression == "Cast":
+                stored = values.astype(np.float64)
+                attributes = {"to": helper.np_dtype_to_tensor_dtype(values.dtype)}
+            source = self.fresh(f"{base}_stored")
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(stored), source))
+            self.nodes.append(
+                helper.make_node(expression, [source], [name], name=f"{expression}_{name}", **attributes)
+            )
+            self.steps.append(f"{expression} {name}")
+            if shareable:
+                self.weights.setdefault(key, []).append(name)
+            return name
         tensor = numpy_helper.from_array(values, name)
         if self.draw(st.integers(0, 5)) == 0:
             self.nodes.append(helper.make_node("Constant", [], [name], name=f"const_{name}", value=tensor))
