@@ -104,7 +104,11 @@ def evaluate_float64(
         if domain not in {function.domain for function in model.functions}:
             raise ReferenceUnavailable(f"it uses operators of domain {domain!r}")
     try:
-        evaluator = ReferenceEvaluator(float64_copy(model), new_ops=[Conv, ConvTranspose])
+        copy = float64_copy(model)
+    except (ValueError, OSError, TypeError) as error:  # a weight that cannot be read or converted
+        raise ReferenceUnavailable(f"its weights cannot be read in float64 ({_first_line(error)})") from None
+    try:
+        evaluator = ReferenceEvaluator(copy, new_ops=[Conv, ConvTranspose])
     except Exception as error:  # onnx.reference raises many types for an op it lacks
         raise ReferenceUnavailable(f"onnx.reference cannot load it ({_first_line(error)})") from None
     outputs = []

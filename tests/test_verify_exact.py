@@ -418,3 +418,25 @@ def test_a_file_goes_to_onnx_runtime_by_path_and_a_copy_goes_to_tmpdir(monkeypat
     copies.clear()
     assert verify(tmp_path / "b.onnx", tmp_path / "b.onnx", provider="cpu")
     assert copies == []
+
+
+def test_a_folded_model_failing_on_a_size_the_original_runs_is_a_mismatch(tmp_path):
+    nodes = [
+        helper.make_node("Mul", ["x", "two"], ["double"]),
+        helper.make_node("Reshape", ["double", "shape"], ["y"]),  # batch 1 only
+    ]
+    initializers = [
+        numpy_helper.from_array(np.float32([2.0]), "two"),
+        numpy_helper.from_array(np.int64([1, 4]), "shape"),
+    ]
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    folded = make_model(nodes, [x_info], [y_info], initializers)
+    onnx.save(batch_mixing_model(False), str(tmp_path / "a.onnx"))
+    onnx.save(folded, str(tmp_path / "b.onnx"))
+
+    result = verify(tmp_path / "a.onnx", tmp_path / "b.onnx", provider="cpu")
+    ran = CliRunner().invoke(cli, ["verify", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")])
+
+    assert not result and "the folded model fails on x=3x4, which the original runs" in result.outputs[0].note
+    assert ran.exit_code == 1, ran.output
