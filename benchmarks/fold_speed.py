@@ -6,7 +6,8 @@ For each model, side by side in one run:
 - in-process stage times of bnfold as the CLI runs them: lazy load (with the checker), fold, save,
   and verification (both ONNX Runtime sessions and the comparison; ``--no-verify`` skips it all);
 - ``bnfold verify MODEL FOLDED`` and ``bnfold MODEL -o OUT`` (verification on) in fresh processes:
-  wall time and peak RSS, also per model size (the target: at most ~1.5x the model file).
+  wall time and peak RSS, also per model size (the target: at most ~1.5x the model file);
+- ``bnfold inspect MODEL`` in a fresh process: peak RSS (it loads lazily, like the fold).
 Peak RSS is each child process's VmHWM. Ratios are what to read: machines here are shared.
 The targets of issue 5: fold / load+save under 5% (and under 0.1 s on the VGG-11-BN-style model),
 CLI time and peak RSS at most 1.2x those of load+save, and for a model over 2 GB with external data
@@ -275,6 +276,7 @@ def measure(name: str, path: Path, output: Path, *, external: bool = False) -> d
     plain_seconds, plain_rss = timed_child(plain_code, str(path), str(output))
     fold_seconds, fold_rss = timed_child(BNFOLD_CLI, str(path), "-o", str(output), "--no-verify", "-q")
     stages = stage_times(path, output, verify=not external)
+    _, inspect_rss = timed_child(BNFOLD_CLI, "inspect", str(path))  # loads lazily, as the fold does
     size = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
     verify_seconds = verify_rss = verified_fold_rss = float("nan")
     if not external:  # `bnfold verify` on the pair, and a fold with verification, each in a fresh process
@@ -304,6 +306,7 @@ def measure(name: str, path: Path, output: Path, *, external: bool = False) -> d
         "verify_rss_per_size": verify_rss / (size / 2**20) if size >= 64 << 20 else float("nan"),
         "fold_verify_peak_rss_mb": verified_fold_rss,
         "fold_verify_rss_per_size": verified_fold_rss / (size / 2**20) if size >= 64 << 20 else float("nan"),
+        "inspect_peak_rss_mb": inspect_rss,
     }
 
 
@@ -372,6 +375,7 @@ def main() -> None:
         ("verify_rss_per_size", "{:.2f}"),
         ("fold_verify_peak_rss_mb", "{:.0f}"),
         ("fold_verify_rss_per_size", "{:.2f}"),
+        ("inspect_peak_rss_mb", "{:.0f}"),
     ]
     table = [[title for title, _ in columns]]
     table += [[fmt.format(row[title]) for title, fmt in columns] for row in rows]
@@ -385,7 +389,7 @@ def main() -> None:
         "fold_ratio = in-process fold step / plain load+save; verify_s = both sessions + compare "
         "(skipped for the external-data model); verify_peak_rss_mb = `bnfold verify MODEL FOLDED` and "
         "fold_verify_peak_rss_mb = `bnfold MODEL -o OUT` (with verification), each a fresh process, "
-        "*_per_size = that peak / the model's size"
+        "*_per_size = that peak / the model's size; inspect_peak_rss_mb = `bnfold inspect MODEL`"
     )
     if arguments.json:
         arguments.json.write_text(json.dumps(rows, indent=2))

@@ -92,23 +92,27 @@ def _load_pt2(path: Path, input_shapes: InputShapes, trust_code: bool) -> tuple[
         _check_runs(
             module,
             inputs,
-            f"{path}: the program does not run on --input-shape",
-            "export it with dynamic_shapes, or drop --input-shape",
+            f"{path}: the program does not run on {{input_shapes}}",
+            "export it with dynamic_shapes, or drop {input_shapes}",
         )
         return module, inputs
     saved = program.example_inputs
     if saved is None:
         raise InputSpecError(
-            f"{path}: no example inputs saved with the program; give --input-shape for {names}"
+            f"{path}: no example inputs saved with the program; give {{input_shapes}} for {names}",
+            parameters=("input_shapes",),
         )
     args, kwargs = saved
     if kwargs:
-        raise InputSpecError(f"{path}: keyword example inputs are not supported; give --input-shape")
+        raise InputSpecError(
+            f"{path}: keyword example inputs are not supported; give {{input_shapes}}",
+            parameters=("input_shapes",),
+        )
     _check_runs(
         module,
         tuple(args),
         f"{path}: the program does not run on its saved example inputs",
-        "give --input-shape",
+        "give {input_shapes}",
     )
     return module, tuple(args)
 
@@ -147,17 +151,18 @@ def _load_factory(spec: str, input_shapes: InputShapes) -> tuple[nn.Module, tupl
         parameter = next((p for p in made.parameters() if p.is_floating_point()), None)
         dtype = parameter.dtype if parameter is not None else torch.float32
         inputs = _make_inputs(names, [dtype] * len(names), input_shapes, spec)
-        _check_runs(made, inputs, f"{spec}: the model does not run on --input-shape", "check the shapes")
+        _check_runs(made, inputs, f"{spec}: the model does not run on {{input_shapes}}", "check the shapes")
         return made, inputs
     if example is None:
         raise InputSpecError(
-            f"{spec}: give --input-shape for {_forward_inputs(made)} (or return (model, example_inputs))"
+            f"{spec}: give {{input_shapes}} for {_forward_inputs(made)} (or return (model, example_inputs))",
+            parameters=("input_shapes",),
         )
     _check_runs(
         made,
         example,
         f"{spec}: the model does not run on the example inputs {attribute}() returned",
-        "return inputs the model accepts, or give --input-shape",
+        "return inputs the model accepts, or give {input_shapes}",
     )
     return made, example
 
@@ -170,7 +175,9 @@ def _check_runs(module: nn.Module, inputs: tuple[Any, ...], failure: str, advice
             module(*inputs)
     except Exception as error:  # a forward pass can raise anything
         shapes = [list(value.shape) for value in inputs if isinstance(value, torch.Tensor)]
-        raise InputSpecError(f"{failure} {shapes} ({first_line(error)}); {advice}") from None
+        raise InputSpecError(
+            f"{failure} {shapes} ({first_line(error)}); {advice}", parameters=("input_shapes",)
+        ) from None
 
 
 @contextlib.contextmanager
@@ -220,15 +227,23 @@ def _make_inputs(
     if isinstance(input_shapes, Mapping):
         unknown = sorted(set(input_shapes) - set(names))
         if unknown:
-            raise InputSpecError(f"{source}: --input-shape names unknown input(s) {unknown}; inputs: {names}")
+            raise InputSpecError(
+                f"{source}: {{input_shapes}} names unknown input(s) {unknown}; inputs: {names}",
+                parameters=("input_shapes",),
+            )
         missing = [name for name in names if name not in input_shapes]
         if missing:
-            raise InputSpecError(f"{source}: give --input-shape for {missing}")
+            raise InputSpecError(
+                f"{source}: give {{input_shapes}} for {missing}", parameters=("input_shapes",)
+            )
         shapes = [list(input_shapes[name]) for name in names]
     else:
         shapes = [list(shape) for shape in input_shapes or ()]
         if len(shapes) != len(names):
-            raise InputSpecError(f"{source}: {len(shapes)} input shapes given, the model takes {names}")
+            raise InputSpecError(
+                f"{source}: {len(shapes)} input shapes given, the model takes {names}",
+                parameters=("input_shapes",),
+            )
     generator = torch.Generator().manual_seed(0)
     inputs = []
     for shape, dtype in zip(shapes, dtypes, strict=True):

@@ -84,7 +84,7 @@ def test_factory_specs(factory_package: str) -> None:
         ("{pkg}:not_callable", None, ModelLoadError, "not_callable is not callable"),
         ("{pkg}:broken", None, ModelLoadError, "broken() raised RuntimeError: no weights here"),
         ("{pkg}:not_a_module", None, ModelLoadError, "returned str; expected a torch.nn.Module"),
-        ("{pkg}:model", None, InputSpecError, "give --input-shape for ['inputs']"),
+        ("{pkg}:model", None, InputSpecError, "give input_shapes for ['inputs']"),
         ("{pkg}:model", {"x": [1, 4, 5, 5]}, InputSpecError, "unknown input(s) ['x']"),
     ],
 )
