@@ -11,6 +11,7 @@ from __future__ import annotations
 from onnx import FunctionProto, GraphProto, NodeProto
 
 from bnfold.core.protocol import NodeIdentity
+from bnfold.core.refuse import Refuse
 from bnfold.onnx.batchnorm import BATCHNORM, PER_SAMPLE_NORMS, NormParams, read_batchnorm
 from bnfold.onnx.graph import GraphIndex, ModelContext
 from bnfold.onnx.nodes import is_op, subgraphs_of
@@ -29,6 +30,9 @@ class OnnxView(GraphIndex):
         parent: OnnxView | None = None,
     ) -> None:
         super().__init__(graph, context, path, parent)
+        # read_batchnorm's answer per BN: folds never write a BN's statistics (a shared one is copied
+        # for the layer that is written), so it holds for the whole fold.
+        self._norms: dict[int, NormParams | Refuse] = {}
 
     # -- bnfold.core.protocol.GraphView -----------------------------------------------------------
     def is_removed(self, node: NodeProto) -> bool:
@@ -41,7 +45,7 @@ class OnnxView(GraphIndex):
         return is_op(node, *PER_SAMPLE_NORMS)
 
     def check_norm(self, norm: NodeProto) -> None:
-        read_batchnorm(self, norm)
+        self.norm_params(norm)
 
     def identity(self, node: NodeProto) -> NodeIdentity:
         return NodeIdentity(node.name, node.op_type, node.output[0] if node.output else "")
@@ -76,5 +80,14 @@ class OnnxView(GraphIndex):
 
     # -- for the rules -----------------------------------------------------------------------------
     def norm_params(self, norm: NodeProto) -> NormParams:
-        """The BN's affine map (raises :class:`~bnfold.core.refuse.Refuse`)."""
-        return read_batchnorm(self, norm)
+        """The BN's affine map (raises :class:`~bnfold.core.refuse.Refuse`), read once per BN."""
+        known = self._norms.get(id(norm))
+        if known is None:
+            try:
+                known = read_batchnorm(self, norm)
+            except Refuse as refusal:
+                known = refusal
+            self._norms[id(norm)] = known
+        if isinstance(known, Refuse):
+            raise known.with_detail(known.detail)
+        return known
