@@ -58,7 +58,11 @@ def require_no_write_between(state: FoldState, tensor: Any, reads: list[fx.Node]
 
 
 def require_not_shared(state: FoldState, batchnorm: BatchNorm) -> None:
-    """Refuse a BN used at more than one call site (a shared module or parameter)."""
+    """Refuse a BN used at more than one call site (a shared module or parameter), or whose
+    statistics the graph writes in place."""
+    if any(id(tensor) in state.effects.written_tensors for tensor in batchnorm.tensors):
+        detail = f"a statistic or parameter of `{batchnorm.call.name}` is written in place by the model"
+        raise Refuse(Reason.PARAM_NOT_CONSTANT, detail)
     _require_unshared(state, batchnorm.call.name, batchnorm.node, batchnorm.tensors, batchnorm.call.module)
 
 
@@ -83,6 +87,8 @@ def require_sole_reader(layer: Layer, reader: fx.Node) -> None:
 def require_editable(state: FoldState, layer: Layer) -> None:
     """Why the layer's weights cannot be replaced: shared, hooked, computed at run time, not float."""
     _require_unshared(state, layer.name, layer.node, layer.tensors, layer.module)
+    if any(id(tensor) in state.effects.written_tensors for tensor in layer.tensors):
+        raise Refuse(Reason.WEIGHT_NOT_CONSTANT, f"the model writes into `{layer.name}`'s tensors in place")
     if layer.module is not None and hooks_of(layer.module):
         raise Refuse(Reason.HOOKS_REGISTERED, f"`{layer.name}` has {hooks_of(layer.module)}")
     if layer.module is not None and parametrize.is_parametrized(layer.module):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as functional
 from torch import fx, nn
 
-from bnfold.fx.nodes import is_batchnorm_call, producer_kind_of_function
+from bnfold.fx.nodes import is_batchnorm_call, producer_kind_of_function, resolve_attr
 
 __all__ = ["Effects", "written_inputs"]
 
@@ -185,6 +185,18 @@ class Effects:
                     self._union(node, value)
         for placeholder in placeholders[1:]:
             self._union(placeholders[0], placeholder)
+        # Parameters and buffers written in place by the graph itself (``self.bn.running_mean.add_(1)``
+        # in forward): not constants, whatever a fold reads from them now.
+        self.written_tensors: set[int] = set()
+        attributes: dict[fx.Node, list[fx.Node]] = {}
+        for node in self._parent:
+            if node.op == "get_attr":
+                attributes.setdefault(self._find(node), []).append(node)
+        for _, _, value in self._writes:
+            for node in attributes.get(self._find(value), ()):
+                tensor = resolve_attr(graph_module, str(node.target))
+                if isinstance(tensor, torch.Tensor):
+                    self.written_tensors.add(id(tensor))
 
     def _find(self, node: fx.Node) -> fx.Node:
         root = node

@@ -75,6 +75,9 @@ class ShapeFacts:
         self._asserted: dict[fx.Node, int] = {}
         self._fresh = itertools.count()
         self._example_ranks: dict[str, int] = {}
+        # Sizes a layer fixes for every input it accepts (a Linear's input has in_features last),
+        # with the graph inputs whose example rank that assumes.
+        self._known: dict[sympy.Symbol, tuple[sympy.Integer, frozenset[str]]] = {}
         nodes = list(graph_module.graph.nodes)
         for node in nodes:
             asserted = asserted_rank(node)
@@ -93,7 +96,21 @@ class ShapeFacts:
     # -- queries ---------------------------------------------------------------------------------
     def shape(self, node: Any) -> Shape | None:
         value = self._values.get(node) if isinstance(node, fx.Node) else None
-        return value if isinstance(value, Shape) else None
+        if not isinstance(value, Shape) or not self._known:
+            return value if isinstance(value, Shape) else None
+        symbols = set().union(*(sympy.sympify(size).free_symbols for size in value.dims))
+        used = [symbol for symbol in symbols if symbol in self._known]
+        if not used:
+            return value
+        substitutions = {symbol: self._known[symbol][0] for symbol in used}
+        assumes = value.assumes.union(*(self._known[symbol][1] for symbol in used))
+        dims = tuple(sympy.sympify(size).subs(substitutions) for size in value.dims)
+        return Shape(dims, assumes, value.rank_assumptions)
+
+    def _learn(self, source: Shape, axis: int, size: int) -> None:
+        """Every input a layer accepts has ``size`` on ``axis`` of ``source``: remember it for its symbol."""
+        if -source.rank <= axis < source.rank and isinstance(source.dims[axis], sympy.Symbol):
+            self._known.setdefault(source.dims[axis], (sympy.Integer(size), source.assumes))
 
     def rank(self, node: Any) -> tuple[int, frozenset[str]] | None:
         """(rank, graph inputs whose example rank it assumes), or None when unknown."""
@@ -173,8 +190,10 @@ class ShapeFacts:
         if source is None:
             return None
         if isinstance(module, _ConvNd):
+            self._learn(source, source.rank - len(module.kernel_size) - 1, module.in_channels)
             return self._conv(source, module.weight.shape, module.transposed, len(module.kernel_size))
         if isinstance(module, nn.Linear):
+            self._learn(source, -1, module.in_features)
             return source.derived((*source.dims[:-1], sympy.Integer(module.out_features)))
         if isinstance(module, POOL_MODULES):
             spatial = pool_rank(module)

@@ -156,3 +156,40 @@ def test_parametrized_conv_through_the_cli_folds(tmp_path, monkeypatch) -> None:
     ran = CliRunner().invoke(cli, ["parametrized_model:build", "-o", str(tmp_path / "out.onnx")])
     assert ran.exit_code == 0, ran.output
     assert "1 folded, 0 kept" in ran.output
+
+
+def test_parameters_written_in_place_by_forward_are_not_constants() -> None:
+    class Drifting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+            self.bn = torch.nn.BatchNorm2d(4)
+            self.head = torch.nn.Conv2d(4, 4, 1)
+
+        def forward(self, inputs):
+            self.bn.weight.mul_(1.5)  # every call rescales: no fold can bake the value in
+            self.head.weight.add_(0.25)
+            return self.head(self.bn(self.conv(inputs)))
+
+    model = nets.randomized(Drifting()).requires_grad_(False)
+    result = bnfold.fold_module(model, torch.randn(2, 3, 4, 4), verify=False)
+    (decision,) = result.report.decisions
+    assert decision.reason is Reason.PARAM_NOT_CONSTANT, result.report.to_text()
+    assert "written in place" in decision.detail
+
+
+def test_reshape_to_a_size_read_from_the_input_that_a_linear_fixes_folds() -> None:
+    # x.shape[-1] is a symbol, but the Linear accepts only inputs whose last size is in_features.
+    class ReadFeatures(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(6, 6)
+            self.bn = torch.nn.BatchNorm1d(6)
+
+        def forward(self, inputs):
+            return self.bn(self.linear(inputs).reshape(-1, inputs.shape[-1]))
+
+    model = nets.randomized(ReadFeatures())
+    result = bnfold.fold_module(model, torch.randn(2, 3, 6))
+    assert [(d.rule, d.outcome) for d in result.report.decisions] == [("linear-reshape-bn", Outcome.FOLDED)]
+    same_at(result, model, (2, 3, 6), (5, 1, 6), (1, 7, 6))
