@@ -186,7 +186,7 @@ def _time_both(
     source: str, result: FileFoldResult, inputs: Mapping[str, np.ndarray] | PathLike | None, runs: int
 ) -> Latency:
     """Time the source file and the written one (a model not written is saved to a temporary folder)."""
-    if result.written and result.path is not None:
+    if result.written and result.path is not None and os.fspath(result.path) != STDOUT:
         return measure_latency(source, result.path, result.verification, inputs=inputs, runs=runs)
     with tempfile.TemporaryDirectory(prefix="bnfold-benchmark-") as directory:
         folded = Path(directory) / "folded.onnx"

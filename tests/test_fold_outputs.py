@@ -327,3 +327,16 @@ def test_verbose_logs_steps_and_decisions(source, tmp_path):
     assert "DEBUG" in ran.stderr and "folding" in ran.stderr
     debug = [line for line in ran.stderr.splitlines() if "DEBUG" in line]
     assert any("bn_after_conv" in line and "conv-bn" in line for line in debug), ran.stderr
+
+
+def test_benchmark_with_the_model_on_standard_output(source, tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "bnfold.cli", str(source), "-o", "-", "--benchmark", "2"],
+        capture_output=True,
+        timeout=120,
+    )
+
+    assert completed.returncode == 0, completed.stderr.decode()
+    written = onnx.load_from_string(completed.stdout)
+    assert op_counts(written)["BatchNormalization"] == 1
+    assert "median of 2 runs" in completed.stderr.decode()
