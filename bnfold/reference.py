@@ -108,7 +108,7 @@ def evaluate_float64(
     except (ValueError, OSError, TypeError) as error:  # a weight that cannot be read or converted
         raise ReferenceUnavailable(f"its weights cannot be read in float64 ({_first_line(error)})") from None
     try:
-        evaluator = ReferenceEvaluator(copy, new_ops=[Conv, ConvTranspose])
+        evaluator = ReferenceEvaluator(copy, new_ops=[Conv, ConvTranspose, MaxPool])
     except Exception as error:  # onnx.reference raises many types for an op it lacks
         raise ReferenceUnavailable(f"onnx.reference cannot load it ({_first_line(error)})") from None
     outputs = []
@@ -151,7 +151,7 @@ def _to_float64_tensor(tensor: TensorProto) -> None:
     value = read_tensor(tensor) if on_disk else numpy_helper.to_array(tensor)
     if tensor.data_type in _FLOAT_TYPES:
         value = np.asarray(value).astype(np.float64)
-    tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), tensor.name))
+    tensor.CopyFrom(numpy_helper.from_array(np.array(value, order="C"), tensor.name))  # keeps 0-d scalars 0-d
 
 
 def _to_float64_type(type_proto: TypeProto) -> None:
@@ -394,3 +394,76 @@ class ConvTranspose(_reference_op_base()):
             output_padding=output_padding,
         )
         return (result.astype(X.dtype, copy=False),)
+
+
+def pool_output_size(
+    size: int, kernel: int, stride: int, dilation: int, begin: int, end: int, ceil: bool
+) -> int:
+    """ONNX Runtime's pooled size: with ``ceil``, rounded up, but the last window starts in the input."""
+    span = size + begin + end - dilation * (kernel - 1) - 1
+    if not ceil:
+        return span // stride + 1
+    count = -(-span // stride) + 1
+    if (count - 1) * stride >= size + begin:
+        count -= 1
+    return count
+
+
+def max_pool(x: np.ndarray, kernel, *, strides, pads, dilations, ceil: bool) -> np.ndarray:
+    """N-d max pooling; padding and a ceil-mode overhang never win (they hold the lowest value)."""
+    rank = len(kernel)
+    in_spatial = x.shape[2:]
+    out = [
+        pool_output_size(in_spatial[i], kernel[i], strides[i], dilations[i], pads[i], pads[i + rank], ceil)
+        for i in range(rank)
+    ]
+    if any(size <= 0 for size in out):
+        raise ValueError(f"MaxPool output would be empty ({out})")
+    lowest = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
+    ends = [
+        max(
+            pads[i + rank],
+            (out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - in_spatial[i] - pads[i],
+        )
+        for i in range(rank)
+    ]
+    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], ends[i]) for i in range(rank)], constant_values=lowest)
+    result = np.full((*x.shape[:2], *out), lowest, dtype=x.dtype)
+    for tap in itertools.product(*(range(size) for size in kernel)):
+        window = tuple(
+            slice(tap[i] * dilations[i], tap[i] * dilations[i] + strides[i] * (out[i] - 1) + 1, strides[i])
+            for i in range(rank)
+        )
+        np.maximum(result, padded[(slice(None), slice(None), *window)], out=result)
+    return result
+
+
+class MaxPool(_reference_op_base()):
+    """ONNX MaxPool for onnx.reference, with ONNX Runtime's ceil-mode sizes (its own differ)."""
+
+    op_domain = ""
+
+    def _run(  # noqa: PLR0913
+        self,
+        X,  # noqa: N803
+        auto_pad=None,
+        ceil_mode=None,
+        dilations=None,
+        kernel_shape=None,
+        pads=None,
+        storage_order=None,
+        strides=None,
+    ):
+        if len(self.onnx_node.output) > 1 and self.onnx_node.output[1]:
+            raise NotImplementedError("MaxPool with its Indices output")
+        kernel = list(kernel_shape)
+        rank = len(kernel)
+        strides, dilations = _spatial_defaults(X, kernel, strides, dilations)
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            pads = _same_pads(auto_pad, X.shape[2:], kernel, strides, dilations)
+        elif auto_pad == "VALID" or pads is None:
+            pads = [0] * (2 * rank)
+        result = max_pool(
+            X, kernel, strides=strides, pads=list(pads), dilations=dilations, ceil=bool(ceil_mode)
+        )
+        return (result,)

@@ -440,3 +440,58 @@ def test_a_folded_model_failing_on_a_size_the_original_runs_is_a_mismatch(tmp_pa
 
     assert not result and "the folded model fails on x=3x4, which the original runs" in result.outputs[0].note
     assert ran.exit_code == 1, ran.output
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rank=st.integers(1, 2),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 3),
+    dilation=st.integers(1, 2),
+    pad=st.integers(0, 1),
+    ceil=st.booleans(),
+    auto_pad=st.sampled_from(["NOTSET", "NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"]),
+    size=st.integers(3, 9),
+    seed=st.integers(0, 1000),
+)
+def test_float64_max_pool_matches_onnx_runtime(
+    rank, kernel, stride, dilation, pad, ceil, auto_pad, size, seed
+):
+    attributes = {"kernel_shape": [kernel] * rank, "strides": [stride] * rank, "ceil_mode": int(ceil)}
+    if auto_pad == "NOTSET":
+        attributes["pads"] = [min(pad, kernel - 1)] * (2 * rank)
+        attributes["dilations"] = [dilation] * rank
+    else:
+        attributes["auto_pad"] = auto_pad
+    shape = [1, 2, *[size + i for i in range(rank)]]
+    model = make_model(
+        [helper.make_node("MaxPool", ["x"], ["y"], **attributes)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [],
+    )
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    try:
+        expected = run(model, {"x": x})[0]
+    except Exception:  # a combination ONNX Runtime refuses: nothing to compare
+        return
+
+    exact = evaluate_float64(model, [{"x": x}]).outputs[0][0]
+
+    assert exact.shape == expected.shape
+    np.testing.assert_array_equal(exact, expected.astype(np.float64))  # max of the same values
+
+
+def test_float64_copy_keeps_scalar_constants_scalar():
+    # A Constant scalar that became [1] broke a Concat of shapes (TF-style dynamic padding).
+    nodes = [
+        helper.make_node(
+            "Constant", [], ["half"], value=numpy_helper.from_array(np.array(0.5, np.float32), "half")
+        ),
+        helper.make_node("Mul", ["x", "half"], ["y"]),
+    ]
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, [])
+    model = make_model(nodes, [x_info], [y_info], [])
+    exact = evaluate_float64(model, [{"x": np.array(3.0, np.float32)}]).outputs[0][0]
+    assert exact.shape == () and exact == 1.5
