@@ -60,7 +60,9 @@ class Reason(StrEnum):
 
 
 _EXPLANATIONS: dict[Reason, str] = {
-    Reason.NO_FOLDABLE_PRODUCER: "its input does not come from a layer a rule can fold into",
+    Reason.NO_FOLDABLE_PRODUCER: "its input does not come from a layer a rule can fold into, nor does "
+    "its output feed one (e.g. between a Relu and a Conv: no exact fold exists; --rewrite-standalone-bn "
+    "turns it into Mul + Add)",
     Reason.PRODUCER_HAS_OTHER_CONSUMERS: "the producer's output is also used elsewhere, which would "
     "then see normalized values",
     Reason.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT: "the producer's output is a graph output, which would "
