@@ -467,6 +467,21 @@ def run_torch_path(module, x, row: dict, reference: list | None, baseline: list 
         row["torch_err_base"] = rms_error(baseline, reference) if baseline is not None else None
 
 
+def run_torch_export(module, x, row: dict) -> None:
+    """bnfold.export without writing (what ``bnfold pkg.module:factory -o OUT.onnx`` does): the torch
+    fold, the export, the ONNX fold of what is left, verification against the module. BN left at the
+    end, with reasons."""
+    import bnfold
+
+    start = time.perf_counter()
+    result = bnfold.export(module, (x,), None)
+    row["export_path_s"] = time.perf_counter() - start
+    decisions = result.onnx_report.to_dict()["decisions"]
+    row["export_path_left"] = sum(decision["outcome"] == "kept" for decision in decisions)
+    row["export_path_reasons"] = kept_reasons(decisions)
+    row["export_path_verify_passed"] = bool(result.passed)
+
+
 _OTHER_TOOL_SCRIPT = """
 import sys, onnx
 source, target, tool = sys.argv[1:4]
@@ -565,6 +580,10 @@ def measure_model(
             run_torch_path(module, x, row, reference, baseline)
         except Exception as error:
             row["torch_error"] = f"{type(error).__name__}: {error}"[:300]
+        try:
+            run_torch_export(module, x, row)
+        except Exception as error:
+            row["export_path_error"] = f"{type(error).__name__}: {error}"[:300]
         if tools:
             run_other_tools(source, directory, row, timeout)
     return row
@@ -684,6 +703,7 @@ TABLE_COLUMNS = [
     "BN",
     "left ONNX",
     "left torch",
+    "left torch→ONNX",
     f"left {'/'.join(OTHER_TOOLS)}",
     "kept ONNX by reason",
     "kept torch by reason",
@@ -699,7 +719,7 @@ def table_row(row: dict) -> list[str]:
     if row.get("status") not in (None, "ok") or row.get("export_error"):
         problem = row.get("export_error") or row.get("error") or ""
         status = row.get("status", "ok") if not row.get("export_error") else "export failed"
-        cells = [row["model"], row.get("family", ""), row.get("input", ""), "–", "–", "–", "–"]
+        cells = [row["model"], row.get("family", ""), row.get("input", ""), "–", "–", "–", "–", "–"]
         cells += [f"{status}: {problem}"[:120], "", "–", "–", "–", f"{row.get('total_s', 0):.0f}"]
         return cells
     onnx_left = row.get("onnx_left")
@@ -714,6 +734,12 @@ def table_row(row: dict) -> list[str]:
         if row.get("torch_error")
         else _format_count(row.get("torch_left"))
     )
+    if row.get("export_path_error"):
+        export_cell = f"error: {row['export_path_error']}"[:80]
+    else:
+        export_cell = _format_count(row.get("export_path_left"))
+        if row.get("export_path_verify_passed") is False:
+            export_cell += " (verify FAIL)"
     return [
         row["model"],
         row.get("family", ""),
@@ -721,6 +747,7 @@ def table_row(row: dict) -> list[str]:
         _format_count(row.get("bn_nodes")),
         onnx_cell,
         torch_cell,
+        export_cell,
         _others_cell(row),
         _format_reasons(row.get("onnx_reasons")),
         _format_reasons(row.get("torch_reasons")),
@@ -775,8 +802,13 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
         "bn": sum(row.get("bn_nodes") or 0 for row in ran),
         "left_onnx": sum(row.get("onnx_left") or 0 for row in ran),
         "left_torch": sum(row.get("torch_left") or 0 for row in ran),
+        "left_torch_onnx": sum(row.get("export_path_left") or 0 for row in ran),
         "onnx_errors": [row["model"] for row in ran if row.get("onnx_error")],
         "torch_errors": [row["model"] for row in ran if row.get("torch_error")],
+        "export_path_errors": [row["model"] for row in ran if row.get("export_path_error")],
+        "export_path_verify_failures": [
+            row["model"] for row in ran if row.get("export_path_verify_passed") is False
+        ],
         "verify_failures": [row["model"] for row in ran if row.get("verify_passed") is False],
         "over_tolerance": over_tolerance,
         "reference_computed": len(reference_seconds),
@@ -798,7 +830,8 @@ def render_summary(summary: dict[str, Any]) -> str:
     geomean = summary["onnx_err_ratio_geomean"]
     lines = [
         f"{summary['ran']}/{summary['models']} models ran; {summary['bn']} BatchNormalization nodes: "
-        f"{summary['left_onnx']} left by the ONNX path, {summary['left_torch']} by the PyTorch path; "
+        f"{summary['left_onnx']} left by the ONNX path, {summary['left_torch']} by the PyTorch path "
+        f"({summary['left_torch_onnx']} after bnfold.export's ONNX fold); "
         f"verification (defaults) failed on {len(summary['verify_failures'])}"
         + (f" ({', '.join(summary['verify_failures'])})" if summary["verify_failures"] else "")
         + f"; {summary['total_s']:.0f} s",
@@ -819,8 +852,16 @@ def render_summary(summary: dict[str, Any]) -> str:
         )
     if summary["failed"]:
         lines.append(f"did not run: {', '.join(summary['failed'])}")
-    if summary["onnx_errors"] or summary["torch_errors"]:
-        lines.append(f"bnfold errors: ONNX {summary['onnx_errors']}, torch {summary['torch_errors']}")
+    export_errors = summary.get("export_path_errors", [])
+    if summary["onnx_errors"] or summary["torch_errors"] or export_errors:
+        lines.append(
+            f"bnfold errors: ONNX {summary['onnx_errors']}, torch {summary['torch_errors']}, "
+            f"bnfold.export {export_errors}"
+        )
+    if summary.get("export_path_verify_failures"):
+        lines.append(
+            f"bnfold.export verification failed: {', '.join(summary['export_path_verify_failures'])}"
+        )
     return "\n".join(lines)
 
 

@@ -167,6 +167,7 @@ def test_zoo_measures_a_plain_torch_model_end_to_end() -> None:
     assert row["bn_nodes"] == 3 and row["onnx_bn"] == 3
     assert row["onnx_left"] == row["onnx_left_file"] == 0
     assert row["torch_left"] == 0
+    assert row["export_path_left"] == 0 and row["export_path_verify_passed"] is True
     assert row["verify_passed"] is True
     # Folded in float64 and rounded once: about as exact as the unfolded model, nowhere near 10x off.
     assert 0 < row["onnx_err"] < 10 * row["onnx_err_base"]
@@ -183,6 +184,8 @@ def _zoo_rows() -> list[dict]:
         "onnx_left": 2,
         "onnx_left_file": 2,
         "torch_left": 4,
+        "export_path_left": 1,
+        "export_path_verify_passed": False,
         "onnx_reasons": {"no-foldable-producer": 2},
         "torch_reasons": {"producer-has-other-consumers": 3, "custom-forward": 1},
         "onnx_err": 2.0,
@@ -196,6 +199,7 @@ def _zoo_rows() -> list[dict]:
     }
     passing = {**ok, "model": "net_b", "bn_nodes": 5, "onnx_left": 0, "onnx_left_file": 0, "torch_left": 0}
     passing.update(onnx_reasons={}, torch_reasons={}, verify_passed=True, onnx_err=4.0)
+    passing.update(export_path_left=0, export_path_verify_passed=True)
     passing["verify_outputs"] = [{"name": "output", "atol": 1e-4, "needed_atol": 5e-5, "passed": True}]
     crashed = {"model": "net_c", "status": "crash (exit -11)", "error": "Segmentation fault", "total_s": 1.0}
     exact = {"folded_rms": 1e-5, "original_rms": 2e-5, "usable": True, "passed": True}
@@ -217,6 +221,7 @@ def test_zoo_table_and_summary_without_torch() -> None:
     column = {name: index for index, name in enumerate(zoo.TABLE_COLUMNS)}
     first = cells[0]
     assert (first[column["BN"]], first[column["left ONNX"]], first[column["left torch"]]) == ("10", "2", "4")
+    assert first[column["left torch→ONNX"]] == "1 (verify FAIL)"
     assert first[column["kept torch by reason"]] == "producer-has-other-consumers 3, custom-forward 1"
     assert first[column["err× ONNX"]] == "0.50"
     assert first[column["verify (defaults)"]] == "**FAIL** (3.0× atol)"
@@ -234,7 +239,8 @@ def test_zoo_table_and_summary_without_torch() -> None:
     assert summary["torch_reasons"] == {"producer-has-other-consumers": 3, "custom-forward": 1}
     assert summary["onnx_err_ratio_geomean"] == pytest.approx((0.5 * 1.0 * 1.0) ** (1 / 3))
     text = zoo.render_summary(summary)
-    assert "20 BatchNormalization nodes: 2 left by the ONNX path, 4 by the PyTorch path" in text
+    assert "20 BatchNormalization nodes: 2 left by the ONNX path, 4 by the PyTorch path (1 after" in text
+    assert "bnfold.export verification failed: net_a\n" in text + "\n"
     assert "did not run: net_c" in text
 
     # Without the other tools (--no-tools) their column is left out.
