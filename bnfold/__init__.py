@@ -23,7 +23,7 @@ from bnfold.errors import (
     ProviderUnavailableError,
 )
 from bnfold.onnx import RULES, FoldResult, fold_onnx, load_model, save_model
-from bnfold.pipeline import FileFoldResult, fold_file
+from bnfold.pipeline import FileFoldResult, PipelineResult, fold_file
 from bnfold.report import Decision, Outcome, Reason, Report, Summary
 from bnfold.verify import VerificationResult, verify
 from bnfold.version import __version__
@@ -36,6 +36,7 @@ __all__ = [
     "save_model",
     "FoldResult",
     "FileFoldResult",
+    "PipelineResult",
     "VerificationResult",
     "Report",
     "Summary",

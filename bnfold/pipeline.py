@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from onnx import ModelProto
@@ -41,11 +41,30 @@ from bnfold.version import __version__
 if TYPE_CHECKING:  # the torch path is imported only when a PyTorch source is folded
     from bnfold.fx.onnx_export import ExportResult
 
-__all__ = ["FileFoldResult", "fold_file", "check_report_path", "check_paths"]
+__all__ = ["FileFoldResult", "PipelineResult", "fold_file", "check_report_path", "check_paths"]
 
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
+
+
+class PipelineResult(Protocol):
+    """What a file pipeline returns, whatever the source: :class:`FileFoldResult` (``fold_file``) and
+    :class:`bnfold.fx.ExportResult` (``bnfold.export``) both have this shape."""
+
+    @property
+    def path(self) -> Path | None: ...
+    @property
+    def model(self) -> ModelProto: ...
+    @property
+    def report(self) -> Report: ...
+    @property
+    def verification(self) -> VerificationResult | None: ...
+    @property
+    def written(self) -> bool: ...
+    @property
+    def passed(self) -> bool: ...
+    def to_text(self) -> str: ...
 
 
 @dataclass

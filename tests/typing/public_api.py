@@ -8,6 +8,7 @@ that mypy *does* reject a wrong argument: were the parameter untyped, the ignore
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from onnx import ModelProto
@@ -16,6 +17,9 @@ import bnfold
 from bnfold.errors import BnfoldError
 from bnfold.report import Decision, Outcome, Reason, Report, Summary
 from bnfold.verify import OutputComparison, VerificationResult
+
+if TYPE_CHECKING:  # bnfold.export's result (importing bnfold.fx imports torch)
+    from bnfold.fx.onnx_export import ExportResult
 
 
 def fold_a_file(source: Path, output: Path) -> bool:
@@ -63,6 +67,16 @@ def save_and_load(model: ModelProto, path: Path) -> ModelProto:
     return bnfold.load_model(path).model
 
 
+def describe(result: bnfold.PipelineResult) -> str:
+    """One function for the results of both pipelines (ONNX file, PyTorch export)."""
+    state = "written" if result.written else "not written"
+    return f"{result.path}: {state}, {result.report.summary()}, passed={result.passed}"
+
+
+def describe_both(source: Path, exported: ExportResult) -> list[str]:
+    return [describe(bnfold.fold_file(source)), describe(exported)]
+
+
 def errors() -> str:
     try:
         bnfold.fold_file("model.onnx")
@@ -78,4 +92,5 @@ def wrong_arguments_are_rejected(model: ModelProto) -> None:
     bnfold.save_model(model, 3.5)  # type: ignore[arg-type]
     bnfold.fold_file("model.onnx", benchmark_runs="many")  # type: ignore[arg-type]
     count: str = bnfold.fold_onnx(model).report.summary().folded  # type: ignore[assignment]
+    describe(bnfold.fold_onnx(model))  # type: ignore[arg-type]
     del count
