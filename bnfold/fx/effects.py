@@ -18,6 +18,7 @@ refuse a fold next to an in-place write, never allow a wrong one.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 from collections.abc import Iterable
@@ -154,20 +155,27 @@ def _inplace_flag(node: fx.Node) -> bool:
     """``inplace=True`` given by keyword or by position (``F.relu(x, True)``)."""
     if node.kwargs.get("inplace") is True:
         return True
+    position = _inplace_position(node.target)
+    return position is not None and position < len(node.args) and node.args[position] is True
+
+
+@functools.cache
+def _inplace_position(target: Any) -> int | None:
+    """The position of a function's ``inplace`` parameter (None: it has none, or no signature)."""
     try:
-        parameters = list(inspect.signature(node.target).parameters)
+        parameters = list(inspect.signature(target).parameters)
     except (TypeError, ValueError):
-        return False
-    if "inplace" not in parameters:
-        return False
-    position = parameters.index("inplace")
-    return position < len(node.args) and node.args[position] is True
+        return None
+    return parameters.index("inplace") if "inplace" in parameters else None
 
 
 class Effects:
     """Graph positions, in-place writes and storage classes of one graph (index it again after edits)."""
 
-    def __init__(self, graph_module: fx.GraphModule) -> None:
+    def __init__(self, graph_module: fx.GraphModule, known: dict[fx.Node, tuple] | None = None) -> None:
+        """``known``: what earlier indexes of this graph found per node (kept across a fold's edits:
+        a node's target and arguments decide it, and folds do not change those of the nodes they keep)."""
+        known = {} if known is None else known
         self._position: dict[fx.Node, int] = {}
         self._parent: dict[fx.Node, fx.Node] = {}
         self._writes: list[tuple[int, fx.Node, fx.Node]] = []
@@ -177,10 +185,17 @@ class Effects:
             self._parent[node] = node
             if node.op == "placeholder":
                 placeholders.append(node)
-            for value in written_inputs(node, graph_module):
+            key = (node.target, len(node.args), tuple(node.kwargs))
+            if known.get(node, (None,))[0] != key:
+                aliases = node.op in ("call_function", "call_method", "call_module") and _may_alias(
+                    node, graph_module
+                )
+                known[node] = (key, _slots(node, written_inputs(node, graph_module)), aliases)
+            _, slots, aliases = known[node]
+            for value in _values_at(node, slots):
                 self._writes.append((index, node, value))
                 self._union(node, value)  # an in-place op returns its target
-            if node.op in ("call_function", "call_method", "call_module") and _may_alias(node, graph_module):
+            if aliases:
                 for value in node.all_input_nodes:
                     self._union(node, value)
         for placeholder in placeholders[1:]:
@@ -222,6 +237,41 @@ class Effects:
             if first < index < last and self._find(value) is storage:
                 return writer
         return None
+
+
+def _slots(node: fx.Node, values: list[fx.Node]) -> tuple:
+    """Where ``values`` sit in ``node``'s arguments: positions, keyword names, or ``*`` for all inputs."""
+    if values and set(values) == set(node.all_input_nodes) and len(values) > 1:
+        return ("*",)
+    slots: list[Any] = []
+    for value in values:
+        position = next((index for index, arg in enumerate(node.args) if arg is value), None)
+        if position is not None:
+            slots.append(position)
+            continue
+        name = next((key for key, arg in node.kwargs.items() if arg is value), None)
+        if name is not None:
+            slots.append(name)
+            continue
+        name = next(
+            (key for key, arg in node.kwargs.items() if isinstance(arg, list | tuple) and value in arg), None
+        )
+        slots.append(("list", name) if name is not None else "*")
+    return tuple(slots)
+
+
+def _values_at(node: fx.Node, slots: tuple) -> list[fx.Node]:
+    values: list[Any] = []
+    for slot in slots:
+        if slot == "*":
+            values.extend(node.all_input_nodes)
+        elif isinstance(slot, int):
+            values.append(node.args[slot] if slot < len(node.args) else None)
+        elif isinstance(slot, tuple):
+            values.extend(node.kwargs.get(slot[1], ()))
+        else:
+            values.append(node.kwargs.get(slot))
+    return [value for value in values if isinstance(value, fx.Node)]
 
 
 def _may_alias(node: fx.Node, root: nn.Module) -> bool:

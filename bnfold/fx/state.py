@@ -125,13 +125,28 @@ class FoldState:
         # Shapes are computed once: a fold gives the folded layer's output the BN output's shape.
         self.facts = ShapeFacts(graph_module, trusted=trusted_shapes)
         self.assumed_ranks: dict[str, int] = {}
-        self.uses = TensorUses(graph_module)
-        self.effects = Effects(graph_module)
+        self._uses: TensorUses | None = None
+        self._effects: Effects | None = None
+        self._known_effects: dict[fx.Node, tuple] = {}
+
+    @property
+    def uses(self) -> TensorUses:
+        """Who uses which tensor (indexed when first asked after a change)."""
+        if self._uses is None:
+            self._uses = TensorUses(self.graph_module)
+        return self._uses
+
+    @property
+    def effects(self) -> Effects:
+        """The graph's in-place writes and storage classes (indexed when first asked after a change)."""
+        if self._effects is None:
+            self._effects = Effects(self.graph_module, self._known_effects)
+        return self._effects
 
     def refresh(self) -> None:
-        """Re-index tensor uses and in-place writes; call after the graph or its modules changed."""
-        self.uses = TensorUses(self.graph_module)
-        self.effects = Effects(self.graph_module)
+        """Forget the indexes of uses and in-place writes; call after the graph or its modules changed."""
+        self._uses = None
+        self._effects = None
 
     def assume(self, inputs: frozenset[str]) -> None:
         """Record that an applied fold relies on these graph inputs having their example rank."""
