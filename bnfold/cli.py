@@ -502,6 +502,8 @@ def rules_command(as_json: bool) -> None:
 
 def _worst(result: VerificationResult) -> str:
     failing = [output for output in result.outputs if not output.passed]
+    if all(output.note.startswith("compared nothing") for output in failing):
+        return "every output is empty, so nothing was compared (a 0-sized dimension); nothing is verified"
     names = ", ".join(output.name for output in failing)
     worst = max(failing, key=lambda output: output.max_abs_error)
     text = (

@@ -13,6 +13,7 @@ the tolerance, and when over it, the distance of both models from the original e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -36,6 +37,7 @@ from bnfold.comparison import (
     judge_runs,
 )
 from bnfold.errors import BnfoldError, InputSpecError, ProviderUnavailableError
+from bnfold.input_limits import check_random_input, read_inputs_file
 from bnfold.onnx.graph import subgraphs_of
 from bnfold.onnx.io import has_data_on_disk, load_model, save_model
 
@@ -266,6 +268,7 @@ class Verifier:
                 exact=self.exact,
                 reference=self._reference_outputs,
             )
+        outputs = self._nothing_compared(outputs)
         first = self.cases[0]
         return VerificationResult(
             outputs=outputs,
@@ -279,6 +282,28 @@ class Verifier:
             reference=reference,
             mode=self.exact,
         )
+
+    def _nothing_compared(self, outputs: list[OutputComparison]) -> list[OutputComparison]:
+        """Every output empty in every run (a batch of 0, a static 0-sized dimension) compared
+        nothing, which is not a pass: the outputs fail (a model that can only compute empty
+        outputs), or given inputs with an empty array are refused as the input error they are."""
+        if any(np.asarray(value).size for case in self.cases for value in case.expected):
+            return outputs
+        if self.input_source != "random":
+            empty = [name for name, value in self.cases[0].feeds.items() if value.size == 0]
+            if empty:
+                shape = list(self.cases[0].feeds[empty[0]].shape)
+                where = (
+                    self.input_source.removeprefix("file ") + ": "
+                    if self.input_source.startswith("file ")
+                    else ""
+                )
+                raise InputSpecError(
+                    f"{where}--inputs {empty[0]}: shape {shape} is empty, so every output is empty and "
+                    "nothing would be compared; give at least one sample"
+                )
+        note = "compared nothing: the output is empty in every run"
+        return [dataclasses.replace(output, passed=False, note=note) for output in outputs]
 
 
 def _all_failed(names: list[str], expected: list[np.ndarray], note: str) -> list[OutputComparison]:
@@ -556,6 +581,7 @@ def _random_inputs(
         else:
             shape = [dim if isinstance(dim, int) and dim >= 0 else 1 for dim in declared]
         dtype = _input_dtype(meta)
+        check_random_input(meta.name, shape, dtype, fixed=all(isinstance(dim, int) for dim in declared))
         generator = np.random.default_rng(seed + position)
         if dtype.kind == "f":
             value = generator.standard_normal(shape).astype(dtype)
@@ -604,23 +630,6 @@ def _load_inputs(session, inputs: Mapping[str, np.ndarray] | str | os.PathLike) 
 
 def read_input_file(path: str | os.PathLike, input_names: list[str]) -> dict[str, np.ndarray]:
     """Arrays by input name from an ``.npz`` (one array per input name) or, for a model with one
-    input, an ``.npy`` (that input's array). Never unpickles (``allow_pickle=False``)."""
-    path = Path(path)
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise InputSpecError(f"{path}: no such file") from None
-    except (OSError, ValueError) as error:
-        raise InputSpecError(f"{path}: not a readable .npz file (or .npy) ({error})") from None
-    if isinstance(loaded, np.ndarray):
-        if len(input_names) != 1:
-            raise InputSpecError(
-                f"{path}: one array (.npy) for a model with {len(input_names)} inputs "
-                f"({', '.join(input_names)}); pass an .npz with one array per input name",
-            )
-        return {input_names[0]: loaded}
-    with loaded as archive:
-        try:
-            return {name: archive[name] for name in archive.files}
-        except (OSError, ValueError) as error:
-            raise InputSpecError(f"{path}: not a readable .npz file ({error})") from None
+    input, an ``.npy`` (that input's array). Never unpickles; every entry's size is checked against
+    its header and the memory available before it is read (:mod:`bnfold.input_limits`)."""
+    return read_inputs_file(path, input_names)

@@ -25,7 +25,7 @@ import pytest
 
 import bnfold.onnx.io as bnfold_io
 import bnfold.onnx.outputs as outputs
-from bnfold.errors import OutputError
+from bnfold.errors import InputSpecError, OutputError
 from tests.builders import conv_bn_model, op_types
 from tests.test_cli import digest, in_process, temporary_files
 
@@ -608,3 +608,262 @@ def test_a_model_the_fold_made_invalid_is_an_internal_error_and_not_written(
     (line,) = ran.stderr.strip().splitlines()
     assert line.startswith("bnfold: internal error:") and "not written" in line
     assert not output.exists()
+
+
+# -- user errors that used to be "internal": broken --inputs files, huge shapes, NUL bytes, interrupts ----
+def _npz_bytes(**arrays) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _forged_header(directory: Path) -> Path:
+    """An .npz whose one entry's header claims a 10^12-element array the entry does not hold."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (10**6, 10**6)}
+    )
+    path = directory / "forged.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", header.getvalue() + b"\0" * 64)
+    return path
+
+
+def _compression_bomb(directory: Path) -> Path:
+    """An entry that claims (and holds) 2^40 zero bytes in a few MB: never inflated."""
+    import zipfile
+
+    path = directory / "bomb.npz"
+    header = __import__("io").BytesIO()
+    count = 2**38  # float32: 2^40 bytes
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (count,)})
+    info = zipfile.ZipInfo("x.npy")
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(path, "w") as archive:
+        with archive.open(info, "w", force_zip64=True) as member:
+            member.write(header.getvalue())
+            block = bytes(1 << 24)
+            for _ in range(64):  # 1 GiB written, compressed to ~1 MB; then the size is forged
+                member.write(block)
+    # Forge the declared uncompressed size in both headers to the full 2^40 bytes + header.
+    data = bytearray(path.read_bytes())
+    claimed = (count * 4 + len(header.getvalue())).to_bytes(8, "little")
+    real = (64 * (1 << 24) + len(header.getvalue())).to_bytes(8, "little")
+    assert data.count(real) >= 1
+    path.write_bytes(bytes(data).replace(real, claimed))
+    return path
+
+
+BROKEN_INPUTS = {
+    "empty": lambda directory: _write(directory / "empty.npz", b""),
+    "truncated": lambda directory: _write(
+        directory / "truncated.npz", _npz_bytes(x=np.ones((2, 4, 7, 7), np.float32))[:300]
+    ),
+    "truncated-npy": lambda directory: _single_npy(directory),
+    "not-a-zip": lambda directory: _write(directory / "text.npz", b"x = [1, 2, 3]\n"),
+    "forged-header": _forged_header,
+    "object-array": lambda directory: _write(
+        directory / "objects.npz", _npz_bytes(x=np.array([{"a": 1}], dtype=object))
+    ),
+    "empty-batch": lambda directory: _write(
+        directory / "batch0.npz", _npz_bytes(x=np.zeros((0, 4, 7, 7), np.float32))
+    ),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _single_npy(directory: Path) -> Path:
+    """An .npy (accepted for a one-input model) cut short: its header claims more than it holds."""
+    path = directory / "single.npy"
+    with open(path, "wb") as handle:
+        np.save(handle, np.ones((2, 4, 7, 7), np.float32))
+    path.write_bytes(path.read_bytes()[:-100])
+    return path
+
+
+@pytest.mark.parametrize("command", ["fold", "verify"])
+@pytest.mark.parametrize("case", sorted(BROKEN_INPUTS))
+def test_broken_inputs_files_are_one_line_user_errors(case, command, tmp_path):
+    source = inline_model(tmp_path)
+    inputs = BROKEN_INPUTS[case](tmp_path)
+    args = [source, "-o", tmp_path / "out.onnx"] if command == "fold" else ["verify", source, source]
+    ran = in_process(*args, "--inputs", inputs)
+    assert ran.code == 2, ran.output
+    (line,) = ran.stderr.strip().splitlines()
+    assert line.startswith("bnfold: error: ") and "Traceback" not in ran.output
+    assert inputs.name in line
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_compression_bomb_is_refused_before_it_is_inflated(tmp_path):
+    from bnfold.input_limits import read_npz
+
+    bomb = _compression_bomb(tmp_path)
+    with pytest.raises(InputSpecError, match="memory available|holds"):
+        read_npz(bomb)
+
+
+def _with_input_shape(model: onnx.ModelProto, dims: list[int]) -> onnx.ModelProto:
+    shape = model.graph.input[0].type.tensor_type.shape
+    for dim, size in zip(shape.dim, dims, strict=True):
+        dim.ClearField("dim_param")
+        dim.dim_value = size
+    return model
+
+
+def test_a_static_input_shape_beyond_memory_is_a_user_error(tmp_path):
+    source = tmp_path / "huge.onnx"
+    onnx.save_model(_with_input_shape(conv_bn_model(), [100000, 4, 1000, 1000]), source)
+    ran = in_process(source, "-o", tmp_path / "out.onnx")
+    assert ran.code == 2, ran.output
+    (line,) = ran.stderr.strip().splitlines()
+    assert "memory available" in line and "--no-verify" in line
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_dynamic_input_shape_beyond_memory_suggests_smaller_sizes(tmp_path):
+    source = inline_model(tmp_path)
+    ran = in_process(source, "-o", tmp_path / "out.onnx", "--input-shape", "x=100000000,4,7,7")
+    assert ran.code == 2 and "--input-shape with smaller" in ran.stderr, ran.output
+
+
+# -- verification that compared nothing ---------------------------------------------------------------
+def test_a_batch_of_zero_in_the_inputs_file_compares_nothing_and_is_refused(tmp_path):
+    original = inline_model(tmp_path, "a.onnx")
+    other = tmp_path / "b.onnx"
+    onnx.save_model(conv_bn_model(seed=5), other)  # different weights: any real comparison fails
+    inputs = BROKEN_INPUTS["empty-batch"](tmp_path)
+    ran = in_process("verify", original, other, "--inputs", inputs)
+    assert ran.code == 2, ran.output
+    assert "nothing would be compared" in ran.stderr
+
+
+def test_a_model_with_a_static_empty_dimension_does_not_pass_verification(tmp_path):
+    original = tmp_path / "a.onnx"
+    other = tmp_path / "b.onnx"
+    onnx.save_model(_with_input_shape(conv_bn_model(), [0, 4, 7, 7]), original)
+    onnx.save_model(_with_input_shape(conv_bn_model(seed=5), [0, 4, 7, 7]), other)
+    ran = in_process("verify", original, other)
+    assert ran.code == 1, ran.output
+    assert "nothing was compared" in ran.stderr
+    ran = in_process(original, "-o", tmp_path / "out.onnx")
+    assert ran.code == 1 and not (tmp_path / "out.onnx").exists(), ran.output
+
+
+# -- external data: NUL bytes, model-local functions ---------------------------------------------------
+@pytest.mark.parametrize("command", ["fold", "verify", "inspect"])
+def test_a_nul_byte_in_an_external_data_location_is_a_load_error(command, tmp_path):
+    source = external_model(tmp_path)
+    model = onnx.load(source, load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = "model.onnx.data\0../../etc/passwd"
+    onnx.save_model(model, source)
+    args = {"fold": [source, "-o", tmp_path / "out.onnx"], "verify": ["verify", source, source]}
+    ran = in_process(*args.get(command, ["inspect", source]))
+    assert ran.code == 2, ran.output
+    (line,) = ran.stderr.strip().splitlines()
+    assert "NUL" in line and str(source) in line
+
+
+def function_model() -> onnx.ModelProto:
+    """Conv -> BN -> local.AddBias, a model-local function whose body adds a Constant (a tensor
+    that external-data saving moves to the data file)."""
+    from onnx import helper
+
+    model = conv_bn_model(in_channels=4, out_channels=6, seed=4)
+    bias = np.random.default_rng(1).standard_normal((1, 6, 1, 1)).astype(np.float32) * 300
+    body = [
+        helper.make_node("Constant", [], ["c"], value=onnx.numpy_helper.from_array(bias, "c")),
+        helper.make_node("Add", ["X", "c"], ["Y"]),
+    ]
+    function = helper.make_function("local", "AddBias", ["X"], ["Y"], body, [helper.make_opsetid("", 17)])
+    model.functions.append(function)
+    model.opset_import.append(helper.make_opsetid("local", 1))
+    bn = next(node for node in model.graph.node if node.op_type == "BatchNormalization")
+    bn.output[0] = "bn_out"
+    model.graph.node.append(helper.make_node("AddBias", ["bn_out"], ["y"], domain="local"))
+    return model
+
+
+def test_external_data_inside_model_local_functions_is_resolved(tmp_path, monkeypatch):
+    source_dir, output_dir, elsewhere = tmp_path / "in", tmp_path / "out", tmp_path / "cwd"
+    for folder in (source_dir, output_dir, elsewhere):
+        folder.mkdir()
+    model = function_model()
+    source = source_dir / "model.onnx"
+    onnx.save_model(model, source, save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    # onnx moves graph tensors only: move the function's Constant value into the data file too
+    stored = onnx.load(source, load_external_data=False)
+    constant = stored.functions[0].node[0].attribute[0].t
+    data_file = source_dir / "model.onnx.data"
+    offset = data_file.stat().st_size
+    with open(data_file, "ab") as handle:
+        handle.write(constant.raw_data)
+    onnx.external_data_helper.set_external_data(
+        constant, "model.onnx.data", offset=offset, length=len(constant.raw_data)
+    )
+    constant.ClearField("raw_data")
+    constant.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save_model(stored, source)
+    monkeypatch.chdir(elsewhere)
+
+    for external in ("--external-data", "--no-external-data"):
+        output = output_dir / f"folded{external}.onnx"
+        ran = in_process(source, "-o", output, external)
+        assert ran.code == 0, ran.output
+        written = onnx.load(output, load_external_data=False)
+        constant = written.functions[0].node[0].attribute[0].t
+        assert not onnx.external_data_helper.uses_external_data(constant)  # inline: nothing to miss
+        import onnxruntime
+
+        feeds = {"x": np.random.default_rng(0).standard_normal((2, 4, 7, 7)).astype(np.float32)}
+        (expected,) = onnxruntime.InferenceSession(str(source)).run(None, feeds)
+        (actual,) = onnxruntime.InferenceSession(str(output)).run(None, feeds)
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-3)
+
+
+INTERRUPTED_IMPORT = """
+import importlib.abc, os, signal, sys, time
+class Interrupted(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "onnxruntime":
+            try:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while onnxruntime is being imported
+                time.sleep(5)
+            except KeyboardInterrupt:
+                # what an extension module's initialisation can turn the interrupt into
+                raise ImportError("initialization of onnxruntime interrupted") from None
+        return None
+sys.meta_path.insert(0, Interrupted())
+import bnfold.cli
+bnfold.cli.main(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_while_onnxruntime_is_imported_is_an_interrupt_not_a_bug(tmp_path):
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            INTERRUPTED_IMPORT,
+            str(inline_model(tmp_path)),
+            "-o",
+            str(tmp_path / "out.onnx"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 130, completed.stderr
+    assert "interrupted (SIGINT)" in completed.stderr and "internal error" not in completed.stderr
+    assert not (tmp_path / "out.onnx").exists() and temporary_files(tmp_path) == []
