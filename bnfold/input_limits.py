@@ -182,6 +182,7 @@ def _read_npy(path: Path) -> np.ndarray:
                     "bytes (truncated or forged)"
                 )
             _check_memory(path, claimed)
+            handle.seek(0)
             return np.lib.format.read_array(handle, allow_pickle=False)
     except InputSpecError:
         raise
