@@ -198,7 +198,11 @@ def _npy_header(path: Path, handle, what: str) -> tuple[tuple[int, ...], np.dtyp
     else:
         shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
     if dtype.hasobject:
-        raise InputSpecError(f"{path}: {what} holds Python objects (a pickle); bnfold reads only numbers")
+        kind = ".npz" if what.startswith("array") else ".npy"
+        raise InputSpecError(
+            f"{path}: not a readable {kind} file: {what} holds Python objects (a pickle); bnfold reads "
+            "only numbers"
+        )
     return shape, dtype, handle.tell()
 
 
