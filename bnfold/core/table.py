@@ -68,8 +68,8 @@ RULE_TABLE: tuple[RuleInfo, ...] = (
     _row("bn-matmul", "`BN -> MatMul`", "2-D input; the shift becomes an Add", ONNX),
     _row("bn-linear", "PyTorch only", "BatchNorm1d -> Linear", TORCH),
     # Per-channel Mul/Add after a layer (affine chains from other exporters).
-    _row("conv-affine", _AFFINE, "Conv -> per-channel Mul/Add", ONNX),
-    _row("convtranspose-affine", _AFFINE, "ConvTranspose -> per-channel Mul/Add", ONNX),
+    _row("conv-affine", _AFFINE, "Conv -> per-channel Mul/Add", ONNX, TORCH),
+    _row("convtranspose-affine", _AFFINE, "ConvTranspose -> per-channel Mul/Add", ONNX, TORCH),
     _row("gemm-affine", _AFFINE, "Gemm -> per-column Mul/Add", ONNX),
     _row("matmul-affine", _AFFINE, "MatMul [-> Add] -> per-column Mul/Add on 2-D outputs", ONNX),
     # Parallel branches of one input summed by an Add, merged into one conv (RepVGG, ACNet, MobileOne).

@@ -8,6 +8,7 @@ and lives with its family:
 - :mod:`bnfold.fx.rules_output` — ``layer -> BN`` (output channels);
 - :mod:`bnfold.fx.rules_reshape` — ``Linear -> flatten/reshape/view -> BN``;
 - :mod:`bnfold.fx.rules_input_side` — ``BN -> layer`` (input channels);
+- :mod:`bnfold.fx.rules_affine` — ``conv -> mul/add(per-channel constant)``;
 - :mod:`bnfold.fx.rules_branches` — ``add`` of parallel conv / BN / identity branches.
 
 Reading (:mod:`bnfold.fx.reading`), checks (:mod:`bnfold.fx.checks`) and writing
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from bnfold.core.protocol import Rule
 from bnfold.core.table import TORCH, rule_names
+from bnfold.fx.rules_affine import LayerThenAffine
 from bnfold.fx.rules_branches import BranchMerge
 from bnfold.fx.rules_input_side import BNThenLayer
 from bnfold.fx.rules_output import LayerThenBN
@@ -42,6 +44,9 @@ RULES: tuple[Rule, ...] = (
     BNThenLayer("bn-conv", "conv"),
     BNThenLayer("bn-convtranspose", "conv_transpose"),
     BNThenLayer("bn-linear", "linear"),
+    # per-channel mul/add/sub/div by a constant after a conv (FrozenBatchNorm2d, scale-and-shift code)
+    LayerThenAffine("conv-affine", "conv"),
+    LayerThenAffine("convtranspose-affine", "conv_transpose"),
     # add of parallel Conv / BN / identity branches of one input -> one Conv (RepVGG, ACNet)
     BranchMerge(),
 )

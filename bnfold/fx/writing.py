@@ -18,6 +18,7 @@ from bnfold.fx.state import FoldState
 __all__ = [
     "LayerFold",
     "apply_layer_fold",
+    "write_layer_tensors",
     "erase_batchnorm",
     "write_functional_tensors",
     "replace_module",
@@ -74,9 +75,19 @@ def erase_batchnorm(state: FoldState, batchnorm: BatchNorm) -> None:
     drop_unused_owner(state.graph_module, batchnorm.call.owner, _BATCHNORM_STATE)
 
 
+def write_layer_tensors(state: FoldState, layer: Layer, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Give ``layer`` a new weight and bias: a copy of its module, or new tensors of a functional call."""
+    if layer.module is not None:
+        replace_module(state.graph_module, layer.node.target, _folded_module(layer.module, weight, bias))
+        return
+    write_functional_tensors(state, layer, weight, bias)
+
+
 def _write_weights(state: FoldState, layer: Layer, fold: LayerFold) -> None:
     if layer.module is not None:
-        replace_module(state.graph_module, layer.node.target, _folded_module(layer.module, fold))
+        replace_module(
+            state.graph_module, layer.node.target, _folded_module(layer.module, fold.weight, fold.bias)
+        )
         return
     write_functional_tensors(state, layer, fold.weight, fold.bias)
 
@@ -100,7 +111,7 @@ def write_functional_tensors(
     set_argument(layer.node, 2, "bias", bias_node)
 
 
-def _folded_module(module: nn.Module, fold: LayerFold) -> nn.Module:
+def _folded_module(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
     """A copy of the layer with the folded weight and bias; the original layer is not touched.
 
     A shallow copy with its own parameter dict: configuration (stride, groups, padding mode, ...)
@@ -108,8 +119,8 @@ def _folded_module(module: nn.Module, fold: LayerFold) -> nn.Module:
     """
     folded = _plain_copy(module)
     requires_grad = module.weight.requires_grad
-    folded._parameters["weight"] = nn.Parameter(fold.weight, requires_grad=requires_grad)
-    folded._parameters["bias"] = nn.Parameter(fold.bias, requires_grad=requires_grad)
+    folded._parameters["weight"] = nn.Parameter(weight, requires_grad=requires_grad)
+    folded._parameters["bias"] = nn.Parameter(bias, requires_grad=requires_grad)
     return folded
 
 
