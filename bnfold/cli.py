@@ -506,6 +506,8 @@ def _worst(result: VerificationResult) -> str:
         return "every output is empty, so nothing was compared (a 0-sized dimension); nothing is verified"
     names = ", ".join(output.name for output in failing)
     worst = max(failing, key=lambda output: output.max_abs_error)
+    if worst.note and worst.max_abs_error == float("inf"):  # not a numeric difference: say what
+        return f"{len(failing)} output(s) differ ({names}): {worst.note}"
     text = (
         f"{len(failing)} output(s) differ ({names}); worst max abs error {worst.max_abs_error:.3g} "
         f"> atol {worst.atol:.3g} + rtol {worst.rtol:.3g}"

@@ -216,6 +216,16 @@ class Verifier:
             for node in _all_nodes(model.graph)
             if node.op_type == "If" and node.domain in ("", "ai.onnx") and node.input[0] not in inputs
         ]
+        loops = [
+            node.name or node.output[0]
+            for node in _all_nodes(model.graph)
+            if node.op_type in ("Loop", "Scan") and node.domain in ("", "ai.onnx")
+        ]
+        if loops:
+            shown = ", ".join(loops[:5]) + (f" and {len(loops) - 5} more" if len(loops) > 5 else "")
+            self.uncovered.append(
+                f"Loop/Scan node(s) {shown}: ran only the iteration counts these inputs give"
+            )
         if computed:
             shown = ", ".join(computed[:5]) + (f" and {len(computed) - 5} more" if len(computed) > 5 else "")
             self.uncovered.append(

@@ -440,6 +440,38 @@ def test_a_folded_model_failing_on_a_size_the_original_runs_is_a_mismatch(tmp_pa
 
     assert not result and "the folded model fails on x=3x4, which the original runs" in result.outputs[0].note
     assert ran.exit_code == 1, ran.output
+    assert "differ (y): the folded model fails on x=3x4" in ran.stderr
+
+
+def test_a_loop_is_reported_as_run_with_the_inputs_iteration_counts():
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["condition_in"], ["condition_out"]),
+            helper.make_node("Add", ["carried_in", "one"], ["carried_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
+            helper.make_tensor_value_info("condition_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("carried_in", TensorProto.FLOAT, [2]),
+        ],
+        [
+            helper.make_tensor_value_info("condition_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("carried_out", TensorProto.FLOAT, [2]),
+        ],
+        [numpy_helper.from_array(np.float32([1.0]), "one")],
+    )
+    nodes = [helper.make_node("Loop", ["trips", "", "x"], ["y"], body=body, name="repeat")]
+    inputs = [
+        helper.make_tensor_value_info("trips", TensorProto.INT64, []),
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+    ]
+    model = make_model(nodes, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [])
+
+    result = verify(model, model, provider="cpu")
+
+    assert result.passed
+    assert any(item.startswith("Loop/Scan node(s) repeat:") for item in result.uncovered)
 
 
 @settings(max_examples=30, deadline=None)
