@@ -417,8 +417,10 @@ def max_pool(x: np.ndarray, kernel, *, strides, pads, dilations, ceil: bool) -> 
         pool_output_size(in_spatial[i], kernel[i], strides[i], dilations[i], pads[i], pads[i + rank], ceil)
         for i in range(rank)
     ]
-    if any(size <= 0 for size in out):
-        raise ValueError(f"MaxPool output would be empty ({out})")
+    if any(size < 0 for size in out):
+        raise ValueError(f"MaxPool output size would be negative ({out})")
+    if any(size == 0 for size in out):  # as ONNX Runtime: an empty result
+        return np.zeros((*x.shape[:2], *out), dtype=x.dtype)
     lowest = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
     ends = [
         max(
