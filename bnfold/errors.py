@@ -17,6 +17,7 @@ __all__ = [
     "OutputError",
     "OutputWriteError",
     "InternalError",
+    "FoldedModelRejectedError",
 ]
 
 
@@ -96,3 +97,11 @@ class OutputWriteError(OutputError, OSError):
 class InternalError(Exception):
     """A bug in bnfold, caught before it could do harm (e.g. a fold that made the model invalid:
     the model is not written). Not a :class:`BnfoldError`: the CLI exits 3."""
+
+
+class FoldedModelRejectedError(BnfoldError):
+    """ONNX Runtime refused the folded model (cannot load it, or its inputs/outputs differ).
+
+    From ``bnfold verify`` the folded file is the user's (exit 2); from a fold, where the original
+    loaded and ran, it is bnfold's bug, and the fold pipeline turns it into an :class:`InternalError`.
+    """

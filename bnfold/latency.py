@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from bnfold.errors import InputSpecError
-from bnfold.verify import VerificationResult, read_input_file
+from bnfold.verify import VerificationResult, read_input_file, session_source
 
 __all__ = ["Latency", "measure_latency", "WARMUP_RUNS"]
 
@@ -89,9 +89,10 @@ def measure_latency(
     for path in (before, after):
         options = onnxruntime.SessionOptions()  # default level: ORT_ENABLE_ALL
         options.log_severity_level = 3
-        session = onnxruntime.InferenceSession(
-            os.fspath(path), options, providers=providers or ["CPUExecutionProvider"]
-        )
+        with session_source(path) as source:  # (a path ONNX Runtime can open, e.g. not UTF-8)
+            session = onnxruntime.InferenceSession(
+                source, options, providers=providers or ["CPUExecutionProvider"]
+            )
         if feeds is None:
             feeds = _feeds(session, verification, inputs)
         for _ in range(WARMUP_RUNS):

@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from onnx import ModelProto
 
-from bnfold.errors import BnfoldError, InputSpecError, InternalError, MissingDependencyError, OutputError
+from bnfold.errors import (
+    BnfoldError,
+    FoldedModelRejectedError,
+    InputSpecError,
+    InternalError,
+    MissingDependencyError,
+    OutputError,
+)
 from bnfold.latency import Latency, measure_latency
 from bnfold.onnx import fold_onnx, load_model, save_model
 from bnfold.onnx.io import check_folded, check_output_path, write_atomically
@@ -509,13 +516,11 @@ def check_report_path(report_path: PathLike, *models: PathLike | None) -> None:
 
 @contextlib.contextmanager
 def _folded_is_ours() -> Iterator[None]:
-    """ONNX Runtime refusing to load or run the folded model, where it loaded and ran the original,
-    is a bug in the fold (InternalError), not bad input."""
+    """ONNX Runtime refusing the folded model (FoldedModelRejectedError), where it loaded and ran the
+    original, is a bug in the fold (InternalError), not bad input."""
     try:
         yield
-    except BnfoldError as error:
-        if "the folded model" not in str(error):
-            raise
+    except FoldedModelRejectedError as error:
         raise InternalError(f"the fold made an invalid model, which was not written ({error})") from None
 
 

@@ -36,7 +36,7 @@ from bnfold.comparison import (
     default_tolerances,
     judge_runs,
 )
-from bnfold.errors import BnfoldError, InputSpecError, ProviderUnavailableError
+from bnfold.errors import BnfoldError, FoldedModelRejectedError, InputSpecError, ProviderUnavailableError
 from bnfold.input_limits import check_random_input, read_inputs_file
 from bnfold.onnx.graph import subgraphs_of
 from bnfold.onnx.io import has_data_on_disk, load_model, save_model
@@ -53,6 +53,7 @@ __all__ = [
     "parse_input_shapes",
     "read_input_file",
     "ort_session",
+    "session_source",
     "run_session",
     "PROVIDERS",
 ]
@@ -423,12 +424,13 @@ def ort_session(model: ModelSource, provider: str, role: str):
     # Prepacked weights are copies: without them, weights stored as external data stay mapped from
     # their file (a verification's peak memory about 1.2x the model instead of 2x).
     options.add_session_config_entry("session.disable_prepacking", "1")
-    with _session_source(model) as source:
+    with session_source(model) as source:
         try:
             session = ort.InferenceSession(source, sess_options=options, providers=providers)
         except Exception as error:  # onnxruntime raises several unrelated exception types here
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise BnfoldError(
+            error_type = FoldedModelRejectedError if role == "folded" else BnfoldError
+            raise error_type(
                 f"ONNX Runtime cannot load the {role} model ({message}); use --no-verify to skip"
             ) from None
     used_cuda = session.get_providers()[0] == "CUDAExecutionProvider"
@@ -441,7 +443,7 @@ def ort_session(model: ModelSource, provider: str, role: str):
 
 
 @contextlib.contextmanager
-def _session_source(model: ModelSource) -> Iterator[bytes | str]:
+def session_source(model: ModelSource) -> Iterator[bytes | str]:
     """Bytes or a path ONNX Runtime can load, with trailing empty node outputs dropped.
 
     Empty trailing outputs mean nothing, but ONNX Runtime 1.32 crashes (SIGSEGV) on a
@@ -528,10 +530,12 @@ def _without_trailing_empty_outputs(model: ModelProto) -> Iterator[None]:
 def _check_same_signature(input_names: list[str], output_names: list[str], folded) -> None:
     folded_inputs = [meta.name for meta in folded.get_inputs()]
     if input_names != folded_inputs:
-        raise BnfoldError(f"the models have different inputs: {input_names} vs {folded_inputs}")
+        raise FoldedModelRejectedError(f"the models have different inputs: {input_names} vs {folded_inputs}")
     folded_outputs = [meta.name for meta in folded.get_outputs()]
     if output_names != folded_outputs:
-        raise BnfoldError(f"the models have different outputs: {output_names} vs {folded_outputs}")
+        raise FoldedModelRejectedError(
+            f"the models have different outputs: {output_names} vs {folded_outputs}"
+        )
 
 
 def run_session(session, feeds: dict[str, np.ndarray], role: str) -> list[np.ndarray]:

@@ -570,6 +570,20 @@ def test_a_model_in_a_folder_whose_name_is_not_utf8_folds(external, tmp_path):
     assert ran.code == 0, ran.output
 
 
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_benchmark_runs_models_in_a_folder_whose_name_is_not_utf8(dry_run, tmp_path):
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/models\xff"))
+    folder.mkdir()
+    source = inline_model(folder)
+    output = folder / os.fsdecode(b"out\xfe.onnx")
+    written = ["--dry-run"] if dry_run else ["-o", output]
+    ran = in_process(source, *written, "-q", "--benchmark", "2", "--report", tmp_path / "report.json")
+    assert ran.code == 0, ran.output
+    latency = json.loads((tmp_path / "report.json").read_text())["latency"]
+    assert latency["before_ms"] > 0 and latency["after_ms"] > 0
+    assert output.exists() is not dry_run
+
+
 def test_an_external_data_name_that_is_not_utf8_is_refused_in_one_line(tmp_path):
     output = Path(os.fsdecode(bytes(tmp_path) + b"/out\xff.onnx"))
     ran = in_process(external_model(tmp_path), "-o", output, "--external-data")
@@ -588,6 +602,11 @@ def _breaking_fold(monkeypatch, how: str):
         conv = next(node for node in result.model.graph.node if node.op_type == "Conv")
         if how == "checker":  # a name nothing defines: the checker refuses it
             conv.input[1] = "nowhere"
+        elif how == "renamed":  # a valid model ONNX Runtime runs, but its output has another name
+            (output,) = result.model.graph.output
+            for node in result.model.graph.node:
+                node.output[:] = [name + "_renamed" if name == output.name else name for name in node.output]
+            output.name += "_renamed"
         else:  # a valid graph ONNX Runtime cannot load: the weight's rank no longer fits the Conv
             weight = next(t for t in result.model.graph.initializer if t.name == conv.input[1])
             del weight.dims[-1]
@@ -597,7 +616,10 @@ def _breaking_fold(monkeypatch, how: str):
     monkeypatch.setattr(bnfold.pipeline, "fold_onnx", fold)
 
 
-@pytest.mark.parametrize("how, flags", [("checker", ["--no-verify"]), ("checker", []), ("runtime", [])])
+@pytest.mark.parametrize(
+    "how, flags",
+    [("checker", ["--no-verify"]), ("checker", []), ("runtime", []), ("renamed", [])],
+)
 def test_a_model_the_fold_made_invalid_is_an_internal_error_and_not_written(
     how, flags, tmp_path, monkeypatch
 ):
