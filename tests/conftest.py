@@ -13,6 +13,6 @@ settings.load_profile(os.environ.get("BNFOLD_HYPOTHESIS_PROFILE", "default"))
 def fresh_memory_store(monkeypatch):
     """Each test starts with an empty store of new weights: its memory budget is per process, and a
     test that sets the budget to one weight must not find it used up by the tests before it."""
-    from bnfold.onnx import io
+    from bnfold.onnx.io import store
 
-    monkeypatch.setattr(io, "_memory", io._MemoryStore())
+    monkeypatch.setattr(store, "memory", store.MemoryStore())

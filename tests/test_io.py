@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 import bnfold.onnx.io as io
 from bnfold.cli import cli
 from bnfold.errors import ModelLoadError, OutputError
-from bnfold.onnx.io import check_output_path, load_model, save_model, write_atomically
+from bnfold.onnx.io import check_output_path, load_model, save_model, saving, write_atomically
 from tests.builders import conv_bn_model, op_types, run
 
 
@@ -59,7 +59,7 @@ def _fail_replace_onto(monkeypatch, target: Path, error: BaseException):
             raise error
         return real_replace(source, destination, *args, **kwargs)
 
-    monkeypatch.setattr(io.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
 
 
 def test_failed_rename_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
@@ -82,7 +82,7 @@ def test_failed_write_midway_keeps_the_previous_file(tmp_path, monkeypatch):
     def no_space(descriptor):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(io.os, "fsync", no_space)
+    monkeypatch.setattr(os, "fsync", no_space)
 
     with pytest.raises(OSError):
         save_model(conv_bn_model(), target)
@@ -97,7 +97,7 @@ def test_interrupt_midway_cleans_up(tmp_path, monkeypatch):
     def interrupted(descriptor):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(io.os, "fsync", interrupted)
+    monkeypatch.setattr(os, "fsync", interrupted)
 
     with pytest.raises(KeyboardInterrupt):
         write_atomically(target, b"{}")
@@ -215,7 +215,7 @@ def test_small_model_is_not_too_big():
 
 def test_models_over_the_limit_get_external_data_by_default(tmp_path, monkeypatch):
     # Stand-in for a model over 2 GB: lower the limit instead of allocating gigabytes.
-    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 100_000)
+    monkeypatch.setattr(saving, "PROTOBUF_LIMIT", 100_000)
     target = tmp_path / "model.onnx"
 
     save_model(big_conv_model(), target)
@@ -227,7 +227,7 @@ def test_models_over_the_limit_get_external_data_by_default(tmp_path, monkeypatc
 def test_cli_writes_external_data_for_a_model_over_the_limit(tmp_path, monkeypatch):
     source = tmp_path / "model.onnx"
     onnx.save_model(big_conv_model(), source)  # inline
-    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 100_000)
+    monkeypatch.setattr(saving, "PROTOBUF_LIMIT", 100_000)
     output = tmp_path / "folded.onnx"
 
     code, text = _fold_cli(source, "-o", output, "-q")

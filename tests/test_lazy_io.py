@@ -19,7 +19,7 @@ import bnfold.onnx.graph as graph
 import bnfold.onnx.io as io
 from bnfold import fold_onnx
 from bnfold.errors import ModelLoadError
-from bnfold.onnx.io import load_model, read_tensor, save_model, store_tensor
+from bnfold.onnx.io import load_model, read_tensor, save_model, saving, store_tensor
 from bnfold.provenance import record_provenance
 from tests.builders import op_types, run
 from tests.test_cli import in_process, snapshot, temporary_files
@@ -391,7 +391,7 @@ def test_external_ranges_outside_the_data_file_are_refused_lazily(tmp_path):
 def test_models_over_the_limit_from_a_lazy_load_get_external_data(tmp_path, monkeypatch):
     source = tmp_path / "model.onnx"
     onnx.save_model(conv_bn_and_plain_conv(), source)
-    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 50_000)
+    monkeypatch.setattr(saving, "PROTOBUF_LIMIT", 50_000)
     output = tmp_path / "folded.onnx"
 
     ran = in_process(source, "-o", output, "-q", "--provider", "cpu")

@@ -795,7 +795,7 @@ def test_interrupt_between_the_data_and_the_model_rename_keeps_the_pair_together
         if str(destination).endswith(".data"):
             signal.raise_signal(signal.SIGINT)  # Ctrl-C right after the data file is in place
 
-    monkeypatch.setattr(bnfold_io.os, "replace", replace_then_interrupt)
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
 
     with pytest.raises(KeyboardInterrupt):
         bnfold_io.save_model(model, target, external_data=True)
