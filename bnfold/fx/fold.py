@@ -31,6 +31,7 @@ from bnfold.fx.compare import (
     module_outputs,
     output_names,
 )
+from bnfold.fx.no_ops import remove_no_ops
 from bnfold.fx.nodes import (
     function_label,
     get_attr_value,
@@ -125,6 +126,10 @@ def fold_module(
     report.extras["tracer"] = traced.tracer
     if traced.fallback_reason:
         report.extras["symbolic_trace_error"] = traced.fallback_reason
+    removed = remove_no_ops(context)  # eval no-ops (Identity, dropout) must not hide a BN's neighbour
+    if removed:
+        context.refresh()
+        report.extras["eval_no_ops_removed"] = removed
     run_rules(context, rules, report, skipped=skipped)
     _report_subgraphs(context, context.graph_module, "", {}, report)
     if context.assumed_ranks:

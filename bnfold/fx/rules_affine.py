@@ -78,6 +78,8 @@ class LayerThenAffine:
             layer = view.layer_node(node.args[data_slot], (self.kind,))
             constant = node.args[1 - data_slot]
             number = isinstance(constant, int | float) and not isinstance(constant, bool)
+            if number and _is_identity(operation, constant, data_slot):
+                continue  # nothing to fold; branch-merge absorbs the `out = 0 + conv(x)` that starts a sum
             if layer is not None and (number or _is_attribute(constant)):
                 return AffineChain(node=node, layer=layer, data_slot=data_slot, constant_slot=1 - data_slot)
         return None
@@ -133,6 +135,13 @@ def _operation(node: fx.Node) -> str | None:
         except TypeError:  # unhashable target
             return None
     return None
+
+
+def _is_identity(operation: str, number: float, data_slot: int) -> bool:
+    """``x + 0``, ``0 + x``, ``x - 0``, ``x * 1``, ``1 * x``, ``x / 1``: the layer's output unchanged."""
+    if operation in ("add", "sub"):
+        return number == 0 and (operation == "add" or data_slot == 0)
+    return number == 1 and (operation == "mul" or data_slot == 0)
 
 
 def _is_attribute(value: object) -> bool:
