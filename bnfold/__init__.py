@@ -7,12 +7,18 @@ The public API for pipelines::
     check = bnfold.verify("model.onnx", result.model)  # truthy when every output matches
     bnfold.save_model(result.model, "folded.onnx")     # atomic write
 
-The PyTorch path (``bnfold.fold_module``, ``bnfold.export``, ``bnfold.load_torch_source``) lives in
-``bnfold.fx`` and is imported on first use, so ``import bnfold`` and folding an ONNX file never
-import torch.
+Every name is imported on first use (PEP 562), so ``import bnfold`` is light: the ``bnfold`` command
+(:mod:`bnfold.console`) answers Ctrl-C while it is still starting. The PyTorch path
+(``bnfold.fold_module``, ``bnfold.export``, ``bnfold.load_torch_source``) lives in ``bnfold.fx``, so
+``import bnfold`` and folding an ONNX file never import torch.
 """
 
 from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
 
 from bnfold.errors import (
     BnfoldError,
@@ -22,11 +28,13 @@ from bnfold.errors import (
     OutputError,
     ProviderUnavailableError,
 )
-from bnfold.onnx import RULES, FoldResult, fold_onnx, load_model, save_model
-from bnfold.pipeline import FileFoldResult, PipelineResult, fold_file
-from bnfold.report import Decision, Outcome, Reason, Report, Summary
-from bnfold.verify import VerificationResult, verify
 from bnfold.version import __version__
+
+if TYPE_CHECKING:  # what type checkers (and readers) see; at run time __getattr__ imports these
+    from bnfold.onnx import RULES, FoldResult, fold_onnx, load_model, save_model
+    from bnfold.pipeline import FileFoldResult, PipelineResult, fold_file
+    from bnfold.report import Decision, Outcome, Reason, Report, Summary
+    from bnfold.verify import VerificationResult, verify
 
 __all__ = [
     "fold_onnx",
@@ -53,14 +61,23 @@ __all__ = [
     "__version__",
 ]  # the torch names stay out of __all__: `from bnfold import *` must work without torch
 
-# Names served from bnfold.fx on first access (PEP 562): importing them eagerly would import torch.
+# Each lazily served name and the module that defines it.
+_LAZY = {
+    **dict.fromkeys(("RULES", "FoldResult", "fold_onnx", "load_model", "save_model"), "bnfold.onnx"),
+    **dict.fromkeys(("FileFoldResult", "PipelineResult", "fold_file"), "bnfold.pipeline"),
+    **dict.fromkeys(("Decision", "Outcome", "Reason", "Report", "Summary"), "bnfold.report"),
+    **dict.fromkeys(("VerificationResult", "verify"), "bnfold.verify"),
+}
+# Served from bnfold.fx (importing them imports torch).
 _TORCH_EXPORTS = ("fold_module", "export", "load_torch_source", "ModuleFoldResult", "ExportResult")
 
 
 def __getattr__(name: str):
-    if name in _TORCH_EXPORTS:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _TORCH_EXPORTS:
         try:
-            import bnfold.fx as torch_backend
+            torch_backend = importlib.import_module("bnfold.fx")
         except ImportError as error:
             if error.name is None or not error.name.startswith("torch"):
                 raise
@@ -68,10 +85,24 @@ def __getattr__(name: str):
                 f"bnfold.{name} needs PyTorch: pip install 'bnfold[torch]'"
             ) from None
         value = getattr(torch_backend, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
+    else:
+        raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_TORCH_EXPORTS])
+    return sorted({*globals(), *_LAZY, *_TORCH_EXPORTS})
+
+
+class _Package(types.ModuleType):
+    """``bnfold.verify`` is the function, as it always was, even once the submodule of the same name
+    is imported (which sets the package's attribute to the module)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "verify" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

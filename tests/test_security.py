@@ -632,6 +632,68 @@ def test_a_model_the_fold_made_invalid_is_an_internal_error_and_not_written(
     assert not output.exists()
 
 
+# -- interrupts while the command is still starting ---------------------------------------------------------
+_STARTING = (
+    "import os, sys; os.write(1, b'ready\\n'); "
+    "from bnfold.console import main; sys.argv[0] = 'bnfold'; main()"
+)  # what the installed `bnfold` script runs, saying when Python itself has started
+
+
+def test_the_command_runs_bnfold_console():
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="bnfold")
+    assert script.value == "bnfold.console:main"
+
+
+def test_signals_while_the_command_starts_exit_in_one_line(tmp_path):
+    """Ctrl-C (or SIGTERM, SIGHUP) at any moment of start-up: one line, never a traceback, exit
+    128 + the signal (or 0 when the fold finished first), no partial file."""
+    source = inline_model(tmp_path)
+    cases = [(signal.SIGINT, delay) for delay in (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 1.2)]
+    cases += [(signal.SIGTERM, 0.15), (signal.SIGTERM, 0.4), (signal.SIGHUP, 0.25)]
+    processes = []
+    for number, (signum, delay) in enumerate(cases):
+        process = subprocess.Popen(
+            [sys.executable, "-c", _STARTING, str(source), "-o", str(tmp_path / f"out{number}.onnx")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert process.stdout is not None and process.stdout.readline() == b"ready\n"
+        processes.append((process, signum, threading.Timer(delay, process.send_signal, (signum,))))
+    for _, _, timer in processes:  # (all started: each delay counts from its process's start)
+        timer.start()
+    for process, signum, timer in processes:
+        _, stderr = process.communicate(timeout=120)
+        timer.join()
+        text = stderr.decode(errors="replace")
+        assert "Traceback" not in text, text
+        assert process.returncode in (0, 128 + signum), (signum, process.returncode, text)
+        if process.returncode:
+            (line,) = text.strip().splitlines()
+            assert line.startswith(f"bnfold: interrupted ({signal.Signals(signum).name})")
+    assert temporary_files(tmp_path) == []
+    for output in tmp_path.glob("out*.onnx"):  # a fold that finished first wrote a whole model
+        assert "BatchNormalization" not in op_types(bnfold_io.load_model(output).model)
+
+
+def test_import_bnfold_is_light_and_its_names_resolve_on_use():
+    code = (
+        "import sys, bnfold; heavy = {'onnx', 'numpy', 'onnxruntime'} & set(sys.modules); "
+        "import bnfold.cli; "  # imports the submodule bnfold.verify: bnfold.verify stays the function
+        "print(sorted(heavy), bnfold.verify.__module__, bnfold.fold_file.__name__, len(bnfold.RULES) > 0)"
+    )
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert ran.stdout.split() == ["[]", "bnfold.verify", "fold_file", "True"]
+    import bnfold
+
+    assert set(bnfold.__all__) <= set(dir(bnfold))
+    for name in bnfold.__all__:
+        assert getattr(bnfold, name) is not None
+    with pytest.raises(AttributeError):
+        bnfold.no_such_name  # noqa: B018
+
+
 # -- user errors that used to be "internal": broken --inputs files, huge shapes, NUL bytes, interrupts ----
 def _npz_bytes(**arrays) -> bytes:
     import io
