@@ -63,7 +63,10 @@ def identity_input(graph_module: fx.GraphModule, node: fx.Node) -> fx.Node | Non
         return None
     if node.op != "call_function":
         return None
-    signature = _DROPOUT_FUNCTIONS.get(node.target)  # type: ignore[arg-type]
+    try:
+        signature = _DROPOUT_FUNCTIONS.get(node.target)  # type: ignore[arg-type]
+    except TypeError:  # an unhashable callable
+        return None
     if signature is None:
         return None
     names, flag, default = signature

@@ -255,3 +255,44 @@ def test_in_place_write_after_a_no_op_is_kept_exact() -> None:
     with torch.no_grad():
         for actual, expected in zip(result.module(example), model(example), strict=True):
             torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_only_no_ops_next_to_a_fold_site_go() -> None:
+    """A dropout between two activations stays; the one before the BN goes, and the report lists it."""
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(5, 6)
+            self.act = nn.ReLU()
+            self.middle = nn.Dropout(0.2)
+            self.act2 = nn.Tanh()
+            self.before_bn = nn.Dropout(0.2)
+            self.bn = nn.BatchNorm1d(6)
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.before_bn(self.act2(self.middle(self.act(self.linear(inputs))))))
+
+    model = nets.randomized(Mixed())
+    result = bnfold.fold_module(model, torch.randn(4, 5))
+    assert result.report.extras["eval_no_ops_removed"] == ["before_bn"]
+    modules = [node.target for node in result.module.graph.nodes if node.op == "call_module"]
+    assert "middle" in modules and "before_bn" not in modules
+
+
+def test_dropout_subclass_with_its_own_forward_is_not_an_identity() -> None:
+    """A leaf dropout module whose class overrides ``forward`` may compute anything: it stays."""
+
+    class Scaled(nn.Dropout):
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return inputs * 2
+
+    class Leaves(torch.fx.Tracer):
+        def is_leaf_module(self, module: nn.Module, name: str) -> bool:
+            return isinstance(module, Scaled) or super().is_leaf_module(module, name)
+
+    model = nets.randomized(Chain(nn.BatchNorm1d(5), Scaled(0.1), nn.Linear(5, 6)))
+    graph_module = torch.fx.GraphModule(model, Leaves().trace(model))
+    result = bnfold.fold_module(graph_module, torch.randn(4, 5))
+    assert result.verification
+    assert "eval_no_ops_removed" not in result.report.extras
