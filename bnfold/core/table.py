@@ -59,8 +59,8 @@ RULE_TABLE: tuple[RuleInfo, ...] = (
         TORCH,
     ),
     # ... through a pooling that commutes with the BN's per-channel map.
-    _row("conv-pool-bn", _POOL, "Conv -> MaxPool/AveragePool/GlobalAveragePool -> BN", ONNX),
-    _row("convtranspose-pool-bn", _POOL, "ConvTranspose -> pool -> BN", ONNX),
+    _row("conv-pool-bn", _POOL, "Conv -> MaxPool/AveragePool/GlobalAveragePool -> BN", ONNX, TORCH),
+    _row("convtranspose-pool-bn", _POOL, "ConvTranspose -> pool -> BN", ONNX, TORCH),
     # A BN into the layer after it (its input channels), tried when no rule above folds it.
     _row("bn-conv", "`BN -> Conv`", "only without padding", ONNX, TORCH),
     _row("bn-convtranspose", "`BN -> ConvTranspose`", "only 1x1 kernels, stride 1", ONNX, TORCH),

@@ -7,6 +7,7 @@ and lives with its family:
 
 - :mod:`bnfold.fx.rules_output` — ``layer -> BN`` (output channels);
 - :mod:`bnfold.fx.rules_reshape` — ``Linear -> flatten/reshape/view -> BN``;
+- :mod:`bnfold.fx.rules_pool` — ``layer -> pool -> BN``;
 - :mod:`bnfold.fx.rules_input_side` — ``BN -> layer`` (input channels);
 - :mod:`bnfold.fx.rules_affine` — ``conv -> mul/add(per-channel constant)``;
 - :mod:`bnfold.fx.rules_branches` — ``add`` of parallel conv / BN / identity branches.
@@ -23,6 +24,7 @@ from bnfold.fx.rules_affine import LayerThenAffine
 from bnfold.fx.rules_branches import BranchMerge
 from bnfold.fx.rules_input_side import BNThenLayer
 from bnfold.fx.rules_output import LayerThenBN
+from bnfold.fx.rules_pool import LayerPoolBN
 from bnfold.fx.rules_reshape import LinearReshapeBN
 from bnfold.report import Reason
 
@@ -40,6 +42,9 @@ RULES: tuple[Rule, ...] = (
     LayerThenBN("functional-bn", ("conv", "conv_transpose", "linear"), ("functional",)),
     # ... through flatten/reshape/view calls between a Linear and the BN (LeViT's Linear_BN)
     LinearReshapeBN(),
+    # ... through a pooling that commutes with the BN's map (timm ResNetV2's stem max pool)
+    LayerPoolBN("conv-pool-bn", "conv"),
+    LayerPoolBN("convtranspose-pool-bn", "conv_transpose"),
     # BN -> the layer after it (input channels), tried when no rule above folds it
     BNThenLayer("bn-conv", "conv"),
     BNThenLayer("bn-convtranspose", "conv_transpose"),
@@ -82,5 +87,6 @@ TORCH_REASONS = frozenset(
         Reason.RESHAPE_NOT_CHANNEL_PRESERVING,
         Reason.SHAPE_DEPENDENT,
         Reason.MUTATED_IN_PLACE,
+        Reason.POOL_DOES_NOT_COMMUTE,
     }
 )

@@ -29,6 +29,16 @@ def conv_output_returned():
     return nets.randomized(nets.ConvOutputReturned()), torch.randn(2, 3, 5, 5)
 
 
+def negative_scale_after_max_pool():
+    conv_pool_bn = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.MaxPool2d(2), torch.nn.BatchNorm2d(4)
+    )
+    model = nets.randomized(conv_pool_bn)
+    with torch.no_grad():
+        model[2].weight[0] = -abs(model[2].weight[0]) - 0.5
+    return model, torch.randn(2, 3, 6, 6)
+
+
 def computed_statistics():
     return nets.randomized(nets.ComputedStatistics()), torch.randn(2, 3, 5, 5)
 
@@ -192,6 +202,7 @@ CASES = {
     Reason.RESHAPE_NOT_CHANNEL_PRESERVING: [reshape_moves_the_features],
     Reason.SHAPE_DEPENDENT: [view_keeps_features_only_for_one_token],
     Reason.MUTATED_IN_PLACE: [written_between_bn_and_conv],
+    Reason.POOL_DOES_NOT_COMMUTE: [negative_scale_after_max_pool],
 }
 
 
