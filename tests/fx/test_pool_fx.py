@@ -288,7 +288,7 @@ def test_fold_only_where_the_pool_commutes(
         pool = nn.MaxPool2d(kernel, stride, padding, ceil_mode=ceil_mode)
     else:
         pool = nn.AvgPool2d(kernel, stride, padding, ceil_mode=ceil_mode, count_include_pad=count_include_pad)
-    model = statistics(LayerPoolNorm(2, pool, conv_padding=0), negative=negative)
+    model = statistics(LayerPoolNorm(2, pool), negative=negative)
     result = bnfold.fold_module(model, torch.randn(2, 3, size, size + 1))
     (decision,) = result.report.decisions
     if decision.outcome is Outcome.FOLDED:
