@@ -49,9 +49,12 @@ _TOLERANCES = {
 # Machine epsilon per dtype (numpy's finfo does not know ml_dtypes' bfloat16).
 _EPSILON = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
 
-EXACT_MARGIN = 2.0
+EXACT_MARGIN = 4.0
 """The folded model's RMS and max error against the float64 evaluation may be at most this many
-times the original's."""
+times the original's. Rounding the scaled weights is a rounding the unfolded model does not have, so
+a correct fold is not always at or below 1x: float64 folds rounded once measured up to 3.4x (RMS) on a
+small LCNet and 2.6x on LeViT's torch fold, while the corrupted folds in tests/test_verify_exact.py
+(a weight off by 1%, a shifted bias, swapped channels) are 100x and more."""
 FLOOR_ULPS = 16.0
 """... or at most this many units in the last place of the output scale (max |reference|)."""
 SANE_ULPS = 1e4
