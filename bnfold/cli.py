@@ -544,8 +544,22 @@ def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _print_any_file_name() -> None:
+    """Let the text streams print a file name that is not valid in the locale's encoding.
+
+    A name read from the command line carries its undecodable bytes as surrogates; under a strict
+    locale (en_US.UTF-8, unlike C.UTF-8) printing "wrote <name>" would raise after the model was
+    written. Surrogate escapes give the terminal the name's own bytes back.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and getattr(stream, "errors", None) == "strict":
+            reconfigure(errors="surrogateescape")
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="bnfold: %(levelname)s: %(message)s")
+    _print_any_file_name()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _interrupt)
         signal.signal(signal.SIGTERM, _terminate)
