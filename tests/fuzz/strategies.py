@@ -48,6 +48,8 @@ class Recipe:
     steps: list[str] = field(default_factory=list)
     # BN node name -> its degeneracy, for the "never folded into inf/NaN" check.
     degenerate: dict[str, str] = field(default_factory=dict)
+    # The sizes the graph was built at, per input; its declared dims are symbolic where it allows.
+    built_shapes: dict[str, list[int]] = field(default_factory=dict)
 
 
 class _GraphBuilder:
@@ -65,6 +67,7 @@ class _GraphBuilder:
         self.steps: list[str] = []
         self.degenerate: dict[str, str] = {}
         self.counter = 0
+        self.reshapes_only = False  # reshape_bn draws no Flatten (graphs(first="reshape_bn"))
 
     def fresh(self, base: str) -> str:
         self.counter += 1
@@ -425,6 +428,8 @@ class _GraphBuilder:
         # Channel-mixing ones (the last two keep the channels only when the leading size matches).
         mixing = ([channels, -1], [-1, 1], [1, -1], [0, -1, 1], [-1, 2], [1, channels, -1], [2, channels, -1])
         candidates += [("reshape", s) for s in mixing]
+        if self.reshapes_only:  # the Reshapes, whose -1 and 0 make channel-preservation size-dependent
+            candidates = [candidate for candidate in candidates if candidate[0] == "reshape"]
         kind, how = self.draw(st.sampled_from(candidates))
         allowzero = False
         if kind == "flatten":
@@ -443,9 +448,10 @@ class _GraphBuilder:
             return flat
         output = self.batchnorm(flat)
         back = self.draw(st.sampled_from(["none", "constant", "shape-of-layer"]))
-        if back == "constant":
-            self.steps.append("Reshape back")
-            output = self._reshape(output, list(shape))
+        if back == "constant":  # all sizes, or the batch left to -1 (a graph with a dynamic batch)
+            back_shape = self.draw(st.sampled_from([list(shape), [-1, *shape[1:]]]))
+            self.steps.append(f"Reshape back {back_shape}")
+            output = self._reshape(output, back_shape)
         elif back == "shape-of-layer":  # the TorchScript reshape_as: a Shape reader of the layer output
             self.steps.append("Reshape back (Shape of the layer)")
             layer_shape = self.fresh("layer_shape")
@@ -473,27 +479,34 @@ def _flattened(shape: list[int], axis: int) -> list[int]:
 
 
 @st.composite
-def graphs(draw) -> Recipe:
-    """A random valid model: a chain of layers and BNs, with every complication a fold must respect."""
+def graphs(draw, first: str | None = None) -> Recipe:
+    """A random valid model: a chain of layers and BNs, with every complication a fold must respect.
+
+    ``first`` forces the first step (``"reshape_bn"``: a layer -> Reshape/Flatten -> BN, the folds
+    whose channel arithmetic depends on sizes)."""
     dtype = draw(st.sampled_from(sorted(FLOATS)))
     opset = draw(st.integers(9, 21))
     builder = _GraphBuilder(draw, dtype, opset, np.random.default_rng(draw(st.integers(0, 2**32 - 1))))
-    image = draw(st.booleans())
+    image = draw(st.booleans()) or first == "reshape_bn"  # its size-dependent cases are spatial
     if image:
         rank = draw(st.integers(1, 3))
         x = Tensor("x", [2, draw(st.integers(1, 6)), *[4] * rank])
     else:
         x = Tensor("x", [3, draw(st.integers(1, 8))])
-    graph_input = helper.make_tensor_value_info("x", builder.onnx_dtype, x.shape)
     builder.tensors.append(x)
+    builder.reshapes_only = first == "reshape_bn"
 
     current = x
-    for _ in range(draw(st.integers(1, 6))):
+    for step in range(draw(st.integers(1, 2 if first else 6))):
         is_image = len(current.shape) > 2
         layers = (
             ["conv", "convtranspose", "flatten", "branches", "branches"] if is_image else ["gemm", "matmul"]
         )
-        layer = draw(st.sampled_from([*layers, "reshape_bn", "relu", "add", "batchnorm"]))
+        layer = (
+            first
+            if first and not step
+            else draw(st.sampled_from([*layers, "reshape_bn", "relu", "add", "batchnorm"]))
+        )
         if layer == "branches":
             current = builder.branches(current)
         elif layer == "reshape_bn":
@@ -520,9 +533,55 @@ def graphs(draw) -> Recipe:
     for tensor in builder.outputs:
         if tensor.name not in seen:
             seen.add(tensor.name)
-            outputs.append(helper.make_tensor_value_info(tensor.name, builder.onnx_dtype, tensor.shape))
-    model = make_model(builder.nodes, [graph_input], outputs, builder.initializers, opset=opset)
-    return Recipe(model, dtype, opset, builder.steps, builder.degenerate)
+            outputs.append(tensor)
+    # Dynamic dimensions (issue 12): a fold must hold at every size the model accepts, so the input
+    # declares the batch and the spatial sizes symbolic wherever the graph runs at another size too
+    # (fold_and_verify runs the built sizes, then every dynamic dim at 1).
+    dynamic = _dynamic_axes(builder, _outputs(builder, outputs, ranks_only=True), x, opset)
+    declared = [f"d{axis}" if axis in dynamic else size for axis, size in enumerate(x.shape)]
+    builder.steps.append(f"input x{declared} built at {x.shape}")
+    graph_input = helper.make_tensor_value_info("x", builder.onnx_dtype, declared)
+    graph_outputs = _outputs(builder, outputs, ranks_only=bool(dynamic))
+    model = make_model(builder.nodes, [graph_input], graph_outputs, builder.initializers, opset=opset)
+    return Recipe(model, dtype, opset, builder.steps, builder.degenerate, {"x": list(x.shape)})
+
+
+def _outputs(builder: _GraphBuilder, tensors: list[Tensor], ranks_only: bool) -> list[onnx.ValueInfoProto]:
+    """Graph outputs declared with the built sizes, or (with dynamic inputs) with their ranks only."""
+    return [
+        helper.make_tensor_value_info(
+            t.name, builder.onnx_dtype, [None] * len(t.shape) if ranks_only else t.shape
+        )
+        for t in tensors
+    ]
+
+
+def _dynamic_axes(builder: _GraphBuilder, outputs: list, x: Tensor, opset: int) -> list[int]:
+    """The input axes the graph lets vary: batch and spatial sizes at 1 too, else the batch alone,
+    else none (a Gemm bias, a Reshape or a Flatten feeding a layer may pin them). Asked of ONNX
+    Runtime, on one session of the graph with every candidate axis symbolic."""
+    import onnxruntime
+
+    candidates = [0, *range(2, len(x.shape))] if len(x.shape) > 2 else [0]
+    symbolic = [f"d{axis}" if axis in candidates else size for axis, size in enumerate(x.shape)]
+    graph_input = helper.make_tensor_value_info("x", builder.onnx_dtype, symbolic)
+    probe = make_model(builder.nodes, [graph_input], outputs, builder.initializers, opset=opset)
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        session = onnxruntime.InferenceSession(
+            probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception:  # noqa: BLE001 - a graph ONNX Runtime will not load with symbolic dims
+        return []
+    for axes in (candidates, [0]):
+        shape = [1 if axis in axes else size for axis, size in enumerate(x.shape)]
+        try:
+            session.run(None, {"x": np.ones(shape, builder.numpy_dtype)})
+        except Exception:  # noqa: BLE001 - the graph pins one of these sizes
+            continue
+        return axes
+    return []
 
 
 # -- mutations -------------------------------------------------------------------------------------
