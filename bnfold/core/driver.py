@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from bnfold.core.kept import without_remedy
 from bnfold.core.protocol import GraphView, Rule
 from bnfold.core.refuse import Refuse
 from bnfold.core.sites import Site
@@ -188,9 +189,11 @@ class _Run:
             try:
                 plan = rule.plan(self.view, site)
             except Refuse as refusal:
-                why = f"{kept.reason}" + (f" ({kept.detail})" if kept.detail else "")
+                detail = without_remedy(kept.detail)  # the remedy was tried: it is this refusal
+                why = f"{kept.reason}" + (f" ({detail})" if detail else "")
                 return self._kept(norm, refusal.with_detail(f"{refusal.detail}; not foldable: {why}"), rule)
-            return self._apply(rule, site, plan, reason=kept.reason, detail=kept.detail)[id(norm)]
+            detail = without_remedy(kept.detail)
+            return self._apply(rule, site, plan, reason=kept.reason, detail=detail)[id(norm)]
         return kept
 
     def _kept(self, node: Any, refusal: Refuse, rule: Rule | None = None) -> Decision:

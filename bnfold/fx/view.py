@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import fx
 
+from bnfold.core.kept import REMEDY_TORCH, Neighbour, Neighbours, no_site_detail
 from bnfold.core.protocol import NodeIdentity
 from bnfold.fx.checks import require_not_shared
 from bnfold.fx.nodes import function_label
@@ -73,17 +74,27 @@ class FxView(FoldState):
 
     def no_site_detail(self, norm: fx.Node) -> str:
         source = norm_input(identify(self, norm))
-        if not isinstance(source, fx.Node):
-            detail = "its input is not a tensor computed in the graph"
-        elif source.op == "placeholder":
-            detail = f"input `{source.name}` is a graph input"
+        readers = [user for user in norm.users if user.op != "output"]
+        neighbours = Neighbours(
+            producer=self._neighbour(source)
+            if isinstance(source, fx.Node) and source.op not in ("placeholder", "get_attr")
+            else None,
+            readers=[self._neighbour(user) for user in readers],
+            source=f"graph input `{source.name}`"
+            if isinstance(source, fx.Node) and source.op == "placeholder"
+            else "a value not computed in the graph",
+            is_graph_output=any(user.op == "output" for user in norm.users),
+        )
+        return no_site_detail(neighbours, REMEDY_TORCH)
+
+    def _neighbour(self, node: fx.Node) -> Neighbour:
+        if node.op == "call_module":
+            op = type(self.graph_module.get_submodule(str(node.target))).__name__
+        elif node.op in ("call_function", "call_method"):
+            op = function_label(node.target) if node.op == "call_function" else str(node.target)
         else:
-            detail = f"input comes from {self.describe(source)}"
-        readers = list(norm.users)
-        if readers:
-            names = ", ".join(user.name for user in readers[:3])
-            detail += f"; its output feeds {names}, which no rule folds into"
-        return detail
+            op = node.op
+        return Neighbour(op, self.describe(node))
 
     def subgraphs(self) -> list[FxView]:
         return []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from onnx import FunctionProto, GraphProto, NodeProto
 
+from bnfold.core.kept import REMEDY_ONNX, Neighbour, Neighbours, no_site_detail
 from bnfold.core.protocol import NodeIdentity
 from bnfold.core.refuse import Refuse
 from bnfold.onnx.batchnorm import BATCHNORM, PER_SAMPLE_NORMS, NormParams, read_batchnorm
@@ -54,21 +55,22 @@ class OnnxView(GraphIndex):
         return self.node_label(node)
 
     def no_site_detail(self, norm: NodeProto) -> str:
-        producer = self.producer.get(norm.input[0]) if norm.input else None
-        if producer is None:
-            where = (
-                "a graph input"
-                if norm.input and norm.input[0] in self.graph_inputs
-                else "not produced in this graph"
-            )
-            detail = f"input `{norm.input[0] if norm.input else ''}` is {where}"
-        else:
-            detail = f"input comes from {producer.op_type} {self.node_label(producer)}"
-        readers = self.live_consumers(norm.output[0]) if norm.output else []
-        if readers:
-            labels = ", ".join(f"{node.op_type} {self.node_label(node)}" for node in readers[:3])
-            detail += f"; output feeds {labels}, which no rule folds into"
-        return detail
+        name = norm.input[0] if norm.input else ""
+        producer = self.producer.get(name) if name else None
+        source = (
+            f"graph input `{name}`" if name in self.graph_inputs else f"`{name}`, not computed in this graph"
+        )
+        output = norm.output[0] if norm.output else ""
+        neighbours = Neighbours(
+            producer=None if producer is None else self._neighbour(producer),
+            readers=[self._neighbour(reader) for reader in self.live_consumers(output)] if output else [],
+            source=source,
+            is_graph_output=bool(output) and self.is_graph_output(output),
+        )
+        return no_site_detail(neighbours, REMEDY_ONNX)
+
+    def _neighbour(self, node: NodeProto) -> Neighbour:
+        return Neighbour(node.op_type, f"{node.op_type} `{self.node_label(node)}`")
 
     def subgraphs(self) -> list[OnnxView]:
         views = []

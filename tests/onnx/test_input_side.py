@@ -186,7 +186,9 @@ def test_pre_activation_bn_relu_conv_is_kept_and_says_nothing_folds_on_either_si
     decision = only_decision(fold_onnx(model))
     assert decision.outcome is Outcome.KEPT and decision.reason is Reason.NO_FOLDABLE_PRODUCER
     assert decision.detail == (
-        "input comes from Sigmoid before; output feeds Relu relu, which no rule folds into"
+        "between Sigmoid `before` and Relu `relu`: no exact fold exists (Sigmoid is not linear; Relu is "
+        "not linear); --rewrite-standalone-bn (rewrite_standalone=True) turns it into Mul + Add, which "
+        "runtimes fuse into the next op; otherwise nothing to do"
     )
 
 
