@@ -245,3 +245,44 @@ def test_a_scan_over_a_fixed_outer_shape_still_folds_what_holds_for_every_size()
             "xs": np.random.default_rng(rows).standard_normal((2, rows, tokens, channels)).astype(np.float32),
         }
         _close(run(result.model, feeds), run(model, feeds))
+
+
+@given(channels=st.integers(2, 4), trips=st.integers(1, 3), target=st.sampled_from(sorted(TARGETS)))
+def test_loop_carried_values_that_grow_between_iterations(channels, trips, target):
+    """The carried value starts as the outer input, declared and run ``[2, 1, C]`` (ONNX Runtime checks
+    a graph input), and the body declares it so too, but each iteration doubles its tokens
+    (``Concat(BN output, v)``): from the second iteration T = 2, 4, ... A fold that takes the body
+    input's shape from its declaration or its initial value is wrong there. (``[-1, C]`` holds for
+    every T, but the body input's rank is not trusted either: it may be kept.)"""
+    nodes, initializers = _body_nodes("v", TARGETS[target](channels), channels)
+    nodes += [  # the BN's output, back in v's shape, then v: twice the tokens for the next iteration
+        helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        helper.make_node("Shape", ["v"], ["v_shape"]),
+        helper.make_node("Reshape", ["out", "v_shape"], ["back"]),
+        helper.make_node("Concat", ["back", "v"], ["v_next"], axis=1),
+    ]
+    body = helper.make_graph(
+        nodes,
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v", TensorProto.FLOAT, [2, 1, channels]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_next", TensorProto.FLOAT, None),
+        ],
+        initializers,
+    )
+    loop = helper.make_node("Loop", ["trips", "", "x"], ["v_final"], name="loop", body=body)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 1, channels])]
+    outputs = [helper.make_tensor_value_info("v_final", TensorProto.FLOAT, None)]
+    model = make_model([loop], inputs, outputs, [tensor("trips", np.array(trips), np.int64)])
+    result = fold_onnx(model)
+    (decision,) = result.report.decisions
+    if target == "channels-then-rest" and trips > 1:  # the second iteration runs T = 2
+        assert decision.outcome is Outcome.KEPT, result.report.to_text()
+        assert decision.reason is Reason.RESHAPE_NOT_CHANNEL_PRESERVING, decision.detail
+    feeds = {"x": np.random.default_rng(trips).standard_normal((2, 1, channels)).astype(np.float32)}
+    _close(run(result.model, feeds), run(model, feeds))
