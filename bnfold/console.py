@@ -2,54 +2,34 @@
 
 Importing the CLI imports onnx, numpy and ONNX Runtime's bindings (a second or more on a cold
 cache); an interrupt then would print Python's traceback. This module imports nothing heavy (nor
-does ``import bnfold``), handles those signals until the CLI installs its own (``bnfold.cli.main``:
-they remove temporary files on the way out), and exits 128 + the signal number with one line.
+does ``import bnfold``) and, until the CLI installs its own handlers (``bnfold.cli.main``: they
+remove temporary files on the way out), answers those signals by exiting at once, 128 + the signal
+number, with one line. Exiting from the handler itself (not raising into whatever code was running)
+is what makes it one line at any moment: an exception raised inside an import-lock callback or a
+finalizer would be printed by Python as "Exception ignored" with a traceback. Nothing has been
+written before the CLI's handlers are in place, so there is nothing to clean up.
 """
 
 from __future__ import annotations
 
+import os
 import signal
-import sys
 
 __all__ = ["main"]
 
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
-class _Stopped(KeyboardInterrupt):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-_RECEIVED: list[int] = []
-
-
 def _stop(signum: int, frame: object) -> None:
-    _RECEIVED.append(signum)
-    raise _Stopped(signum)
+    message = f"bnfold: interrupted ({signal.Signals(signum).name}) while starting; nothing written\n"
+    os.write(2, message.encode())
+    os._exit(128 + signum)
 
 
 def main() -> None:
     """Run ``bnfold`` (:func:`bnfold.cli.main`), exiting in one line if stopped while starting."""
     for signum in _SIGNALS:
         signal.signal(signum, _stop)
-    try:
-        from bnfold.cli import main as run_cli
-    except KeyboardInterrupt as interrupt:
-        _exit_stopped(getattr(interrupt, "signum", signal.SIGINT))
-    except Exception:
-        if not _RECEIVED:  # a broken installation: Python's own report says what is missing
-            raise
-        _exit_stopped(_RECEIVED[-1])  # an interrupt a library turned into another exception
-    try:
-        run_cli()
-    except _Stopped as stopped:  # landed before the CLI installed its own handlers
-        _exit_stopped(stopped.signum)
+    from bnfold.cli import main as run_cli
 
-
-def _exit_stopped(signum: int) -> None:
-    for each in _SIGNALS:  # a second Ctrl-C must not interrupt the goodbye
-        signal.signal(each, signal.SIG_IGN)
-    sys.stderr.write(f"bnfold: interrupted ({signal.Signals(signum).name}) while starting; nothing written\n")
-    sys.exit(128 + signum)
+    run_cli()

@@ -16,3 +16,19 @@ def fresh_memory_store(monkeypatch):
     from bnfold.onnx.io import store
 
     monkeypatch.setattr(store, "memory", store.MemoryStore())
+
+
+@pytest.fixture(autouse=True)
+def python_default_interrupt_handler():
+    """Ctrl-C raises KeyboardInterrupt in every test, whatever the suite was started under.
+
+    A shell that runs a job in the background (``cmd &``, nohup) starts it with SIGINT ignored, and
+    Python then keeps it ignored; the tests that send themselves SIGINT check bnfold's handling of
+    the signal and need Python's usual handler in place. Restored afterwards.
+    """
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
