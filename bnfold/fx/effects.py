@@ -29,6 +29,7 @@ import torch.nn.functional as functional
 from torch import fx, nn
 
 from bnfold.fx.nodes import is_batchnorm_call, producer_kind_of_function, resolve_attr
+from bnfold.fx.shape_ops import POOL_FUNCTIONS
 
 __all__ = ["Effects", "written_inputs"]
 
@@ -87,19 +88,9 @@ _FRESH_FUNCTIONS = frozenset(
         functional.sigmoid,
         functional.tanh,
         functional.softmax,
-        functional.interpolate,
         functional.pad,
-        functional.max_pool1d,
-        functional.max_pool2d,
-        functional.max_pool3d,
-        functional.avg_pool1d,
-        functional.avg_pool2d,
-        functional.avg_pool3d,
-        functional.adaptive_avg_pool1d,
-        functional.adaptive_avg_pool2d,
-        functional.adaptive_avg_pool3d,
-        functional.adaptive_max_pool2d,
     }
+    | POOL_FUNCTIONS  # pools and interpolate: always a new tensor
 )
 _FRESH_METHODS = frozenset(
     {"add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "softmax", "matmul", "mean", "sum", "neg", "pow"}
