@@ -399,10 +399,16 @@ class ConvTranspose(_reference_op_base()):
 def pool_output_size(
     size: int, kernel: int, stride: int, dilation: int, begin: int, end: int, ceil: bool
 ) -> int:
-    """ONNX Runtime's pooled size: with ``ceil``, rounded up, but the last window starts in the input."""
+    """ONNX Runtime's pooled size: with ``ceil``, rounded up, but the last window starts in the input.
+
+    Without ``ceil`` ONNX Runtime divides as C does, toward zero: a window wider than the padded input
+    by less than a stride still gives one output (the max of the taps that land inside), where the
+    ONNX formula's floor would give none.
+    """
     span = size + begin + end - dilation * (kernel - 1) - 1
     if not ceil:
-        return span // stride + 1
+        toward_zero = span // stride if span >= 0 else -(-span // stride)
+        return toward_zero + 1
     count = -(-span // stride) + 1
     if (count - 1) * stride >= size + begin:
         count -= 1

@@ -514,6 +514,24 @@ def test_float64_max_pool_matches_onnx_runtime(
     np.testing.assert_array_equal(exact, expected.astype(np.float64))  # max of the same values
 
 
+def test_float64_max_pool_window_wider_than_the_input_gives_one_output_as_onnx_runtime_does():
+    # Found by the property test above in CI: kernel 3 dilated by 2 spans 5 > 4 inputs. The ONNX
+    # formula's floor gives no output; ONNX Runtime divides toward zero and pools the taps inside.
+    attributes = {"kernel_shape": [3], "strides": [2], "dilations": [2], "pads": [0, 0]}
+    model = make_model(
+        [helper.make_node("MaxPool", ["x"], ["y"], **attributes)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [],
+    )
+    x = np.float32([[[1, 9, 3, 4], [-5, 0, -2, 7]]])
+
+    exact = evaluate_float64(model, [{"x": x}]).outputs[0][0]
+
+    np.testing.assert_array_equal(exact, [[[3.0], [-2.0]]])  # max of taps 0 and 2
+    np.testing.assert_array_equal(exact, run(model, {"x": x})[0])
+
+
 def test_float64_copy_keeps_scalar_constants_scalar():
     # A Constant scalar that became [1] broke a Concat of shapes (TF-style dynamic padding).
     nodes = [
