@@ -18,24 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.errors import InputSpecError
-from bnfold.verify import VerificationResult, read_input_file, session_source
+from bnfold.verify import VerificationResult, session_source
+from bnfold.verify_inputs import random_inputs, read_input_file
 
 __all__ = ["Latency", "measure_latency", "WARMUP_RUNS"]
 
 WARMUP_RUNS = 3
-
-_INPUT_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-    "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
 
 
 @dataclass(frozen=True)
@@ -119,20 +107,4 @@ def _feeds(
         return read_input_file(inputs, [meta.name for meta in session.get_inputs()])
     shapes = verification.input_shapes if verification is not None else {}
     seed = verification.seed if verification is not None else 0
-    feeds = {}
-    for position, meta in enumerate(session.get_inputs()):
-        if meta.type not in _INPUT_TYPES:
-            raise InputSpecError(
-                f"{{benchmark_runs}}: cannot make inputs of type {meta.type} for {meta.name}",
-                parameters=("benchmark_runs",),
-            )
-        dtype = np.dtype(_INPUT_TYPES[meta.type])
-        shape = shapes.get(meta.name) or [
-            dim if isinstance(dim, int) and dim > 0 else 1 for dim in meta.shape
-        ]
-        generator = np.random.default_rng(seed + position)
-        if dtype.kind == "f":
-            feeds[meta.name] = generator.standard_normal(shape).astype(dtype)
-        else:
-            feeds[meta.name] = generator.integers(0, 2, size=shape).astype(dtype)
-    return feeds
+    return random_inputs(session, shapes, seed)

@@ -2,12 +2,13 @@
 
 Both models run with graph optimizations disabled — ONNX Runtime's own level-1 transformers fold
 Conv->BN, so at the default level the "original" would already be folded and the check would
-compare a fold with a fold. Inputs are random (seeded per input: ``seed + position``, so any failure
-reproduces) or real data from an ``.npz`` file. Random inputs cover what a fold may have decided:
-two runs, every dynamic dimension at two sizes, two seeds, one-element booleans at both values; the
-result says what was covered and what could not be. The original runs first and its session is
-freed before the folded model loads. Each output gets its own verdict (see :mod:`bnfold.comparison`):
-the tolerance, and when over it, the distance of both models from the original evaluated in float64.
+compare a fold with a fold. Inputs are random or real data
+(:mod:`bnfold.verify_inputs` makes and checks them). Random inputs cover what a fold may have
+decided: two runs, every dynamic dimension at two sizes, two seeds, one-element booleans at both
+values; the result says what was covered and what could not be. The original runs first and its
+session is freed before the folded model loads. Each output gets its own verdict (see
+:mod:`bnfold.comparison`): the tolerance, and when over it, the distance of both models from the
+original evaluated in float64.
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -37,9 +36,17 @@ from bnfold.comparison import (
     judge_runs,
 )
 from bnfold.errors import BnfoldError, FoldedModelRejectedError, InputSpecError, ProviderUnavailableError
-from bnfold.input_limits import check_random_input, read_inputs_file
 from bnfold.onnx.graph import subgraphs_of
 from bnfold.onnx.io import has_data_on_disk, load_model, save_model
+from bnfold.verify_inputs import (
+    InputCase,
+    given_inputs,
+    parse_input_shapes,
+    random_inputs,
+    read_input_file,
+    second_shapes,
+    shapes_text,
+)
 
 __all__ = [
     "OutputComparison",
@@ -66,36 +73,6 @@ ModelSource = ModelProto | bytes | str | os.PathLike
 
 LEAN_BYTES = 64 << 20
 """Above this many bytes of weights, a model reaches ONNX Runtime as a file with external data."""
-
-_ORT_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-    "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8,
-    "tensor(uint64)": np.uint64,
-    "tensor(uint32)": np.uint32,
-    "tensor(uint16)": np.uint16,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
-
-
-@dataclass
-class InputCase:
-    """One run: the feeds, the seed they came from (None for given data), and the original's outputs."""
-
-    feeds: dict[str, np.ndarray]
-    seed: int | None
-    expected: list[np.ndarray] = field(default_factory=list)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed,
-            "input_shapes": {name: list(value.shape) for name, value in self.feeds.items()},
-        }
 
 
 def verify(
@@ -169,7 +146,7 @@ class Verifier:
         self.input_names = [meta.name for meta in session.get_inputs()]
         self.output_names = [meta.name for meta in session.get_outputs()]
         if inputs is not None:
-            self.cases = [InputCase(_load_inputs(session, inputs), None)]
+            self.cases = [InputCase(given_inputs(session, inputs), None)]
             self.input_source = "real" if isinstance(inputs, Mapping) else f"file {inputs}"
             self.uncovered.append("dynamic dimensions and seeds: the given inputs were run as they are")
             self.cases[0].expected = run_session(session, self.cases[0].feeds, "original")
@@ -186,23 +163,23 @@ class Verifier:
 
     def _run_random_cases(self, session, shapes: Mapping[str, list[int]], seed: int) -> list[InputCase]:
         metas = session.get_inputs()
-        first = InputCase(_random_inputs(session, shapes, seed, boolean=True), seed)
+        first = InputCase(random_inputs(session, shapes, seed, boolean=True), seed)
         first.expected = run_session(session, first.feeds, "original")
         primary = {name: list(value.shape) for name, value in first.feeds.items()}
-        second_shapes = _second_shapes(metas, primary)
+        other_shapes = second_shapes(metas, primary)
         second = None
-        if second_shapes != primary:
-            candidate = InputCase(_random_inputs(session, second_shapes, seed + 1, boolean=False), seed + 1)
+        if other_shapes != primary:
+            candidate = InputCase(random_inputs(session, other_shapes, seed + 1, boolean=False), seed + 1)
             try:
                 candidate.expected = session.run(None, candidate.feeds)
                 second = candidate
             except Exception as error:  # the model rejects the second size: say so, run the first
                 self.uncovered.append(
-                    f"a second size of the dynamic dimensions ({_shapes_text(second_shapes)}): the original "
+                    f"a second size of the dynamic dimensions ({shapes_text(other_shapes)}): the original "
                     f"model rejects it ({_first_line(error)}); pass --input-shape to choose sizes it accepts"
                 )
         if second is None:
-            second = InputCase(_random_inputs(session, primary, seed + 1, boolean=False), seed + 1)
+            second = InputCase(random_inputs(session, primary, seed + 1, boolean=False), seed + 1)
             second.expected = run_session(session, second.feeds, "original")
         return [first, second]
 
@@ -261,7 +238,7 @@ class Verifier:
             try:
                 actual.append(folded_session.run(None, case.feeds))
             except Exception as error:  # inputs the original runs: the folded model must run them too
-                shapes = _shapes_text(case.describe()["input_shapes"])
+                shapes = shapes_text(case.describe()["input_shapes"])
                 failure = (
                     f"the folded model fails on {shapes}, which the original runs ({_first_line(error)})"
                 )
@@ -339,21 +316,6 @@ def _all_failed(names: list[str], expected: list[np.ndarray], note: str) -> list
     ]
 
 
-def _second_shapes(metas, primary: dict[str, list[int]]) -> dict[str, list[int]]:
-    """Every dynamic dimension at a second size: 3 where the first run had 1, else 1."""
-    shapes = {}
-    for meta in metas:
-        shapes[meta.name] = [
-            size if isinstance(declared, int) and declared >= 0 else (3 if size == 1 else 1)
-            for declared, size in zip(meta.shape, primary[meta.name], strict=True)
-        ]
-    return shapes
-
-
-def _shapes_text(shapes: Mapping[str, list[int]]) -> str:
-    return ", ".join(f"{name}={'x'.join(map(str, shape)) or 'scalar'}" for name, shape in shapes.items())
-
-
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:200]
@@ -377,27 +339,6 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
         yield node
         for _, subgraph in subgraphs_of(node):
             yield from _all_nodes(subgraph)
-
-
-def parse_input_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
-    """``["x=1,3,224,224", ...]`` -> ``{"x": [1, 3, 224, 224]}``, with a clear error for bad text."""
-    shapes: dict[str, list[int]] = {}
-    for spec in specs:
-        name, separator, dims = spec.rpartition("=")
-        if not separator or not name:
-            raise InputSpecError(f"--input-shape {spec!r}: expected NAME=D1,D2,... e.g. input=1,3,224,224")
-        try:
-            shape = [int(dim) for dim in dims.split(",")] if dims.strip() else []
-        except ValueError:
-            raise InputSpecError(f"--input-shape {spec!r}: dimensions must be integers") from None
-        if any(dim <= 0 for dim in shape):
-            raise InputSpecError(
-                f"--input-shape {spec!r}: dimensions must be positive (an empty tensor compares nothing)"
-            )
-        if name in shapes:
-            raise InputSpecError(f"--input-shape {name}: given twice")
-        shapes[name] = shape
-    return shapes
 
 
 # -- sessions ------------------------------------------------------------------------------------
@@ -549,101 +490,3 @@ def run_session(session, feeds: dict[str, np.ndarray], role: str) -> list[np.nda
             "check {input_shapes} / {inputs}",
             parameters=("input_shapes", "inputs"),
         ) from None
-
-
-# -- inputs --------------------------------------------------------------------------------------
-def _input_dtype(meta) -> np.dtype:
-    if meta.type not in _ORT_TYPES:
-        raise InputSpecError(
-            f"input {meta.name!r} has type {meta.type}, which bnfold cannot generate; "
-            "pass real data in {inputs}",
-            parameters=("inputs",),
-        )
-    return np.dtype(_ORT_TYPES[meta.type])
-
-
-def _random_inputs(
-    session, shapes: Mapping[str, list[int]], seed: int, *, boolean: bool | None = None
-) -> dict[str, np.ndarray]:
-    """Random feeds; a one-element boolean input is ``boolean`` when given (a condition: each value
-    selects a branch), random otherwise."""
-    metas = session.get_inputs()
-    unknown = set(shapes) - {meta.name for meta in metas}
-    if unknown:
-        names = ", ".join(meta.name for meta in metas)
-        raise InputSpecError(
-            f"{{input_shapes}} names unknown input(s) {sorted(unknown)}; the model has: {names}",
-            parameters=("input_shapes",),
-        )
-    feeds = {}
-    for position, meta in enumerate(metas):
-        declared = list(meta.shape)
-        if meta.name in shapes:
-            shape = list(shapes[meta.name])
-            if len(shape) != len(declared):
-                raise InputSpecError(
-                    f"{{input_shapes}} {meta.name}: rank {len(shape)} given, the model declares {declared}",
-                    parameters=("input_shapes",),
-                )
-            for given, fixed in zip(shape, declared, strict=True):
-                if isinstance(fixed, int) and fixed != given:
-                    given_text = ",".join(map(str, shape))
-                    raise InputSpecError(
-                        f"{{input_shapes}} {meta.name}={given_text}: the model fixes it to {declared}",
-                        parameters=("input_shapes",),
-                    )
-        else:
-            shape = [dim if isinstance(dim, int) and dim >= 0 else 1 for dim in declared]
-        dtype = _input_dtype(meta)
-        check_random_input(meta.name, shape, dtype, fixed=all(isinstance(dim, int) for dim in declared))
-        generator = np.random.default_rng(seed + position)
-        if dtype.kind == "f":
-            value = generator.standard_normal(shape).astype(dtype)
-        elif dtype.kind == "b":
-            value = generator.integers(0, 2, size=shape).astype(np.bool_)
-            if boolean is not None and value.size == 1:
-                value = np.full(shape, boolean)
-        else:
-            value = generator.integers(0, 4, size=shape).astype(dtype)
-        feeds[meta.name] = value
-    return feeds
-
-
-def _load_inputs(session, inputs: Mapping[str, np.ndarray] | str | os.PathLike) -> dict[str, np.ndarray]:
-    if not isinstance(inputs, Mapping):
-        inputs = read_input_file(inputs, [meta.name for meta in session.get_inputs()])
-    metas = {meta.name: meta for meta in session.get_inputs()}
-    missing = sorted(set(metas) - set(inputs))
-    extra = sorted(set(inputs) - set(metas))
-    if missing or extra:
-        raise InputSpecError(
-            f"{{inputs}} do not match the model's inputs: missing {missing}, unexpected {extra}",
-            parameters=("inputs",),
-        )
-    feeds = {}
-    for name, meta in metas.items():
-        value = np.asarray(inputs[name])
-        dtype = _input_dtype(meta)
-        if value.dtype != dtype:
-            raise InputSpecError(
-                f"{{inputs}} {name}: dtype {value.dtype.name}, the model expects {dtype.name}",
-                parameters=("inputs",),
-            )
-        declared = list(meta.shape)
-        if len(declared) != value.ndim or any(
-            isinstance(fixed, int) and fixed != given
-            for fixed, given in zip(declared, value.shape, strict=True)
-        ):
-            raise InputSpecError(
-                f"{{inputs}} {name}: shape {list(value.shape)}, the model declares {declared}",
-                parameters=("inputs",),
-            )
-        feeds[name] = value
-    return feeds
-
-
-def read_input_file(path: str | os.PathLike, input_names: list[str]) -> dict[str, np.ndarray]:
-    """Arrays by input name from an ``.npz`` (one array per input name) or, for a model with one
-    input, an ``.npy`` (that input's array). Never unpickles; every entry's size is checked against
-    its header and the memory available before it is read (:mod:`bnfold.input_limits`)."""
-    return read_inputs_file(path, input_names)
