@@ -31,7 +31,7 @@ from bnfold.errors import (
 from bnfold.version import __version__
 
 if TYPE_CHECKING:  # what type checkers (and readers) see; at run time __getattr__ imports these
-    from bnfold.onnx import RULES, FoldResult, fold_onnx, load_model, save_model
+    from bnfold.onnx import RULES, FoldResult, LoadedModel, WeightStore, fold_onnx, load_model, save_model
     from bnfold.pipeline import FileFoldResult, PipelineResult, fold_file
     from bnfold.report import Decision, Outcome, Reason, Report, Summary
     from bnfold.verify import VerificationResult, verify
@@ -42,6 +42,8 @@ __all__ = [
     "verify",
     "load_model",
     "save_model",
+    "LoadedModel",
+    "WeightStore",
     "FoldResult",
     "FileFoldResult",
     "PipelineResult",
@@ -63,7 +65,10 @@ __all__ = [
 
 # Each lazily served name and the module that defines it.
 _LAZY = {
-    **dict.fromkeys(("RULES", "FoldResult", "fold_onnx", "load_model", "save_model"), "bnfold.onnx"),
+    **dict.fromkeys(
+        ("RULES", "FoldResult", "LoadedModel", "WeightStore", "fold_onnx", "load_model", "save_model"),
+        "bnfold.onnx",
+    ),
     **dict.fromkeys(("FileFoldResult", "PipelineResult", "fold_file"), "bnfold.pipeline"),
     **dict.fromkeys(("Decision", "Outcome", "Reason", "Report", "Summary"), "bnfold.report"),
     **dict.fromkeys(("VerificationResult", "verify"), "bnfold.verify"),

@@ -33,7 +33,7 @@ from bnfold.errors import (
 )
 from bnfold.latency import Latency, measure_latency
 from bnfold.onnx import fold_onnx, load_model, save_model
-from bnfold.onnx.io import check_folded, check_output_path, write_atomically
+from bnfold.onnx.io import WeightStore, check_folded, check_output_path, write_atomically
 from bnfold.onnx.outputs import STDOUT, check_disjoint, output_target, same_path
 from bnfold.progress import Progress, step
 from bnfold.provenance import record_provenance
@@ -97,6 +97,9 @@ class FileFoldResult:
     after: ModelStats | None = None
     latency: Latency | None = None
     export: ExportResult | None = None
+    # Where the new weights of a lazily folded model live (see bnfold.WeightStore): ``model`` can be
+    # read and saved while this result (or the store given to fold_file) is held.
+    store: WeightStore | None = None
 
     @property
     def passed(self) -> bool:
@@ -144,6 +147,7 @@ def fold_file(
     digest_output: bool | None = None,
     progress: Progress | None = None,
     trust_code: bool = False,
+    store: WeightStore | None = None,
 ) -> FileFoldResult:
     """Fold the model at ``source`` and write it to ``output`` once verification passed.
 
@@ -165,6 +169,10 @@ def fold_file(
     ``output`` and ``report_path`` may be ``-`` (standard output; not both); no path written may be
     one that is read (:func:`check_paths`). ``trust_code`` allows a ``.pt2`` source, whose loading
     can run code from the file.
+
+    An ONNX source is loaded lazily (its large weights stay on disk); new weights go to ``store``
+    (a :class:`bnfold.WeightStore` the caller owns, e.g. one per service with its own memory
+    budget) or to a store of the result's own (``result.store``), released with the result.
     """
     source_text = os.fspath(source)
     skips = list(skip_rules)
@@ -195,7 +203,9 @@ def fold_file(
     if is_torch_source(source_text):
         result = _fold_torch_source(source_text, output, trust_code=trust_code, **options)
     else:
-        result = _fold_onnx_file(source_text, output, seed=seed, report_path=report_path, **options)
+        result = _fold_onnx_file(
+            source_text, output, seed=seed, report_path=report_path, store=store, **options
+        )
     if result.written and (digest_output or (digest_output is None and report_path is not None)):
         with step(progress, "hashing the written files"):
             result.after.files = [file_info(info.path) for info in result.after.files]
@@ -253,6 +263,7 @@ def _fold_onnx_file(
     exact: str,
     progress: Progress | None,
     report_path: PathLike | None = None,
+    store: WeightStore | None = None,
 ) -> FileFoldResult:
     destination = None
     if output is not None:
@@ -270,7 +281,7 @@ def _fold_onnx_file(
     # Lazily: the large weights stay on disk and are read only when a fold changes them; save_model
     # copies the others from the input file (onnxsim needs them all in memory).
     with step(progress, f"loading {source}"):
-        loaded = load_model(source, lazy=not simplify)
+        loaded = load_model(source, lazy=not simplify, store=store)
     inputs_path = None if isinstance(inputs, Mapping) else inputs
     check_paths(source, output, report_path, inputs_path, external_data, loaded.external_files)
     # The source's digest (for the report and the provenance metadata) is computed beside the work.
@@ -287,7 +298,11 @@ def _fold_onnx_file(
                 )
     with step(progress, "folding"), naming(source):
         result = fold_onnx(
-            loaded.model, skip_rules=skip_rules, inplace=True, rewrite_standalone=rewrite_standalone
+            loaded.model,
+            skip_rules=skip_rules,
+            inplace=True,
+            rewrite_standalone=rewrite_standalone,
+            store=loaded.store,
         )
     report = result.report
     report.source = source
@@ -334,6 +349,7 @@ def _fold_onnx_file(
         source_files=before.files,
         before=before,
         after=after,
+        store=loaded.store,
     )
 
 

@@ -13,15 +13,6 @@ settings.load_profile(os.environ.get("BNFOLD_HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(autouse=True)
-def fresh_memory_store(monkeypatch):
-    """Each test starts with an empty store of new weights: its memory budget is per process, and a
-    test that sets the budget to one weight must not find it used up by the tests before it."""
-    from bnfold.onnx.io import store
-
-    monkeypatch.setattr(store, "memory", store.MemoryStore())
-
-
-@pytest.fixture(autouse=True)
 def python_default_interrupt_handler():
     """Ctrl-C raises KeyboardInterrupt in every test, whatever the suite was started under.
 

@@ -15,11 +15,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-import bnfold.onnx.graph as graph
 import bnfold.onnx.io as io
+import bnfold.onnx.io.store as store_module
 from bnfold import fold_onnx
 from bnfold.errors import ModelLoadError
-from bnfold.onnx.io import load_model, read_tensor, save_model, saving, store_tensor
+from bnfold.onnx.io import WeightStore, load_model, read_tensor, save_model, saving, store_tensor
 from bnfold.provenance import record_provenance
 from tests.builders import op_types, run
 from tests.test_cli import in_process, snapshot, temporary_files
@@ -186,14 +186,12 @@ def saved_in(directory: Path, model: onnx.ModelProto, external: bool) -> Path:
 
 @pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
 @pytest.mark.parametrize("budget", [None, 32 * 32 * 9 * 4, 0], ids=["memory", "memory+spill", "spill"])
-def test_a_lazy_fold_saves_the_bytes_of_the_in_memory_fold(external, budget, tmp_path, monkeypatch):
-    if budget is not None:
-        monkeypatch.setattr(graph, "NEW_WEIGHTS_MEMORY_BUDGET", budget)
+def test_a_lazy_fold_saves_the_bytes_of_the_in_memory_fold(external, budget, tmp_path):
     original = bn_after_both_convs()
     source = saved_in(tmp_path / "in", original, external)
     before = snapshot(source.parent)
-    loaded = load_model(source, lazy=True)
-    fold_onnx(loaded.model, inplace=True)
+    loaded = load_model(source, lazy=True, store=WeightStore(budget))
+    fold_onnx(loaded.model, inplace=True, store=loaded.store)
     lazy_output, plain_output = tmp_path / "lazy" / "out.onnx", tmp_path / "plain" / "out.onnx"
     lazy_output.parent.mkdir()
     plain_output.parent.mkdir()
@@ -261,16 +259,15 @@ def bn_after_both_convs(channels: int = 32) -> onnx.ModelProto:
     return model
 
 
-def test_new_weights_beyond_the_budget_go_to_the_spill_file(tmp_path, monkeypatch):
+def test_new_weights_beyond_the_budget_go_to_the_spill_file(tmp_path):
     channels = 32
     model = bn_after_both_convs(channels)
     source = tmp_path / "model.onnx"
     onnx.save_model(model, source)
     weight_bytes = channels * channels * 9 * 4
-    monkeypatch.setattr(graph, "NEW_WEIGHTS_MEMORY_BUDGET", weight_bytes)  # room for one new weight
-    loaded = load_model(source, lazy=True)
+    loaded = load_model(source, lazy=True, store=WeightStore(weight_bytes))  # room for one new weight
 
-    fold_onnx(loaded.model, inplace=True)
+    fold_onnx(loaded.model, inplace=True, store=loaded.store)
 
     weights = {t.name: t for t in loaded.model.graph.initializer}
     assert location_of(weights["W1"]).startswith(io.MEMORY_LOCATION)  # the first fits the budget
@@ -284,26 +281,115 @@ def test_new_weights_beyond_the_budget_go_to_the_spill_file(tmp_path, monkeypatc
     assert output.read_bytes() == fold_onnx(model).model.SerializeToString()
 
 
-def test_the_memory_budget_is_the_processs_not_each_folds(tmp_path, monkeypatch):
-    # The store of new weights lives as long as the process (models may refer to it): a service
-    # folding one lazily loaded model after another must not hold a budget's worth per fold.
+def test_the_memory_budget_is_the_stores_that_the_folds_share(tmp_path):
+    # A service gives all its folds one store (one budget): the second fold's weights find the
+    # budget used by the first and go to the spill file.
     channels = 32
     source = tmp_path / "model.onnx"
     onnx.save_model(bn_after_both_convs(channels), source)
-    monkeypatch.setattr(graph, "NEW_WEIGHTS_MEMORY_BUDGET", 2 * channels * channels * 9 * 4)
+    with WeightStore(memory_budget=2 * channels * channels * 9 * 4) as shared:
+        first = load_model(source, lazy=True, store=shared)
+        second = load_model(source, lazy=True, store=shared)
+
+        fold_onnx(first.model, inplace=True, store=shared)
+        fold_onnx(second.model, inplace=True, store=shared)
+
+        locations = [location_of(t) for t in second.model.graph.initializer if t.name in ("W1", "W2")]
+        assert not any(location.startswith(io.MEMORY_LOCATION) for location in locations)
+        assert shared.memory_bytes == 2 * channels * channels * 9 * 4
+        assert shared.spill_bytes == 2 * channels * channels * 9 * 4
+        assert all(location == shared.spill_path for location in locations)
+
+
+def test_each_lazy_load_has_a_store_of_its_own_with_a_budget_of_its_own(tmp_path):
+    channels = 32
+    source = tmp_path / "model.onnx"
+    onnx.save_model(bn_after_both_convs(channels), source)
     first, second = load_model(source, lazy=True), load_model(source, lazy=True)
 
-    fold_onnx(first.model, inplace=True)
-    fold_onnx(second.model, inplace=True)
+    fold_onnx(first.model, inplace=True, store=first.store)
+    fold_onnx(second.model, inplace=True, store=second.store)
 
-    locations = [location_of(t) for t in second.model.graph.initializer if t.name in ("W1", "W2")]
-    assert not any(location.startswith(io.MEMORY_LOCATION) for location in locations)
-    assert io.memory_store_bytes() == 2 * channels * channels * 9 * 4
+    assert first.store is not second.store
+    for loaded in (first, second):  # neither fold used the other's budget: both kept theirs in memory
+        assert loaded.store.memory_bytes == 2 * channels * channels * 9 * 4
+        assert loaded.store.spill_bytes == 0
+        for tensor in loaded.model.graph.initializer:
+            if tensor.name in ("W1", "W2"):
+                assert location_of(tensor).startswith(io.MEMORY_LOCATION)
+
+
+def test_closing_a_store_frees_its_weights_and_a_model_that_refers_to_them_says_so(tmp_path):
+    channels = 32
+    source = tmp_path / "model.onnx"
+    onnx.save_model(bn_after_both_convs(channels), source)
+    with load_model(source, lazy=True, store=WeightStore(channels * channels * 9 * 4)) as loaded:
+        fold_onnx(loaded.model, inplace=True, store=loaded.store)
+        spill = Path(loaded.store.spill_path)
+        assert spill.exists() and loaded.store.memory_bytes > 0
+        weights = {t.name: t for t in loaded.model.graph.initializer}
+        save_model(loaded.model, tmp_path / "while-open.onnx")  # fine while the store is open
+
+    assert loaded.store.closed and loaded.store.memory_bytes == 0
+    assert not spill.exists()  # the spill file is deleted with its store
+    with pytest.raises(ModelLoadError, match="weight store that is closed"):
+        read_tensor(weights["W1"])  # was in the store's memory
+    with pytest.raises(ModelLoadError, match="no longer exists"):
+        read_tensor(weights["W2"])  # was in its spill file
+    with pytest.raises(ModelLoadError, match="weight store that is closed"):
+        save_model(loaded.model, tmp_path / "after-close.onnx")
+    assert not (tmp_path / "after-close.onnx").exists()
+    with pytest.raises(ValueError, match="closed"):
+        loaded.store.keep(TensorProto(), np.zeros(4, np.float32))
+    expected = fold_onnx(bn_after_both_convs(channels)).model.SerializeToString()
+    assert (tmp_path / "while-open.onnx").read_bytes() == expected
+
+
+def test_a_store_lives_as_long_as_its_owner(tmp_path):
+    # A service that folds model after model and drops each result holds nothing between folds: no
+    # store, no spill file. The store belongs to its owner, never to the process.
+    import gc
+    import weakref
+
+    channels = 32
+    source = tmp_path / "model.onnx"
+    onnx.save_model(bn_after_both_convs(channels), source)
+    expected = {t.name: t for t in fold_onnx(bn_after_both_convs(channels)).model.graph.initializer}
+    for round_number in range(3):
+        # fold_file: the result owns the store of the model it loaded.
+        result = bnfold.fold_file(source, tmp_path / f"out{round_number}.onnx", verify=False)
+        assert result.store is not None and result.store.memory_bytes == 2 * channels * channels * 9 * 4
+        weight = next(t for t in result.model.graph.initializer if t.name == "W1")
+        file_store = weakref.ref(result.store)
+        del result
+        assert file_store() is None  # released at once, not at some later garbage collection
+        with pytest.raises(ModelLoadError, match="weight store that is closed"):
+            read_tensor(weight)
+
+        # fold_onnx: a lazily loaded model's new weights go to its loaded model's store ...
+        loaded = load_model(source, lazy=True)
+        held = fold_onnx(loaded.model, inplace=True)
+        assert held.store is loaded.store
+        del held
+        gc.collect()
+        weight = next(t for t in loaded.model.graph.initializer if t.name == "W1")
+        np.testing.assert_array_equal(read_tensor(weight), numpy_helper.to_array(expected["W1"]))
+        # ... and when that was dropped, to a store the result owns.
+        orphan = load_model(source, lazy=True).model
+        own = fold_onnx(orphan, inplace=True)
+        assert own.store is not None and own.store is not loaded.store
+        weight = next(t for t in own.model.graph.initializer if t.name == "W1")
+        np.testing.assert_array_equal(read_tensor(weight), numpy_helper.to_array(expected["W1"]))
+        own_store = weakref.ref(own.store)
+        del own, loaded
+        assert own_store() is None
+        with pytest.raises(ModelLoadError, match="weight store that is closed"):
+            read_tensor(weight)
 
 
 @pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
 def test_the_cli_verifies_a_fold_whose_weights_are_in_memory_and_spilled(external, tmp_path, monkeypatch):
-    monkeypatch.setattr(graph, "NEW_WEIGHTS_MEMORY_BUDGET", 32 * 32 * 9 * 4)  # W1 in memory, W2 spilled
+    monkeypatch.setattr(store_module, "DEFAULT_MEMORY_BUDGET", 32 * 32 * 9 * 4)  # W1 in memory, W2 spilled
     original = bn_after_both_convs()
     source = saved_in(tmp_path / "in", original, external)
     before = snapshot(source.parent)
@@ -321,13 +407,12 @@ def test_the_cli_verifies_a_fold_whose_weights_are_in_memory_and_spilled(externa
     assert temporary_files(tmp_path) == []
 
 
-def test_a_fold_of_a_lazy_model_spills_new_weights_to_disk(tmp_path, monkeypatch):
-    monkeypatch.setattr(graph, "NEW_WEIGHTS_MEMORY_BUDGET", 0)
+def test_a_fold_of_a_lazy_model_spills_new_weights_to_disk(tmp_path):
     source = tmp_path / "model.onnx"
     onnx.save_model(conv_bn_and_plain_conv(), source)
-    loaded = load_model(source, lazy=True)
+    loaded = load_model(source, lazy=True, store=WeightStore(memory_budget=0))
 
-    fold_onnx(loaded.model, inplace=True)
+    fold_onnx(loaded.model, inplace=True, store=loaded.store)
 
     (weight,) = [t for t in loaded.model.graph.initializer if t.name == "W1"]
     location = location_of(weight)
@@ -405,9 +490,9 @@ def test_models_over_the_limit_from_a_lazy_load_get_external_data(tmp_path, monk
 
 PEAK = """
 import sys
-import bnfold.onnx.graph
+import bnfold.onnx.io.store
 from bnfold.cli import main
-bnfold.onnx.graph.NEW_WEIGHTS_MEMORY_BUDGET = 36 * 2**20  # one new weight in memory, the rest spilled
+bnfold.onnx.io.store.DEFAULT_MEMORY_BUDGET = 36 * 2**20  # one new weight in memory, the rest spilled
 try:
     main(sys.argv[1:])
 finally:

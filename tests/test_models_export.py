@@ -87,11 +87,7 @@ def test_dynamic_batch_export_runs_other_batch_sizes(name: str, tmp_path: Path) 
 @pytest.mark.parametrize("name", BATCHNORM_MODEL_NAMES)
 def test_batchnorm_statistics_are_randomized(name: str) -> None:
     module, _ = build(name)
-    layers = [
-        layer
-        for layer in module.modules()
-        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)
-    ]
+    layers = [layer for layer in module.modules() if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)]
     assert layers
     for layer in layers:
         assert not torch.all(layer.running_var == 1.0)

@@ -35,7 +35,7 @@ def decoded(tensor: TensorProto) -> np.ndarray:
     read (raw_data longer than its shape, an unknown data_type, too many float_data values).
 
     A tensor left on disk by a lazy load is a read-only view of its mapped file range, a new weight
-    of a lazily loaded model the (read-only) array in the in-memory store; every other
+    of a lazily loaded model the (read-only) array in its weight store; every other
     value is made read-only too, so that a rule writing into a constant fails in every test, not
     only on lazily loaded models.
     """

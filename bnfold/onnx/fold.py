@@ -20,7 +20,7 @@ from bnfold.core.table import ONNX, check_skip_rules
 from bnfold.core.table import rule_names as table_rule_names
 from bnfold.errors import BnfoldError
 from bnfold.onnx.graph import ModelContext
-from bnfold.onnx.io import load_model
+from bnfold.onnx.io import WeightStore, is_lazy, load_model, store_of
 from bnfold.onnx.rules import RULES
 from bnfold.onnx.view import OnnxView
 from bnfold.report import Report
@@ -32,10 +32,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FoldResult:
-    """The folded model, what happened to each normalization node, and whether anything changed."""
+    """The folded model, what happened to each normalization node, and whether anything changed.
+
+    ``store`` is the weight store that holds the new weights of a lazily loaded model (the one given
+    to :func:`fold_onnx`, or one it made: then this result owns it, and the model's new weights can
+    be read and saved while the result is held, or until ``store.close()``); None otherwise.
+    """
 
     model: ModelProto
     report: Report
+    store: WeightStore | None = None
 
     @property
     def changed(self) -> bool:
@@ -54,6 +60,7 @@ def fold_onnx(
     skip_rules: Iterable[str] = (),
     inplace: bool = False,
     rewrite_standalone: bool = False,
+    store: WeightStore | None = None,
 ) -> FoldResult:
     """Fold every BatchNormalization that a rule can absorb exactly, in all graphs and subgraphs.
 
@@ -69,6 +76,12 @@ def fold_onnx(
     model-local functions are folded where the fold holds for every call site (their constants are
     ``Constant`` nodes; the function's inputs and call-site attributes are not constants), else kept
     with the reason.
+
+    For a model loaded lazily (``load_model(path, lazy=True)``), large new weights go to a
+    :class:`~bnfold.onnx.io.WeightStore`, not into the protobuf: ``store`` if given, else the store of
+    the loaded model it came from (``loaded.store``, while ``loaded`` is held), else a new one that
+    the result owns (``result.store``: the folded model can be read and saved while the result is
+    held). ``result.store`` is the store used, in every case.
     """
     skipped = check_skip_rules(skip_rules, ONNX)
     source = ""
@@ -78,7 +91,9 @@ def fold_onnx(
     else:
         source = os.fspath(model)
         model = load_model(source).model
-    context = ModelContext(model)
+    if store is None and is_lazy(model):
+        store = store_of(model) or WeightStore()
+    context = ModelContext(model, store)
     if context.opset is None:
         raise BnfoldError("the model imports no default-domain ONNX opset; is it an ONNX model?")
     report = Report(source=source)
@@ -88,4 +103,5 @@ def fold_onnx(
         path = f"function {function.domain + '.' if function.domain else ''}{function.name}"
         run_rules(OnnxView(function, context, path), rules, report, **options)
     context.finalize()
-    return FoldResult(model=model, report=report)
+    context.store = None  # the result (or the caller, or the loaded model) owns it, not the index
+    return FoldResult(model=model, report=report, store=store)

@@ -22,15 +22,7 @@ from onnx import FunctionProto, GraphProto, ModelProto, NodeProto, SparseTensorP
 from bnfold.core.exact import EXACT_VALUES_BUDGET, ExactValues
 from bnfold.onnx.constants import ConstantLookup, constant_node_value, decoded, has_value_tensor, sparse_value
 from bnfold.onnx.expressions import EXPRESSION_OPS, evaluate
-from bnfold.onnx.io import (
-    EXTERNAL_DATA_THRESHOLD,
-    IN_MEMORY,
-    RAW_DATA,
-    SPILL,
-    is_lazy,
-    memory_store_bytes,
-    store_tensor,
-)
+from bnfold.onnx.io import EXTERNAL_DATA_THRESHOLD, WeightStore, is_lazy, store_tensor
 from bnfold.onnx.nodes import DEFAULT_DOMAINS, is_op, subgraphs_of
 from bnfold.onnx.shapes import ScopedShapes, TensorFacts
 from bnfold.report import Reason
@@ -47,19 +39,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-NEW_WEIGHTS_MEMORY_BUDGET = 512 * 2**20
-"""How many bytes of new weights of lazily loaded models this process keeps in memory (as the arrays
-the folds computed, in :mod:`bnfold.onnx.io`'s in-memory store, not copied into the protobuf); the
-weights after those go to the spill file (:func:`bnfold.onnx.io.store_tensor`). The store lives as
-long as the process, so the budget is the process's, not one fold's.
-
-Big enough that a model under the 2 GB protobuf limit mostly stays in memory (the weights of the
-530 MB all-conv benchmark model nearly all fit, and writing them to a file only to copy them into
-the output again costs as much as the fold's arithmetic), small enough that a fold of a larger model
-(external data) stays under 1 GB of peak RSS: about 200 MB for the rest of the process, this budget,
-and the float64 block buffer of the one weight being computed.
-"""
 
 
 def default_opset(model: ModelProto) -> int | None:
@@ -103,7 +82,7 @@ _MAY_FOLD_AGAIN = frozenset({"BatchNormalization", "Mul", "Add", "Reshape", "Fla
 class ModelContext:
     """Model-wide state of one fold, shared by the indices of the main graph and all its subgraphs."""
 
-    def __init__(self, model: ModelProto) -> None:
+    def __init__(self, model: ModelProto, store: WeightStore | None = None) -> None:
         self.model = model
         self.opset = default_opset(model)
         self._names: set[str] = set()
@@ -117,9 +96,11 @@ class ModelContext:
         self.graphs: list[GraphIndex] = []
         # (graph index, tensor name) pairs that a fold may have left unused; pruned in finalize().
         self.prune_candidates: list[tuple[GraphIndex, str]] = []
-        # Weights left on disk by load_model(lazy=True): new ones stay in memory up to a budget and
-        # go to the spill file beyond it (see GraphIndex._keep_new_weight).
+        # Weights left on disk by load_model(lazy=True): new large ones go to the weight store (its
+        # memory up to its budget, its spill file beyond), not into the protobuf; see
+        # GraphIndex._store_for. Its owner is whoever made it (the loaded model, the fold result).
         self.lazy = is_lazy(model)
+        self.store = store
         # Folded weights that carry their float64 value, by (id of the GraphIndex, tensor name):
         # sibling subgraphs (an If's two branches) may each hold a weight "W".
         self.exact_values = ExactValues()
@@ -365,7 +346,7 @@ class GraphIndex:
         old_name = node.input[slot] if slot < len(node.input) else ""
         if old_name and not self.other_consumers(old_name, node) and not self.is_graph_output(old_name):
             if old_name in self.initializers and old_name not in self.graph_inputs:
-                store_tensor(self.initializers[old_name], value, keep=self._keep_new_weight(value))
+                store_tensor(self.initializers[old_name], value, store=self._store_for(value))
                 self.context.exact_values.remember((id(self), old_name), value)
                 return
             producer = self.producer.get(old_name)
@@ -394,7 +375,7 @@ class GraphIndex:
             return name
         tensor = self.graph.initializer.add()
         tensor.name = name
-        store_tensor(tensor, value, keep=self._keep_new_weight(value))
+        store_tensor(tensor, value, store=self._store_for(value))
         self.initializers[name] = tensor
         self.context.exact_values.remember((id(self), name), value)
         return name
@@ -407,17 +388,14 @@ class GraphIndex:
             for reader in self.consumers.get(name, [])
         )
 
-    def _keep_new_weight(self, value: np.ndarray) -> str:
-        """How :func:`~bnfold.onnx.io.store_tensor` keeps a new weight. In raw_data, unless the model
-        was loaded lazily (its weights on disk) and it is a large main-graph weight: then the array
-        itself, in memory, while the new weights kept there fit the budget
-        (:data:`NEW_WEIGHTS_MEMORY_BUDGET`), and in the spill file beyond it, so that they cannot pile
-        up in memory."""
-        if not (self.context.lazy and self.parent is None and value.nbytes >= EXTERNAL_DATA_THRESHOLD):
-            return RAW_DATA
-        if memory_store_bytes() + value.nbytes <= NEW_WEIGHTS_MEMORY_BUDGET:
-            return IN_MEMORY
-        return SPILL
+    def _store_for(self, value: np.ndarray) -> WeightStore | None:
+        """Where :func:`~bnfold.onnx.io.store_tensor` keeps a new weight: in raw_data (None), unless
+        the model was loaded lazily (its weights on disk) and it is a large main-graph weight — then
+        in the fold's weight store, so that new weights cannot pile up in the protobuf (in memory up
+        to the store's budget, in its spill file beyond)."""
+        if self.context.lazy and self.parent is None and value.nbytes >= EXTERNAL_DATA_THRESHOLD:
+            return self.context.store  # None: raw_data after all
+        return None
 
     def replace_input(self, node: NodeProto, slot: int, new_name: str) -> None:
         self._expression_values.clear()

@@ -67,6 +67,17 @@ def save_and_load(model: ModelProto, path: Path) -> ModelProto:
     return bnfold.load_model(path).model
 
 
+def fold_large(path: Path, out: Path) -> int:
+    """A service's loop body: one weight store (one memory budget) for its folds, closed after."""
+    with bnfold.WeightStore(memory_budget=64 * 2**20) as store:
+        with bnfold.load_model(path, lazy=True, store=store) as loaded:
+            result: bnfold.FoldResult = bnfold.fold_onnx(loaded.model, inplace=True, store=store)
+            bnfold.save_model(result.model, out)
+        kept: int = store.memory_bytes + store.spill_bytes
+    file_result = bnfold.fold_file(path, out, verify=False, store=None)
+    return kept + (file_result.store.memory_bytes if file_result.store is not None else 0)
+
+
 def describe(result: bnfold.PipelineResult) -> str:
     """One function for the results of both pipelines (ONNX file, PyTorch export)."""
     state = "written" if result.written else "not written"

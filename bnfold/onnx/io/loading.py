@@ -17,6 +17,7 @@ from onnx.external_data_helper import uses_external_data
 
 from bnfold.errors import InternalError, ModelLoadError
 from bnfold.onnx.io.references import file_identity
+from bnfold.onnx.io.store import WeightStore
 from bnfold.onnx.io.tensors import (
     EXTERNAL_DATA_THRESHOLD,
     copy_field,
@@ -32,6 +33,14 @@ from bnfold.onnx.io.wire import scan_file
 
 @dataclass
 class LoadedModel:
+    """A model read by :func:`load_model`, with where it came from.
+
+    A lazy load (``lazy=True``) also owns ``store``, the :class:`WeightStore` that a fold of it
+    keeps its new weights in (``fold_onnx(loaded.model, inplace=True, store=loaded.store)``): the
+    folded model can be read and saved while it is open. ``with load_model(...) as loaded:`` (or
+    ``loaded.close()``) releases it; so does dropping the last reference to it.
+    """
+
     model: ModelProto
     path: Path
     used_external_data: bool
@@ -40,14 +49,29 @@ class LoadedModel:
     external_files: tuple[Path, ...] = ()
     # Whether large initializers were left on disk (load_model(..., lazy=True)); see has_data_on_disk.
     lazy: bool = False
+    store: WeightStore | None = None
+
+    def close(self) -> None:
+        """Release the new weights a fold kept in this model's store (memory and spill file)."""
+        if self.store is not None:
+            self.store.close()
+
+    def __enter__(self) -> LoadedModel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
-def load_model(path: str | os.PathLike, *, check: bool = True, lazy: bool = False) -> LoadedModel:
+def load_model(
+    path: str | os.PathLike, *, check: bool = True, lazy: bool = False, store: WeightStore | None = None
+) -> LoadedModel:
     """Read an ONNX file; raise :class:`ModelLoadError` with a one-line reason when it is not one.
 
     ``lazy=True`` leaves the large initializers of the main graph on disk, as external-data
     references with absolute paths into the source files (see :mod:`bnfold.onnx.io`): the model is
-    then only good for bnfold's own fold, :func:`save_model` and verifier, which read them.
+    then only good for bnfold's own fold, :func:`save_model` and verifier, which read them. Its
+    ``store`` (``store`` if given, else a new :class:`WeightStore`) is where a fold keeps new weights.
     """
     path = Path(path)
     if not path.exists():
@@ -61,11 +85,14 @@ def load_model(path: str | os.PathLike, *, check: bool = True, lazy: bool = Fals
     if field is not None:
         raise ModelLoadError(f"{path}: invalid ONNX model (text in {field} is not UTF-8)")
     used_external_data = _uses_external_data(model)
+    if lazy and store is None:
+        store = WeightStore()
+    store_key = store.key if lazy and store is not None else None
     external_files: tuple[Path, ...] = ()
     if used_external_data:
         try:
             external_files = _external_files(model, path.parent)
-            _resolve_external_data(model, path.parent, keep_on_disk=lazy)
+            _resolve_external_data(model, path.parent, keep_on_disk=lazy, store_key=store_key)
         except (OSError, ValueError, onnx.checker.ValidationError) as error:
             raise ModelLoadError(f"{path}: cannot load its external data ({_one_line(error)})") from None
     if check:
@@ -73,8 +100,10 @@ def load_model(path: str | os.PathLike, *, check: bool = True, lazy: bool = Fals
     source = str(path.resolve())
     identity = file_identity(source) if lazy_ranges else None
     for tensor, offset, length in lazy_ranges:
-        point_at(tensor, source, offset, length, identity)
-    return LoadedModel(model, path, used_external_data, external_files, lazy=lazy)
+        point_at(tensor, source, offset, length, identity, store_key)
+    return LoadedModel(
+        model, path, used_external_data, external_files, lazy=lazy, store=store if lazy else None
+    )
 
 
 def parse_file(path: Path) -> ModelProto:
@@ -92,7 +121,9 @@ def parse_file(path: Path) -> ModelProto:
     return model
 
 
-def _resolve_external_data(model: ModelProto, directory: Path, *, keep_on_disk: bool) -> None:
+def _resolve_external_data(
+    model: ModelProto, directory: Path, *, keep_on_disk: bool, store_key: int | None = None
+) -> None:
     """Check every external tensor's file and range (model-local functions included); with
     ``keep_on_disk`` keep the large main-graph initializers on disk (absolute locations), and load
     the rest (small ones, subgraph initializers, Constant values) into raw_data, so that no
@@ -125,7 +156,7 @@ def _resolve_external_data(model: ModelProto, directory: Path, *, keep_on_disk: 
             )
         large = length >= EXTERNAL_DATA_THRESHOLD and plain_item_size(tensor.data_type)
         if keep_on_disk and id(tensor) in main and large:
-            point_at(tensor, str(target), offset, length, file_identity(target))
+            point_at(tensor, str(target), offset, length, file_identity(target), store_key)
         else:  # read here (onnx's reader cannot open a folder whose name is not UTF-8)
             with open(target, "rb") as handle:
                 tensor.raw_data = os.pread(handle.fileno(), length, offset)

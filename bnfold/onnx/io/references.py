@@ -1,5 +1,6 @@
 """Lazy references: tensors whose bytes stay in a file (a source ``.onnx``, its external data, the
-spill file) or in the in-memory store, and reading their values (a file range mapped read-only).
+spill file of a weight store) or in a weight store's memory, and reading their values (a file
+range mapped read-only).
 
 A reference to a source file carries the file's identity (device, inode, size, modification time),
 so a read after the file was saved over or edited is refused rather than reading other bytes.
@@ -36,15 +37,15 @@ def file_identity(path: str | os.PathLike) -> str:
 # -- tensors whose bytes are on disk -------------------------------------------------------------
 def has_data_on_disk(model: ModelProto) -> bool:
     """Whether any main-graph initializer keeps its bytes outside the protobuf: a reference to bytes
-    in a file (a lazy load, a tensor a fold spilled) or to the in-memory store — so that the model
+    in a file (a lazy load, a tensor a fold spilled) or to a weight store's memory — so that the model
     must be written with :func:`save_model`, not serialized."""
     return any(tensor.data_location == TensorProto.EXTERNAL for tensor in model.graph.initializer)
 
 
 def is_lazy(model: ModelProto) -> bool:
     """Whether ``model`` was loaded with ``load_model(..., lazy=True)`` (a main-graph initializer
-    refers to a file by absolute path, or to the in-memory store): a fold may then keep its new
-    weights in the in-memory store. A model whose external data was merely not loaded is not."""
+    refers to a file by absolute path, or to a weight store): a fold then keeps its large new
+    weights in a weight store. A model whose external data was merely not loaded is not."""
     return any(
         on_disk(tensor) is not None or memory_location(tensor) is not None
         for tensor in model.graph.initializer
@@ -83,7 +84,7 @@ def array_bytes(array: np.ndarray) -> memoryview:
 
 def read_tensor(tensor: TensorProto) -> np.ndarray:
     """The value of a tensor whose bytes are on disk (absolute location), read from its file range,
-    or in the in-memory store (that very array, read-only).
+    or in a weight store's memory (that very array, read-only).
 
     Raises ValueError when the bytes do not match the type and shape.
     """
@@ -117,7 +118,14 @@ def _mapped(location: str, offset: int, length: int) -> memoryview:
     in-place fold renames a new file over it; this mapping keeps the old one), and the spill file
     only grows, so a mapped range never changes under the view.
     """
-    with open(location, "rb") as handle:
+    try:
+        handle = open(location, "rb")  # noqa: SIM115 (closed by the with below)
+    except FileNotFoundError:
+        raise ModelLoadError(
+            f"{location}: no longer exists (a source file deleted since the lazy load, or the spill "
+            "file of a weight store that was closed); load and fold again"
+        ) from None
+    with handle:
         if os.fstat(handle.fileno()).st_size < offset + length:
             raise ValueError(f"{location} ends before byte {offset + length}")
         if length == 0:

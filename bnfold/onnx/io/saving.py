@@ -151,7 +151,7 @@ def save_model(model: ModelProto, path: str | os.PathLike, *, external_data: boo
 
     External data goes to ``<name>.data`` beside the model; the in-memory model is left as it was.
     Tensors whose bytes are on disk (a lazy load) are copied from their files, never read into memory;
-    those in the in-memory store are written from their arrays' buffers. ``path`` may be ``-``
+    those in a weight store's memory are written from their arrays' buffers. ``path`` may be ``-``
     (standard output), a device or a FIFO (written directly, inline only), or a symbolic link (the
     file it points to is replaced); see :mod:`bnfold.onnx.outputs`.
     """
@@ -254,7 +254,7 @@ def _model_pieces(model: ModelProto, initializer_entries: list[list[_Piece]]) ->
 
 def _data_piece(tensor: TensorProto) -> _Range | memoryview | None:
     """Where the bytes of a tensor outside the protobuf are: a file range (on disk) or the buffer of
-    its array (in the in-memory store); None for a tensor that holds its own data."""
+    its array (in a weight store's memory); None for a tensor that holds its own data."""
     held = in_memory(tensor)
     if held is not None:
         return array_bytes(held)

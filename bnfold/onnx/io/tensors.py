@@ -1,5 +1,5 @@
 """TensorProto helpers every part of :mod:`bnfold.onnx.io` shares: the size limits, the external-data
-location vocabulary (absolute paths, non-UTF-8 paths, the in-memory store's names), making a tensor
+location vocabulary (absolute paths, non-UTF-8 paths, weight stores' names), making a tensor
 a reference to bytes elsewhere, walking every tensor of a model, and copying a tensor's header."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ EXTERNAL_DATA_ALIGNMENT = 4096  # lets ONNX Runtime memory-map tensors
 
 
 IDENTITY_KEY = "bnfold-source-file"
+STORE_KEY = "bnfold-weight-store"  # the WeightStore a lazily loaded model's new weights go to
 PATH_BYTES = "\0bnfold-path/"
 """The start of the location of a file whose absolute path is not UTF-8 (protobuf strings must be),
 followed by the path's bytes in hexadecimal; the NUL byte keeps every other reader from opening it."""
@@ -38,12 +39,19 @@ def location_path(text: str) -> str:
 
 
 def point_at(
-    tensor: TensorProto, location: str, offset: int, length: int, identity: str | None = None
+    tensor: TensorProto,
+    location: str,
+    offset: int,
+    length: int,
+    identity: str | None = None,
+    store_key: int | None = None,
 ) -> None:
     """Make ``tensor`` an external-data reference to ``length`` bytes at ``offset`` of ``location``.
 
     ``identity`` (:func:`file_identity` of a source file) lets every later read check that the
-    file is still the one that was loaded (see :func:`on_disk`).
+    file is still the one that was loaded (see :func:`on_disk`). ``store_key`` names the weight
+    store that a fold of the model keeps new weights in (see :func:`bnfold.onnx.io.store.store_of`).
+    Both are bnfold's own keys, never written to a saved model.
     """
     tensor.ClearField("raw_data")
     tensor.data_location = TensorProto.EXTERNAL
@@ -51,6 +59,8 @@ def point_at(
     entries = [("location", location_text(location)), ("offset", str(offset)), ("length", str(length))]
     if identity is not None:
         entries.append((IDENTITY_KEY, identity))
+    if store_key is not None:
+        entries.append((STORE_KEY, str(store_key)))
     for key, value in entries:
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
@@ -137,7 +147,7 @@ def plain_item_size(data_type: int) -> int | None:
 
 
 def memory_location(tensor: TensorProto) -> str | None:
-    """The location of a tensor whose value is in the in-memory store, else None."""
+    """The location of a tensor whose value is in a weight store's memory, else None."""
     if tensor.data_location != TensorProto.EXTERNAL:
         return None
     for entry in tensor.external_data:
@@ -147,5 +157,5 @@ def memory_location(tensor: TensorProto) -> str | None:
 
 
 MEMORY_LOCATION = "\0bnfold-memory/"
-"""The start of the external-data location of a tensor whose value is in the in-memory store (see
-:mod:`bnfold.onnx.io`): a NUL byte, which no file name can hold, then a name."""
+"""The start of the external-data location of a tensor whose value is in a weight store's memory (see
+:mod:`bnfold.onnx.io`): a NUL byte, which no file name can hold, then the store's key and a number."""
