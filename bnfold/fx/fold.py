@@ -132,6 +132,8 @@ def fold_module(
         report.extras["eval_no_ops_removed"] = removed
     run_rules(context, rules, report, skipped=skipped)
     _report_subgraphs(context, context.graph_module, "", {}, report)
+    if traced.trusted_shapes and (report.folded or report.merged):
+        context.assumed_ranks.update(_exported_input_ranks(context.graph_module))
     if context.assumed_ranks:
         _insert_rank_checks(context.graph_module, context.assumed_ranks)
         report.extras["input_rank_checks"] = dict(context.assumed_ranks)
@@ -145,6 +147,21 @@ def fold_module(
         if not result.verification:
             logger.warning("folded module does not match the original:\n%s", result.verification.to_text())
     return result
+
+
+def _exported_input_ranks(graph_module: fx.GraphModule) -> dict[str, int]:
+    """The rank of each tensor input of a torch.export graph, which every fold in it relies on.
+
+    torch.export's guards check the size of each axis the example had, but not the rank (torch 2.13):
+    the exported module also runs an input with more axes, e.g. ``[N, F, F]`` through a Linear ->
+    BatchNorm1d exported from a 2-D ``[N, F]`` example, where the BN normalizes another axis and the
+    folded module would compute something else. A folded module checks these ranks.
+    """
+    return {
+        node.name: node.meta["val"].dim()
+        for node in graph_module.graph.nodes
+        if node.op == "placeholder" and isinstance(node.meta.get("val"), torch.Tensor)
+    }
 
 
 def _insert_rank_checks(graph_module: fx.GraphModule, ranks: dict[str, int]) -> None:

@@ -7,7 +7,9 @@ inputs gives sizes that hold for the example only: a symbolic_trace graph accept
 and any rank. So sizes are symbols here, and each node's shape is derived from the graph:
 
 - **torch.export graphs** carry their shapes in ``node.meta['val']``: static sizes are guarded by the
-  exported module (it refuses other sizes) and dynamic ones are symbols, so they are facts as given.
+  exported module (it refuses other sizes) and dynamic ones are symbols, so they are facts as given;
+  its guards do not check the rank, so a folded exported module checks its inputs' ranks
+  (``bnfold.fx.fold``).
 - **symbolic_trace graphs**: each graph input gets the rank of its example (the only thing taken from
   the example; a fold that relies on it makes the folded module check that rank, see
   :meth:`ShapeFacts.assumed_ranks`) and a fresh symbol per size. Shapes then follow the graph through

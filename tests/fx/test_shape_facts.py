@@ -76,6 +76,23 @@ def test_linear_bn_from_a_2d_example_checks_the_rank() -> None:
         result.module(torch.randn(2, 6, 5))
 
 
+@pytest.mark.parametrize("source", ["export tracer", "ExportedProgram"])
+def test_linear_bn_through_torch_export_checks_the_rank(source) -> None:
+    # torch.export's guards check the size of each axis the example had, not the rank: the exported
+    # module also runs [N, F, F], where BatchNorm1d normalizes axis 1 and the fold would be wrong.
+    model = nets.randomized(nets.LinearBN(5, 5))
+    example = torch.randn(5, 5)
+    if source == "ExportedProgram":
+        result = bnfold.fold_module(torch.export.export(model, (example,)), example)
+    else:
+        result = bnfold.fold_module(model, example, tracer="export")
+    assert decisions(result) == [("bn", Outcome.FOLDED, "linear-bn", None)]
+    assert list(result.report.extras["input_rank_checks"].values()) == [2]
+    same_at(result, model, (5, 5))
+    with pytest.raises(AssertionError, match="2-D"):
+        result.module(torch.randn(5, 5, 5))
+
+
 def test_linear_bn_after_flatten_needs_no_rank_check() -> None:
     class FlattenLinearBN(torch.nn.Module):
         def __init__(self) -> None:
