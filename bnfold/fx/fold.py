@@ -32,17 +32,11 @@ from bnfold.fx.compare import (
     output_names,
 )
 from bnfold.fx.no_ops import remove_no_ops
-from bnfold.fx.nodes import (
-    function_label,
-    get_attr_value,
-    is_batchnorm_call,
-    is_per_sample_norm_call,
-    owner_path,
-)
 from bnfold.fx.rules import RULES
+from bnfold.fx.subgraphs import lift_constants, localize_constants
 from bnfold.fx.trace import as_args, is_exported_module, trace
 from bnfold.fx.view import FxView
-from bnfold.report import Decision, Outcome, Reason, Report
+from bnfold.report import Report
 from bnfold.verify import VerificationResult
 
 __all__ = ["ModuleFoldResult", "fold_module", "rule_names"]
@@ -121,6 +115,9 @@ def fold_module(
     reference = _reference_factory(model, program, runs, inplace=inplace, exact=exact) if checking else None
     working = model if inplace or fresh else _deepcopy(model)
     traced = trace(working, args, tracer=tracer, dynamic_shapes=dynamic_shapes)
+    # torch.cond branches (and loop / map bodies) get their parameters as operands: make them
+    # constants of each subgraph, so the rules fold there too (the driver visits subgraphs last).
+    localize_constants(traced.graph_module)
     context = FxView(traced.graph_module, root=working, trusted_shapes=traced.trusted_shapes)
     report = Report(source=type(model).__name__)
     report.extras["tracer"] = traced.tracer
@@ -131,7 +128,7 @@ def fold_module(
         context.refresh()
         report.extras["eval_no_ops_removed"] = removed
     run_rules(context, rules, report, skipped=skipped)
-    _report_subgraphs(context, context.graph_module, "", {}, report)
+    lift_constants(context.graph_module)  # back to torch.export's form: subgraph tensors as operands
     if traced.trusted_shapes and (report.folded or report.merged):
         context.assumed_ranks.update(_exported_input_ranks(context.graph_module))
     if context.assumed_ranks:
@@ -195,70 +192,6 @@ def _deepcopy(model: nn.Module) -> nn.Module:
         # torch 2.13 warns about its own pytree specs when an ExportedProgram.module() is copied.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         return copy.deepcopy(model)
-
-
-def _report_subgraphs(
-    context: FxView,
-    graph_module: fx.GraphModule,
-    path: str,
-    operand_owners: dict[str, str],
-    report: Report,
-) -> None:
-    """Report the normalizations inside control-flow subgraphs (``torch.cond`` branches) as kept.
-
-    torch.export passes a branch's parameters in as operands, so inside the branch they are not
-    constants; bnfold does not fold across that boundary. Each branch BN is named after the module
-    whose tensors the parent passes in, when the parent's operand is a ``get_attr``.
-    """
-    for node in graph_module.graph.nodes:
-        if path and (is_batchnorm_call(node) or is_per_sample_norm_call(node)):
-            owner = next(
-                (operand_owners[arg.name] for arg in node.all_input_nodes if arg.name in operand_owners), ""
-            )
-            name = owner or node.name
-            owner_module = context.module_at(owner) if owner else None
-            op_type = type(owner_module).__name__ if owner_module else function_label(node.target)
-            if is_per_sample_norm_call(node):
-                decision = Decision(
-                    name,
-                    op_type,
-                    node.name,
-                    Outcome.NEVER_FOLDABLE,
-                    reason=Reason.PER_SAMPLE_STATISTICS,
-                    graph=path,
-                )
-            else:
-                detail = f"inside control-flow subgraph `{path}`, whose parameters arrive as operands"
-                decision = Decision(
-                    name,
-                    op_type,
-                    node.name,
-                    Outcome.KEPT,
-                    reason=Reason.PARAM_NOT_CONSTANT,
-                    detail=detail,
-                    graph=path,
-                )
-            report.add(decision)
-        if node.op != "call_function":
-            continue
-        for position, argument in enumerate(node.args):
-            subgraph = get_attr_value(graph_module, argument)
-            if not isinstance(subgraph, fx.GraphModule):
-                continue
-            owners = _cond_operand_owners(graph_module, node, subgraph) if position in (1, 2) else {}
-            child = f"{path}/{argument.target}" if path else argument.target
-            _report_subgraphs(context, subgraph, child, owners, report)
-
-
-def _cond_operand_owners(parent: fx.GraphModule, call: fx.Node, branch: fx.GraphModule) -> dict[str, str]:
-    """For ``cond(pred, true_branch, false_branch, operands)``: branch placeholder -> owning module path."""
-    operands = call.args[3] if len(call.args) > 3 and isinstance(call.args[3], list | tuple) else ()
-    placeholders = [node for node in branch.graph.nodes if node.op == "placeholder"]
-    owners = {}
-    for placeholder, operand in zip(placeholders, operands, strict=False):
-        if isinstance(operand, fx.Node) and operand.op == "get_attr":
-            owners[placeholder.name] = owner_path(operand.target)
-    return owners
 
 
 # -- checking -----------------------------------------------------------------------------------

@@ -14,21 +14,23 @@ from torch import fx
 from bnfold.core.kept import REMEDY_TORCH, Neighbour, Neighbours, no_site_detail
 from bnfold.core.protocol import NodeIdentity
 from bnfold.fx.checks import require_not_shared
+from bnfold.fx.no_ops import remove_no_ops
 from bnfold.fx.nodes import function_label
 from bnfold.fx.reading import LAYOUTS, identify, layer_kind, norm_input, read_batchnorm
 from bnfold.fx.state import FoldState
+from bnfold.fx.subgraphs import subgraph_modules
 
 __all__ = ["FxView"]
 
 
 class FxView(FoldState):
-    """The top-level graph of a torch fold. ``torch.cond`` branches are not folded (their parameters
-    arrive as operands; :mod:`bnfold.fx.fold` reports their BNs)."""
+    """One graph of a torch fold: the top-level graph (``path`` "main") or a control-flow subgraph
+    (``torch.cond`` branch, ``while_loop`` body, ...; ``path`` like ``true_graph_0``), whose
+    parameters :func:`bnfold.fx.subgraphs.localize_constants` made its own constants."""
 
-    path = "main"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, path: str = "main", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.path = path
         self._identities: dict[fx.Node, NodeIdentity] = {}
         self._kinds: dict[fx.Node, str | None] = {}
 
@@ -97,7 +99,19 @@ class FxView(FoldState):
         return Neighbour(op, self.describe(node))
 
     def subgraphs(self) -> list[FxView]:
-        return []
+        """Views of the subgraphs the live nodes call, folded after this graph, each on its own: a
+        fold writes new tensors into the subgraph's module, never into this graph's."""
+        views = []
+        for target, subgraph in subgraph_modules(self.graph_module):
+            view = FxView(
+                subgraph,
+                root=self.root,
+                trusted_shapes=self.trusted_shapes,
+                path=target if self.path == "main" else f"{self.path}/{target}",
+            )
+            remove_no_ops(view)
+            views.append(view)
+        return views
 
     # -- for the rules and messages -------------------------------------------------------------
     def describe(self, node: fx.Node) -> str:
