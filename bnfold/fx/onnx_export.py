@@ -285,5 +285,8 @@ def _export(
             raise
         except Exception as error:  # exporters raise many types; the user needs the first line
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if exporter == "torchscript" and "HigherOrderOperator" in message:
+                # torch.cond / while_loop / map calls: only the dynamo exporter writes them (If, Loop)
+                message += "; models with torch.cond or other control-flow operators need exporter='dynamo'"
             raise BnfoldError(f"torch.onnx.export ({exporter}) failed: {message}") from None
         return onnx.load(str(raw_path))

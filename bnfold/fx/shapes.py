@@ -68,11 +68,14 @@ class ShapeFacts:
     """The shape of every node that the graph fixes; see the module docstring.
 
     ``trusted``: the graph comes from torch.export, whose shape metadata the module enforces.
+    ``input_ranks``: an untrusted graph's inputs may take their example's rank (the folded module
+    then checks it); False for a subgraph, whose inputs the folded module cannot check.
     """
 
-    def __init__(self, graph_module: fx.GraphModule, *, trusted: bool) -> None:
+    def __init__(self, graph_module: fx.GraphModule, *, trusted: bool, input_ranks: bool = True) -> None:
         self._root = graph_module
         self._trusted = trusted
+        self._input_ranks = input_ranks
         self._values: dict[fx.Node, Any] = {}
         self._asserted: dict[fx.Node, int] = {}
         self._fresh = itertools.count()
@@ -137,7 +140,7 @@ class ShapeFacts:
         if self._trusted:
             return self._from_meta(node)
         if node.op == "placeholder":
-            shape = output_shape(node)
+            shape = output_shape(node) if self._input_ranks else None
             if shape is None:
                 return None
             self._example_ranks[node.name] = len(shape)

@@ -113,17 +113,24 @@ class FoldState:
     """The graph being folded and the facts every rule reads (see the module docstring).
 
     ``trusted_shapes``: the graph's shape metadata is enforced by the module (torch.export).
+    ``input_ranks``: whether a fold may rely on a graph input having its example's rank (see
+    :class:`~bnfold.fx.shapes.ShapeFacts`).
     """
 
     def __init__(
-        self, graph_module: fx.GraphModule, root: nn.Module | None = None, *, trusted_shapes: bool = False
+        self,
+        graph_module: fx.GraphModule,
+        root: nn.Module | None = None,
+        *,
+        trusted_shapes: bool = False,
+        input_ranks: bool = True,
     ):
         self.graph_module = graph_module
         self.root = root
         self.trusted_shapes = trusted_shapes
         self.exact = TensorExactValues(EXACT_VALUES_BUDGET)
         # Shapes are computed once: a fold gives the folded layer's output the BN output's shape.
-        self.facts = ShapeFacts(graph_module, trusted=trusted_shapes)
+        self.facts = ShapeFacts(graph_module, trusted=trusted_shapes, input_ranks=input_ranks)
         self.assumed_ranks: dict[str, int] = {}
         self._uses: TensorUses | None = None
         self._effects: Effects | None = None

@@ -1,5 +1,5 @@
 """Control-flow subgraphs of a torch.export graph, made foldable: ``torch.cond`` branches,
-``while_loop`` condition and body, ``map`` bodies, ``torch.no_grad()`` / autocast regions.
+``while_loop`` condition and body, ``map`` and ``scan`` bodies, ``torch.no_grad()`` / autocast regions.
 
 torch.export writes each as a GraphModule that a higher-order operator calls, and passes the
 parameters and buffers the subgraph reads in as *operands*: inside it a conv weight is a
@@ -19,7 +19,8 @@ Why that is safe, and what it gives:
 - for the same reason the outer graph's folds are no longer blocked by the subgraph reading a
   layer's weight (the subgraph keeps the original tensor);
 - operands whose value changes between runs of the subgraph stay operands: a ``while_loop``'s
-  carried values and a ``map``'s mapped tensors, and anything the caller computes;
+  carried values, a ``map``'s mapped tensors, a ``scan``'s carry and slices, and anything the
+  caller computes;
 - a subgraph module that more than one call uses keeps its operands (each call could pass other
   tensors).
 
@@ -54,14 +55,14 @@ _higher_order = torch.ops.higher_order
 class _Layout:
     """Where a higher-order operator keeps its subgraphs and operands (positions in ``node.args``).
 
-    A subgraph's placeholders are the ``varying`` operands (a list argument; values that change
+    A subgraph's placeholders are the ``varying`` operands (list arguments; values that change
     between runs) followed by the ``constant`` ones (a list argument, or every argument from
     ``constant`` on when ``varargs``).
     """
 
     subgraphs: tuple[int, ...]
     constant: int
-    varying: int | None = None
+    varying: tuple[int, ...] = ()
     varargs: bool = False
 
 
@@ -70,9 +71,11 @@ def _layouts() -> dict[object, _Layout]:
         # cond(pred, true_graph, false_graph, operands)
         "cond": _Layout(subgraphs=(1, 2), constant=3),
         # while_loop(cond_graph, body_graph, carried_inputs, additional_inputs)
-        "while_loop": _Layout(subgraphs=(0, 1), constant=3, varying=2),
+        "while_loop": _Layout(subgraphs=(0, 1), constant=3, varying=(2,)),
         # map_impl(body_graph, mapped_xs, pos_args)
-        "map_impl": _Layout(subgraphs=(0,), constant=2, varying=1),
+        "map_impl": _Layout(subgraphs=(0,), constant=2, varying=(1,)),
+        # scan(combine_graph, init, xs, additional_inputs)
+        "scan": _Layout(subgraphs=(0,), constant=3, varying=(1, 2)),
         # wrap_with_set_grad_enabled(enabled, graph, *operands): `with torch.no_grad():` regions
         "wrap_with_set_grad_enabled": _Layout(subgraphs=(1,), constant=2, varargs=True),
         # wrap_with_autocast(device_type, dtype, enabled, cache_enabled, graph, *operands)
@@ -106,11 +109,15 @@ class HigherOrderCall:
 
     def varying_count(self) -> int | None:
         """How many placeholders come before the constant operands (None: unreadable)."""
-        if self.layout is None or self.layout.varying is None:
-            return 0
-        args = self.node.args
-        value = args[self.layout.varying] if len(args) > self.layout.varying else None
-        return len(value) if isinstance(value, list | tuple) else None
+        if self.layout is None:
+            return None
+        count = 0
+        for position in self.layout.varying:
+            value = self.node.args[position] if len(self.node.args) > position else None
+            if not isinstance(value, list | tuple):
+                return None
+            count += len(value)
+        return count
 
     def append_constant_operand(self, operand: fx.Node) -> None:
         """Add ``operand`` after the constant operands (the subgraphs get a last placeholder for it)."""

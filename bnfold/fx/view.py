@@ -107,6 +107,7 @@ class FxView(FoldState):
                 subgraph,
                 root=self.root,
                 trusted_shapes=self.trusted_shapes,
+                input_ranks=False,  # only the top-level graph's inputs get a rank check
                 path=target if self.path == "main" else f"{self.path}/{target}",
             )
             remove_no_ops(view)

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 from torch._higher_order_ops.map import map as map_over  # noqa: E402
+from torch._higher_order_ops.scan import scan  # noqa: E402
 from torch._higher_order_ops.while_loop import while_loop  # noqa: E402
 
 import bnfold  # noqa: E402
@@ -60,14 +61,15 @@ def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
 
 
 class SharedConvCond(nn.Module):
-    """One conv read by the outer graph and by both branches; a BN after it in each of the three."""
+    """One conv read by the outer graph and by both branches; a BN after it in each of the three
+    (``false_bn=False``: the false branch reads the conv's original output)."""
 
-    def __init__(self) -> None:
+    def __init__(self, false_bn: bool = True) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.outer_bn = nn.BatchNorm2d(4)
         self.true_bn = nn.BatchNorm2d(4)
-        self.false_bn = nn.BatchNorm2d(4)
+        self.false_bn = nn.BatchNorm2d(4) if false_bn else nn.Identity()
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         outer = self.outer_bn(self.conv(inputs))
@@ -113,6 +115,23 @@ def test_cond_branches_fold_and_a_conv_shared_with_the_outer_graph_is_copied() -
     assert result.verification
 
 
+def test_a_branch_that_reads_a_conv_the_outer_graph_folded_keeps_the_original() -> None:
+    model = nets.randomized(SharedConvCond(false_bn=False))
+    before = tensors_of(model)
+    result = fold(model, torch.randn(2, 3, 6, 6), inplace=True)
+
+    assert rows(result) == [
+        ("outer_bn", "main", "folded", "conv-bn"),
+        ("true_bn", "true_graph_0", "folded", "conv-bn"),
+    ]
+    originals = [
+        value for value in result.module.state_dict().values() if torch.equal(value, before["conv.weight"])
+    ]
+    assert len(originals) == 1  # the false branch's operand: the conv's weight as it was
+    assert_same_function(result, model, *both_branches((2, 3, 6, 6)))
+    assert_unchanged(model, before)  # in place or not, the user's tensors are never written
+
+
 class BranchBNs(nn.Module):
     """Branch BNs that must stay: the conv's output also leaves the branch; statistics computed by
     the caller; and a BN that folds, to show the others are kept for their own reason."""
@@ -154,6 +173,36 @@ def test_branch_bns_that_cannot_fold_are_kept_with_their_reason() -> None:
         ("folding_bn", "false_graph_0", "conv-bn")
     ]
     assert_same_function(result, model, *both_branches((2, 3, 5, 5)))
+
+
+class ScanBody(nn.Module):
+    """conv -> BN in a scan's combine function, added to the carry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        def combine(carry: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            total = self.bn(self.conv(values)) + carry
+            return total, total.clone()
+
+        return scan(combine, torch.zeros_like(inputs[0]), inputs)[1]
+
+
+class AutocastRegion(nn.Module):
+    """A ``with torch.autocast(..., enabled=False):`` block, another subgraph of torch.export."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            features = self.bn(self.conv(inputs))
+        return features + 1
 
 
 class LoopBody(nn.Module):
@@ -206,10 +255,12 @@ class NoGradRegion(nn.Module):
         (LoopBody(), (2, 4, 5, 5), "while_loop_body_graph_0"),
         (MapBody(), (3, 2, 4, 5, 5), "body_graph_0"),
         (NoGradRegion(), (2, 4, 5, 5), "submod_1"),
+        (ScanBody(), (3, 2, 4, 5, 5), "scan_combine_graph_0"),
+        (AutocastRegion(), (2, 4, 5, 5), "submod_1"),
     ],
-    ids=["while_loop", "map", "no_grad"],
+    ids=["while_loop", "map", "no_grad", "scan", "autocast"],
 )
-def test_loop_map_and_no_grad_bodies_fold(model: nn.Module, shape: tuple[int, ...], graph: str) -> None:
+def test_loop_map_scan_and_region_bodies_fold(model: nn.Module, shape: tuple[int, ...], graph: str) -> None:
     model = nets.randomized(model)
     before = tensors_of(model)
     result = fold(model, torch.randn(*shape), tracer="export")
@@ -259,7 +310,9 @@ def test_parameters_computed_by_the_caller_stay_operands() -> None:
     model = nets.randomized(BranchBNs())
     program = torch.export.export(model, (torch.randn(2, 3, 5, 5),))
     graph_module = program.module()
-    cond = next(node for node in graph_module.graph.nodes if node.op == "call_function" and "cond" in node.name)
+    cond = next(
+        node for node in graph_module.graph.nodes if node.op == "call_function" and "cond" in node.name
+    )
     before = [operand.op for operand in cond.args[3]]
     moved = localize_constants(graph_module)
 
@@ -272,6 +325,21 @@ def test_parameters_computed_by_the_caller_stay_operands() -> None:
     with torch.no_grad():
         for inputs in (values, -values):
             torch.testing.assert_close(graph_module(inputs), model(inputs))
+
+
+def test_subgraph_folds_do_not_rely_on_unchecked_input_ranks() -> None:
+    """A GraphModule that is not torch.export's own has no enforced shapes: a fold in a branch that
+    needs a rank its graph does not fix is refused (only top-level inputs get a rank check)."""
+    model = nets.randomized(nets.CondNet())
+    example = torch.randn(4, 5)
+    exported = torch.export.export(model, (example,)).module()
+    plain = torch.fx.GraphModule(exported, exported.graph).eval()
+    result = bnfold.fold_module(plain, example)
+
+    assert result.tracer == "graph-module"
+    (branch,) = [d for d in result.report.decisions if d.graph == "true_graph_0"]
+    assert (branch.outcome.value, branch.reason) == ("kept", Reason.SHAPE_DEPENDENT)
+    assert_same_function(result, model, example, -example.abs() - 10, example.abs() + 10)
 
 
 onnx = pytest.importorskip("onnx")
@@ -303,3 +371,10 @@ def test_folded_cond_exports_to_onnx_and_matches_on_both_branches() -> None:
         with torch.no_grad():
             expected = model(values).numpy()
         np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_torchscript_exporter_refuses_cond_with_a_pointer_to_dynamo() -> None:
+    model = nets.randomized(nets.CondNet())
+    with pytest.raises(bnfold.BnfoldError, match="need exporter='dynamo'") as error:
+        bnfold.export(model, torch.randn(4, 5), None, exporter="torchscript")
+    assert "\n" not in str(error.value)
