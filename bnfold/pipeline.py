@@ -34,9 +34,9 @@ from bnfold.errors import (
 from bnfold.latency import Latency, measure_latency
 from bnfold.onnx import fold_onnx, load_model, save_model
 from bnfold.onnx.io import WeightStore, check_folded, check_output_path, write_atomically
-from bnfold.onnx.outputs import STDOUT, check_disjoint, output_target, same_path
+from bnfold.onnx.outputs import STDOUT, check_disjoint, output_target, same_path, stream_digest
 from bnfold.progress import Progress, step
-from bnfold.provenance import record_provenance
+from bnfold.provenance import record_provenance, record_source
 from bnfold.report import Report
 from bnfold.simplify import account_for_simplify, require_onnxsim
 from bnfold.simplify import simplify as onnxsim_simplify
@@ -185,7 +185,9 @@ def fold_file(
             "{benchmark_runs} times ONNX models only (a PyTorch source has no ONNX model before the fold)",
             parameters=("benchmark_runs",),
         )
+    digest = bool(digest_output or (digest_output is None and report_path is not None))
     options = dict(
+        digest_output=digest,
         verify=verify,
         force=force,
         simplify=simplify,
@@ -206,9 +208,10 @@ def fold_file(
         result = _fold_onnx_file(
             source_text, output, seed=seed, report_path=report_path, store=store, **options
         )
-    if result.written and (digest_output or (digest_output is None and report_path is not None)):
-        with step(progress, "hashing the written files"):
-            result.after.files = [file_info(info.path) for info in result.after.files]
+    after_files = result.after.files if result.after else []
+    if result.written and digest and any(not info.sha256 for info in after_files):
+        with step(progress, "hashing the written files"):  # (a stream was hashed as it was written)
+            after_files[:] = [info if info.sha256 else file_info(info.path) for info in after_files]
     if benchmark_runs:
         with step(progress, f"timing both models in ONNX Runtime ({benchmark_runs} runs each)"):
             result.latency = _time_both(source_text, result, inputs, benchmark_runs)
@@ -262,6 +265,7 @@ def _fold_onnx_file(
     seed: int,
     exact: str,
     progress: Progress | None,
+    digest_output: bool,
     report_path: PathLike | None = None,
     store: WeightStore | None = None,
 ) -> FileFoldResult:
@@ -328,17 +332,17 @@ def _fold_onnx_file(
     # Metadata and doc strings only: what was verified computes exactly what is written.
     record_provenance(folded_model, report, version=__version__, source_sha256=before.files[0].sha256)
     passed = verification is None or verification.passed
-    written, saved_at = False, time.time()
+    written, saved_at, files = False, time.time(), []
     if destination is not None:
         if passed or force:
             use_external = loaded.used_external_data if external_data is None else external_data
             if os.fspath(destination) == STDOUT and external_data is None:
                 use_external = False  # standard output holds one file: the weights go inline
             with step(progress, f"saving {destination}"):
-                save_model(folded_model, destination, external_data=use_external or None)
+                files = _save(folded_model, destination, use_external or None, saved_at, digest_output)
             written = True
         report.extras["output"] = str(output) if written else None
-    after = model_stats(folded_model, _sizes(_written_files(destination, saved_at)) if written else ())
+    after = model_stats(folded_model, files)
     return FileFoldResult(
         source,
         destination,
@@ -363,11 +367,12 @@ def _fold_torch_source(
     force: bool,
     external_data: bool | None,
     progress: Progress | None,
+    digest_output: bool,
     trust_code: bool = False,
     **options: Any,
 ) -> FileFoldResult:
-    """Load a PyTorch model and run ``bnfold.export`` on it (fold in torch, export, fold, verify),
-    then record provenance and write it the way an ONNX fold is written."""
+    """Load a PyTorch model and run ``bnfold.export`` on it (fold in torch, export, fold, verify,
+    provenance), then name the source in the metadata and write it the way an ONNX fold is written."""
     if inputs is not None or simplify:
         parameter = "inputs" if inputs is not None else "simplify"
         raise InputSpecError(
@@ -394,20 +399,16 @@ def _fold_torch_source(
     report = exported.report
     report.source = source
     source_files = [file_info(source)] if Path(source).is_file() else []
-    record_provenance(
-        exported.model,
-        exported.onnx_report,
-        version=__version__,
-        source_sha256=source_files[0].sha256 if source_files else None,
-    )
-    written, saved_at = False, time.time()
+    # export recorded what both folds did; the source file is the pipeline's to name.
+    record_source(exported.model, source, source_files[0].sha256 if source_files else None)
+    written, saved_at, files = False, time.time(), []
     if destination is not None:
         if exported.passed or force:
             with step(progress, f"saving {destination}"):
-                save_model(exported.model, destination, external_data=external_data)
+                files = _save(exported.model, destination, external_data, saved_at, digest_output)
             written = True
         report.extras["output"] = str(output) if written else None
-    after = model_stats(exported.model, _sizes(_written_files(destination, saved_at)) if written else ())
+    after = model_stats(exported.model, files)
     return FileFoldResult(
         source,
         destination,
@@ -443,6 +444,20 @@ class _Digests:
         if self._error is not None:
             raise self._error
         return self._infos
+
+
+def _save(
+    model: ModelProto, destination: Path, external_data: bool | None, since: float, digest: bool
+) -> list[FileInfo]:
+    """Save ``model``; return the files written with their sizes (digests are added later, see
+    ``digest_output``). Bytes sent to a stream (standard output, a device, a FIFO) cannot be read
+    back: with ``digest`` they are hashed as they are written, and listed under the path given."""
+    if output_target(destination).atomic or not digest:
+        save_model(model, destination, external_data=external_data)
+        return _sizes(_written_files(destination, since))
+    with stream_digest() as streamed:
+        save_model(model, destination, external_data=external_data)
+    return [FileInfo(os.fspath(destination), streamed.size, streamed.sha256)]
 
 
 def _written_files(path: Path | None, since: float) -> list[Path]:

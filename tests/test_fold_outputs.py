@@ -131,6 +131,47 @@ def test_json_report_has_version_files_digests_and_counts(source, tmp_path):
     assert report["verification"]["passed"] is True
 
 
+def untouched_weight_model() -> onnx.ModelProto:
+    """x -> Conv(W) -> BN -> y (W is rewritten by the fold) and x -> Conv(V) -> z (V, over the 1 kB
+    of a lazily loaded weight, is copied from the source file by byte range when the model is saved)."""
+    rng = np.random.default_rng(3)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32), name)
+        for name in ("W", "V")
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        bn_node("c", "y", prefix="bn"),
+        helper.make_node("Conv", ["x", "V"], ["z"], pads=[1, 1, 1, 1], name="plain_conv"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 8, 5, 5]) for name in ("y", "z")]
+    return make_model(nodes, inputs, outputs, [*weights, *bn_params(rng, 8)])
+
+
+def test_report_lists_the_digest_of_the_model_written_to_standard_output(tmp_path):
+    source, report_path, as_file = tmp_path / "model.onnx", tmp_path / "report.json", tmp_path / "folded.onnx"
+    onnx.save_model(untouched_weight_model(), source)
+    command = [sys.executable, "-m", "bnfold.cli", str(source), "-o", "-"]
+
+    streamed = subprocess.run([*command, "--report", str(report_path)], capture_output=True, timeout=120)
+    to_file = as_process(source, "-o", as_file, "-q")
+
+    assert streamed.returncode == 0 and to_file.code == 0, streamed.stderr.decode() + to_file.output
+    written = streamed.stdout
+    report = json.loads(report_path.read_text())
+    assert report["outputs"] == [
+        {"path": "-", "bytes": len(written), "sha256": hashlib.sha256(written).hexdigest()}
+    ]
+    assert report["model"]["after"]["file_bytes"] == len(written)
+    assert written == as_file.read_bytes()  # the same model, whichever way it was written
+    x = np.random.default_rng(0).standard_normal((1, 4, 5, 5)).astype(np.float32)
+    for actual, expected in zip(
+        run(onnx.load_from_string(written), {"x": x}), run(untouched_weight_model(), {"x": x}), strict=True
+    ):
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_json_on_stdout_and_text_on_stderr_for_fold_and_verify(source, tmp_path):
     output = tmp_path / "folded.onnx"
 

@@ -11,6 +11,7 @@ mistake anywhere in the chain (trace, fold, export, ONNX fold) shows up.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -38,10 +39,19 @@ from bnfold.fx.fold import ModuleFoldResult, fold_module
 from bnfold.fx.trace import as_args
 from bnfold.onnx import fold_onnx, save_model
 from bnfold.onnx.io import check_output_path
+from bnfold.provenance import (
+    ABSORBING,
+    absorption_line,
+    annotate_nodes,
+    decisions_on_nodes,
+    record_metadata,
+    rules_applied,
+)
 from bnfold.report import Report
 from bnfold.verify import PROVIDERS, VerificationResult
+from bnfold.version import __version__
 
-__all__ = ["ExportResult", "export", "EXPORTERS"]
+__all__ = ["ExportResult", "export", "EXPORTERS", "record_export_provenance"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +169,8 @@ def export(
     report.extras["output"] = str(destination) if destination else None
     report.extras["exporter"] = exporter
     report.extras["onnx_fold"] = onnx_result.report.to_dict()
+    # Metadata and doc strings only (before verification: what is verified is what is written).
+    record_export_provenance(onnx_model, report, onnx_result.report, exporter=exporter)
     verification = None
     if verify:
         cache: list = []
@@ -189,6 +201,61 @@ def export(
             verification.to_text(),
         )
     return ExportResult(destination, onnx_model, report, onnx_result.report, verification, folded, written)
+
+
+def record_export_provenance(
+    model: ModelProto, torch_report: Report, onnx_report: Report, *, exporter: str
+) -> int:
+    """Provenance of both folds in the exported model (see :mod:`bnfold.provenance`); returns how
+    many doc string lines were added.
+
+    ``bnfold.summary`` holds the torch fold's counts (the report's), ``bnfold.onnx_fold_summary`` the
+    ONNX fold's (BNs torch kept and the exported graph let fold), ``bnfold.rules_applied`` the rules
+    of both. A layer that absorbed a BN in torch is found in the file by its weight's name (both
+    exporters name initializers by the parameter's qualified name) or, failing that, by the module
+    path the exporter records (the torchscript node name, the dynamo ``namespace``); a layer found
+    neither way, or found twice, gets no line.
+    """
+    record_metadata(
+        model,
+        torch_report,
+        version=__version__,
+        rules=[*rules_applied(torch_report), *rules_applied(onnx_report)],
+        extra={
+            "onnx_fold_summary": json.dumps(onnx_report.summary().to_dict(), sort_keys=True),
+            "exporter": exporter,
+        },
+    )
+    lines = list(decisions_on_nodes(model, onnx_report))
+    for decision in torch_report.decisions:
+        if decision.outcome in ABSORBING and decision.into:
+            node = _exported_layer(model.graph, decision.into)
+            if node is not None:
+                lines.append((node, absorption_line(decision, backend="torch")))
+    return annotate_nodes(model, lines)
+
+
+_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _exported_layer(graph: onnx.GraphProto, module: str) -> onnx.NodeProto | None:
+    """The one layer node of ``graph`` that module ``module`` (a qualified name) became, or None."""
+    initializers = {tensor.name for tensor in graph.initializer}
+    layers = [node for node in graph.node if node.op_type in _LAYER_OPS and node.domain in ("", "ai.onnx")]
+    weight = f"{module}.weight"
+    by_weight = [node for node in layers if weight in initializers and weight in node.input]
+    if by_weight:
+        return by_weight[0] if len(by_weight) == 1 else None
+
+    def scopes(node: onnx.NodeProto) -> set[str]:
+        found = set(node.name.split("/"))  # torchscript: /features.0/Conv
+        for prop in node.metadata_props:  # dynamo: features: ...Sequential/features.0: ...Conv2d/...
+            if prop.key == "namespace":
+                found.update(part.split(": ", 1)[0] for part in prop.value.split("/"))
+        return found
+
+    by_scope = [node for node in layers if module in scopes(node)]
+    return by_scope[0] if len(by_scope) == 1 else None
 
 
 def _export_axes(dynamic_axes, dynamic_shapes, input_names, args) -> dict[int, set[int]]:

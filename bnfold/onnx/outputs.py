@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import signal
 import socket
@@ -33,9 +34,10 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from bnfold.errors import OutputError, OutputWriteError
 
@@ -51,6 +53,8 @@ __all__ = [
     "check_disjoint",
     "same_path",
     "write_error",
+    "StreamDigest",
+    "stream_digest",
 ]
 
 STDOUT = "-"
@@ -134,6 +138,52 @@ def write_error(path: str | os.PathLike, error: OSError) -> OutputWriteError:
 
 
 Writer = Callable[[BinaryIO], None]
+
+
+@dataclass
+class StreamDigest:
+    """The size and SHA-256 of the bytes written to stream outputs (see :func:`stream_digest`)."""
+
+    size: int = 0
+    hasher: Any = field(default_factory=hashlib.sha256)
+
+    @property
+    def sha256(self) -> str:
+        return self.hasher.hexdigest()
+
+
+_STREAM_DIGESTS: ContextVar[tuple[StreamDigest, ...]] = ContextVar("bnfold_stream_digests", default=())
+
+
+@contextlib.contextmanager
+def stream_digest() -> Iterator[StreamDigest]:
+    """Hash, as they are written, the bytes this block writes to a stream output (standard output, a
+    device, a FIFO, a socket): they cannot be read back afterwards, and the report lists the digest
+    of what was written. Files written atomically are not included (hash them once written)."""
+    digest = StreamDigest()
+    token = _STREAM_DIGESTS.set((*_STREAM_DIGESTS.get(), digest))
+    try:
+        yield digest
+    finally:
+        _STREAM_DIGESTS.reset(token)
+
+
+class _HashingHandle:
+    """An unbuffered binary handle that also feeds what it wrote to digests. It has no ``fileno``,
+    so writers copy through ``write`` (every byte is seen) rather than with ``copy_file_range``."""
+
+    def __init__(self, handle: BinaryIO, digests: tuple[StreamDigest, ...]) -> None:
+        self._handle = handle
+        self._digests = digests
+
+    def write(self, data: bytes | memoryview) -> int | None:
+        count = self._handle.write(data)
+        if count:
+            written = memoryview(data)[:count]
+            for digest in self._digests:
+                digest.hasher.update(written)
+                digest.size += len(written)
+        return count
 
 
 def commit(target: OutputTarget, write: Writer, *, stale: Callable[[], Path | None] | None = None) -> None:
@@ -222,6 +272,13 @@ def _write_temporary(path: Path, write: Writer) -> str:
 
 def _stream(target: OutputTarget, write: Writer) -> None:
     """Write to standard output, a device, a FIFO or a socket directly (there is nothing to rename)."""
+    digests = _STREAM_DIGESTS.get()
+    if digests:
+        unwrapped = write
+
+        def write(handle: BinaryIO) -> None:
+            unwrapped(_HashingHandle(handle, digests))  # type: ignore[arg-type]
+
     try:
         if target.kind == "stdout":
             sys.stdout.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -100,6 +101,25 @@ def test_pt2_with_input_shape(tmp_path: Path) -> None:
     ran = in_process(path, "-o", out, "--input-shape", "inputs=3,4,6,6", "--trust-pt2")
     assert ran.code == 2 and "does not run on --input-shape [[3, 4, 6, 6]]" in ran.stderr
     assert "Traceback" not in ran.output
+
+
+def test_pt2_fold_names_its_source_in_the_provenance(tmp_path: Path) -> None:
+    model = nets.randomized(nets.ConvBN())
+    path = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(2, 4, 5, 5),)), str(path))
+    out, report = tmp_path / "folded.onnx", tmp_path / "report.json"
+
+    ran = in_process(path, "-o", out, "--report", report, "-q", "--trust-pt2")
+
+    assert ran.code == 0, ran.output
+    metadata = {prop.key: prop.value for prop in onnx.load(str(out)).metadata_props}
+    assert metadata["bnfold.source"] == "model.pt2"
+    assert metadata["bnfold.source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    # The counts are the report's (the torch fold's), the rule is on the Conv that absorbed the BN.
+    assert json.loads(metadata["bnfold.summary"]) == json.loads(report.read_text())["summary"]
+    assert metadata["bnfold.rules_applied"] == "conv-bn"
+    (conv,) = [node for node in onnx.load(str(out)).graph.node if node.op_type == "Conv"]
+    assert conv.doc_string.startswith("bnfold: absorbed BatchNorm2d") and "by conv-bn" in conv.doc_string
 
 
 def test_rewrite_standalone_bn_leaves_no_bn(factory: str, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ onnxruntime = pytest.importorskip("onnxruntime")
 import bnfold  # noqa: E402
 from bnfold import BnfoldError, Outcome, OutputError, Reason  # noqa: E402
 from tests.fx import nets  # noqa: E402
+
+nn = torch.nn
 
 
 def op_types(path: Path) -> list[str]:
@@ -125,3 +128,57 @@ def test_dry_run_and_skip_rules_of_either_backend(tmp_path: Path) -> None:
     bnfold.export(model, example, None, skip_rules=["gemm-bn", "linear-bn"])  # one backend's names
     with pytest.raises(BnfoldError, match="unknown rule"):
         bnfold.export(model, example, None, skip_rules=["fold-everything"])
+
+
+class ProvenanceNet(nn.Module):
+    """A nested conv -> BN (folds in torch), a conv called twice with a BN after its first call
+    (torch keeps it, the ONNX fold folds it), and a bias-free Linear -> BN (folds in torch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage = nn.Sequential(
+            nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+        )
+        self.shared = nn.Conv2d(4, 4, 1)
+        self.shared_bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 5, bias=False)
+        self.head_bn = nn.BatchNorm1d(5)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        features = torch.relu(self.stage(inputs))
+        features = self.shared_bn(self.shared(features)) + self.shared(-features)
+        return self.head_bn(self.head(features.mean((2, 3))))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_export_writes_provenance_of_both_folds(exporter: str, tmp_path: Path) -> None:
+    model = nets.randomized(ProvenanceNet())
+    path = tmp_path / "model.onnx"
+
+    result = bnfold.export(model, torch.randn(2, 3, 6, 6), path, exporter=exporter, opset=18)
+
+    assert result.written and result.verification, result.to_text()
+    written = onnx.load(str(path))
+    metadata = {prop.key: prop.value for prop in written.metadata_props}
+    assert metadata["bnfold.version"] == bnfold.__version__
+    assert metadata["bnfold.exporter"] == exporter
+    torch_folds = [d for d in result.report.decisions if d.outcome is Outcome.FOLDED]
+    onnx_folds = [d for d in result.onnx_report.decisions if d.outcome is Outcome.FOLDED]
+    assert "stage.0.0" in [d.into for d in torch_folds] and onnx_folds  # both folds absorbed something
+    rules = sorted({d.rule for d in torch_folds + onnx_folds})
+    assert metadata["bnfold.rules_applied"] == ",".join(rules)
+    assert json.loads(metadata["bnfold.summary"]) == result.report.summary().to_dict()
+    assert json.loads(metadata["bnfold.onnx_fold_summary"]) == result.onnx_report.summary().to_dict()
+    # Each torch absorption is on the layer whose weight is the absorbing module's parameter.
+    for decision in torch_folds:
+        (node,) = [node for node in written.graph.node if f"{decision.into}.weight" in node.input]
+        what = f"{decision.op_type} {decision.label}"
+        assert node.doc_string == f"bnfold: absorbed {what} by {decision.rule} in torch before the export"
+    # A BN torch kept is absorbed in ONNX by the node the ONNX report names.
+    for decision in onnx_folds:
+        (node,) = [node for node in written.graph.node if node.name == decision.into]
+        what = f"{decision.op_type} {decision.label} (output {decision.output})"
+        assert node.doc_string == f"bnfold: absorbed {what} by {decision.rule}"
+    annotated = [node for node in written.graph.node if node.doc_string]
+    assert len(annotated) == len(torch_folds) + len(onnx_folds)
+    assert "BatchNormalization" not in op_types(path)
