@@ -105,10 +105,10 @@ def written_inputs(node: fx.Node, root: nn.Module) -> list[fx.Node]:
     out = node.kwargs.get("out")
     if out is not None:
         written.extend(out if isinstance(out, list | tuple) else [out])
-    first = node.args[0] if node.args else None
+    first = _first_argument(node)
     if node.op == "call_method":
         name = str(node.target)
-        if (name.endswith("_") and not name.startswith("_")) or name in _IN_PLACE_DUNDERS:
+        if _in_place_name(name) or name in _IN_PLACE_DUNDERS:
             written.append(first)
     elif node.op == "call_function":
         target = node.target
@@ -118,7 +118,7 @@ def written_inputs(node: fx.Node, root: nn.Module) -> list[fx.Node]:
             written.append(first)
         else:
             name = getattr(target, "__name__", "")
-            if (name.endswith("_") and not name.startswith("_")) or _inplace_flag(node):
+            if _in_place_name(name) or _inplace_flag(node):
                 written.append(first)
     elif node.op == "call_module":
         module = root.get_submodule(str(node.target))
@@ -126,7 +126,35 @@ def written_inputs(node: fx.Node, root: nn.Module) -> list[fx.Node]:
             written.append(first)
         elif not type(module).__module__.startswith("torch.nn"):
             written.extend(node.all_input_nodes)  # a leaf of unknown code may write anything it gets
-    return [value for value in written if isinstance(value, fx.Node)]
+    flat = [item for value in written for item in (value if isinstance(value, list | tuple) else [value])]
+    return [value for value in flat if isinstance(value, fx.Node)]
+
+
+def _in_place_name(name: str) -> bool:
+    """PyTorch's naming of in-place operations: a trailing underscore (``mul_``, ``_foreach_mul_``,
+    ``_coalesced_``), which dunders (``__add__``) do not count as."""
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _first_argument(node: fx.Node) -> Any:
+    """The argument an in-place function writes into: its first, given by position or by keyword
+    (``nn.init.zeros_(tensor=h)``, ``F.relu(input=h, inplace=True)``); every keyword argument when
+    the function's first parameter is unknown (over-approximated: it can only refuse a fold)."""
+    if node.args or node.op != "call_function":
+        return node.args[0] if node.args else None
+    name = _first_parameter(node.target)
+    if name is not None:
+        return node.kwargs.get(name)
+    return list(node.kwargs.values())
+
+
+@functools.cache
+def _first_parameter(target: Any) -> str | None:
+    try:
+        parameters = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return None
+    return parameters[0] if parameters else None
 
 
 def _schema_writes(node: fx.Node, target: torch._ops.OpOverload) -> list[Any]:

@@ -38,6 +38,11 @@ WRITES = {
     "__setitem__": lambda tensor: tensor.__setitem__((slice(None), 0), 0.0),
     "out=": lambda tensor: torch.mul(tensor, 2.0, out=tensor),
     "torch.relu_": lambda tensor: torch.relu_(tensor),
+    # The written tensor given by keyword or inside a list argument.
+    "nn.init.constant_(tensor=)": lambda tensor: torch.nn.init.constant_(tensor=tensor, val=0.5),
+    "F.relu(input=, inplace=True)": lambda tensor: functional.relu(input=tensor, inplace=True),
+    "torch.relu_(input=)": lambda tensor: torch.relu_(input=tensor),
+    "torch._foreach_mul_([x])": lambda tensor: torch._foreach_mul_([tensor], 3.0),
 }
 
 
