@@ -22,7 +22,7 @@ from torch import nn
 
 from bnfold.comparison import ReferenceUnavailable, judge_runs
 from bnfold.errors import InputSpecError
-from bnfold.fx.trace import describe_inputs, first_line, preserved_buffers
+from bnfold.fx.trace import describe_inputs, first_line, input_copies, preserved_buffers
 from bnfold.verify import (
     OutputComparison,
     VerificationResult,
@@ -57,9 +57,12 @@ def flatten_outputs(outputs: Any) -> list[torch.Tensor]:
 
 def module_outputs(module: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> list:
     """The module's output tensors (on CPU, detached). Buffers are restored afterwards: a BN left in
-    training mode would otherwise update its running statistics in the caller's model."""
+    training mode would otherwise update its running statistics in the caller's model. The module
+    runs on copies of its tensor inputs: one that writes into them (``x.mul_(3)``) must not change
+    what the next run, the folded module or the caller see."""
+    args, kwargs = input_copies((tuple(args), dict(kwargs or {})))
     with preserved_buffers(module), torch.no_grad():
-        outputs = module(*args, **(kwargs or {}))
+        outputs = module(*args, **kwargs)
     return [tensor.detach().cpu() for tensor in flatten_outputs(outputs)]
 
 

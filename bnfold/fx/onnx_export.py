@@ -36,7 +36,7 @@ from bnfold.fx.compare import (
     output_names,
 )
 from bnfold.fx.fold import ModuleFoldResult, fold_module
-from bnfold.fx.trace import as_args
+from bnfold.fx.trace import as_args, input_copies
 from bnfold.onnx import fold_onnx, save_model
 from bnfold.onnx.io import check_output_path
 from bnfold.provenance import (
@@ -154,8 +154,9 @@ def export(
         runs, uncovered = covered_runs(model, args, axes=axes)
     names_in = list(input_names) if input_names else _io_names("input", len(args))
     names_out = list(output_names) if output_names else _default_output_names(len(expected))
+    # The exporter runs the module: on copies, so that one writing into its inputs leaves the runs' own.
     exported = _export(
-        folded.module, args, names_in, names_out, opset, exporter, dynamic_axes, dynamic_shapes
+        folded.module, input_copies(args), names_in, names_out, opset, exporter, dynamic_axes, dynamic_shapes
     )
     onnx_result = fold_onnx(
         exported, skip_rules=onnx_skips, inplace=True, rewrite_standalone=rewrite_standalone

@@ -32,6 +32,7 @@ __all__ = [
     "is_exported_module",
     "propagate_shapes",
     "preserved_buffers",
+    "input_copies",
     "TRACERS",
     "first_line",
 ]
@@ -178,7 +179,15 @@ def propagate_shapes(graph_module: fx.GraphModule, example_inputs: tuple[Any, ..
     from torch.fx.passes.shape_prop import ShapeProp
 
     with preserved_buffers(graph_module), torch.no_grad():
-        ShapeProp(graph_module).propagate(*example_inputs)
+        ShapeProp(graph_module).propagate(*input_copies(example_inputs))  # a module may write into them
+
+
+def input_copies(inputs: Any) -> Any:
+    """``inputs`` (any nesting of tuples, lists and dicts) with every tensor cloned: running a module
+    that writes into its inputs (``x.mul_(3)``) must not change the caller's tensors."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda value: value.clone() if isinstance(value, torch.Tensor) else value, inputs)
 
 
 @contextlib.contextmanager

@@ -198,3 +198,36 @@ def test_reshape_to_a_size_read_from_the_input_that_a_linear_fixes_folds() -> No
     result = bnfold.fold_module(model, torch.randn(2, 3, 6))
     assert [(d.rule, d.outcome) for d in result.report.decisions] == [("linear-reshape-bn", Outcome.FOLDED)]
     same_at(result, model, (2, 3, 6), (5, 1, 6), (1, 7, 6))
+
+
+class WritesIntoItsInput(torch.nn.Module):
+    """``n = bn(x); x.mul_(3); bn2(conv(n)) + x``: the module writes into the tensor its caller passed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.conv = torch.nn.Conv2d(4, 4, 1)
+        self.bn2 = torch.nn.BatchNorm2d(4)
+
+    def forward(self, inputs):
+        normalized = self.bn(inputs)
+        inputs.mul_(3)
+        return self.bn2(self.conv(normalized)) + inputs
+
+
+@pytest.mark.filterwarnings("ignore:ONNX Preprocess - Removing mutation")
+def test_module_writing_into_its_input_verifies_on_untouched_inputs(tmp_path) -> None:
+    # Every run (the original's, the folded module's, the exporter's, the float64 reference's) gets
+    # its own copy of the inputs: a run on inputs an earlier run tripled is a false mismatch.
+    model = nets.randomized(WritesIntoItsInput())
+    example = torch.randn(2, 4, 3, 3)
+    untouched = example.clone()
+    result = bnfold.fold_module(model, example)
+    assert [(d.node, d.outcome, d.reason) for d in result.report.decisions] == [
+        ("bn", Outcome.KEPT, Reason.MUTATED_IN_PLACE),
+        ("bn2", Outcome.FOLDED, None),
+    ]
+    assert result.verification, result.verification.to_text()
+    exported = bnfold.export(model, example, tmp_path / "model.onnx")
+    assert exported.passed and exported.written, exported.to_text()
+    assert torch.equal(example, untouched), "the caller's example tensor was written into"
