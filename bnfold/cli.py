@@ -502,6 +502,11 @@ def rules_command(as_json: bool) -> None:
 
 def _worst(result: VerificationResult) -> str:
     failing = [output for output in result.outputs if not output.passed]
+    if not failing:  # end to end every output matched: a subgraph checked locally did not
+        checks = [check for check in result.local if not check.passed]
+        return "a subgraph the inputs do not reach end to end differs when checked locally: " + "; ".join(
+            check.describe() for check in checks
+        )
     if all(output.note.startswith("compared nothing") for output in failing):
         return "every output is empty, so nothing was compared (a 0-sized dimension); nothing is verified"
     names = ", ".join(output.name for output in failing)

@@ -15,13 +15,17 @@ Runtime. The tolerance then decides, and the comparison says why.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bnfold.affine import is_supported_float
+
+if TYPE_CHECKING:
+    from bnfold.verify_local import LocalCheck
 
 __all__ = [
     "OutputComparison",
@@ -355,7 +359,9 @@ class VerificationResult:
     ``input_shapes``), ``uncovered`` what those runs could not reach, ``reference`` the float64
     evaluation (``computed``, ``seconds``, or why it was ``skipped``), ``mode`` the judgment
     (``auto``: tolerance, then the float64 reference when over it; ``always``: the reference is
-    always computed and shown; ``strict``: tolerance only).
+    always computed and shown; ``strict``: tolerance only). ``local`` holds the checks of subgraphs
+    the fold changed, run on values captured from the original (:mod:`bnfold.verify_local`); a
+    local mismatch fails the verification as an end-to-end one does.
     """
 
     outputs: list[OutputComparison]
@@ -368,10 +374,11 @@ class VerificationResult:
     uncovered: list[str] = field(default_factory=list)
     reference: dict[str, Any] | None = None
     mode: str = "auto"
+    local: list[LocalCheck] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return all(output.passed for output in self.outputs)
+        return all(output.passed for output in self.outputs) and all(check.passed for check in self.local)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -389,6 +396,7 @@ class VerificationResult:
             "uncovered": self.uncovered,
             "reference": self.reference,
             "notes": self.notes,
+            "local": [check.to_dict() for check in self.local],
         }
 
     def coverage_text(self) -> list[str]:
@@ -396,13 +404,23 @@ class VerificationResult:
         runs = self.runs or [{"seed": self.seed, "input_shapes": self.input_shapes}]
         described = "; ".join(_describe_run(run) for run in runs)
         lines = [f"covered: {len(runs)} run(s): {described}"]
+        lines += [f"covered locally: {check.describe()}" for check in self.local if check.status == "checked"]
+        unchanged = sum(check.status == "unchanged" for check in self.local)
+        if unchanged:
+            lines.append(f"covered: {unchanged} subgraph(s) unchanged by the fold")
         lines += [f"not covered: {item}" for item in self.uncovered]
         return lines
 
     def to_text(self) -> str:
         header = ("output", "dtype", "shape", "max abs err", "max rel err", "atol", "rtol", "result")
         rows = [header]
-        for output in self.outputs:
+        local = [
+            dataclasses.replace(output, name=f"{check.subgraph}: {output.name}")
+            for check in self.local
+            for output in check.outputs
+            if not output.passed or output.exact is not None
+        ]
+        for output in [*self.outputs, *local]:
             if output.passed:
                 verdict = "ok" if output.decided_by == "tolerance" else "ok (float64 reference)"
             else:
@@ -435,7 +453,7 @@ class VerificationResult:
             f"verification {verdict} on {self.provider} ({self.input_source} inputs, seed {self.seed}; "
             f"{shapes})"
         )
-        for output in self.outputs:
+        for output in [*self.outputs, *local]:
             if output.exact is not None:
                 lines.append(f"{output.name}: {output.describe()}")
         reference = self.reference or {}

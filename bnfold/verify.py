@@ -38,6 +38,7 @@ from bnfold.comparison import (
 from bnfold.errors import BnfoldError, FoldedModelRejectedError, InputSpecError, ProviderUnavailableError
 from bnfold.onnx.graph import subgraphs_of
 from bnfold.onnx.io import has_data_on_disk, load_model, save_model
+from bnfold.subgraph_models import control_nodes
 from bnfold.verify_inputs import (
     InputCase,
     given_inputs,
@@ -47,6 +48,7 @@ from bnfold.verify_inputs import (
     second_shapes,
     shapes_text,
 )
+from bnfold.verify_local import CHECKED, UNCOVERED, LocalCheck, check_subgraphs
 
 __all__ = [
     "OutputComparison",
@@ -127,6 +129,7 @@ class Verifier:
         exact: str = "auto",
         reference_source: ModelSource | None = None,
         exact_limit_bytes: int | None = None,
+        local_limit_bytes: int | None = None,
     ) -> None:
         if provider not in PROVIDERS:
             raise BnfoldError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
@@ -140,6 +143,7 @@ class Verifier:
         self.exact = exact
         self.seed = seed
         self.exact_limit_bytes = exact_limit_bytes
+        self.local_limit_bytes = local_limit_bytes
         self.uncovered: list[str] = []
         self.notes: list[str] = []
         session, self.provider = ort_session(original, provider, "original")
@@ -184,32 +188,68 @@ class Verifier:
         return [first, second]
 
     def _structure_notes(self, original: ModelSource) -> None:
-        """What no choice of inputs reaches: an If whose condition the model computes."""
+        """What no choice of inputs reaches: an If whose condition the model computes (unless the
+        local checks reach its changed branches), and loop iterations beyond those the inputs give."""
         model = _as_model(original)
+        self._computed_ifs: list[tuple[tuple, str]] = []
+        self._loops: list[str] = []
         if model is None:
             return
         inputs = {value.name for value in model.graph.input}
+        for path, node in control_nodes(model.graph):
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type == "If" and node.input[0] not in inputs:
+                self._computed_ifs.append((path, node.name or node.output[0]))
+            elif node.op_type in ("Loop", "Scan"):
+                self._loops.append(node.name or node.output[0])
+
+    def _uncovered(self, local: list[LocalCheck]) -> list[str]:
+        """The structure notes, with an If left out when a branch the fold changed was checked locally
+        and none was left unchecked (a branch the fold did not change decides nothing), and each
+        subgraph the fold changed that no check reached, with its reason."""
+        items = list(self.uncovered)
+        if self._loops:
+            items.append(
+                f"Loop/Scan node(s) {_shown(self._loops)}: ran only the iteration counts these inputs give"
+            )
+        reached: dict[tuple, list[LocalCheck]] = {}
+        for check in local:
+            reached.setdefault(check.path, []).append(check)
         computed = [
-            node.name or node.output[0]
-            for node in _all_nodes(model.graph)
-            if node.op_type == "If" and node.domain in ("", "ai.onnx") and node.input[0] not in inputs
+            label
+            for path, label in self._computed_ifs
+            if not any(check.status == CHECKED for check in reached.get(path, []))
+            or any(check.status == UNCOVERED for check in reached[path])
         ]
-        loops = [
-            node.name or node.output[0]
-            for node in _all_nodes(model.graph)
-            if node.op_type in ("Loop", "Scan") and node.domain in ("", "ai.onnx")
-        ]
-        if loops:
-            shown = ", ".join(loops[:5]) + (f" and {len(loops) - 5} more" if len(loops) > 5 else "")
-            self.uncovered.append(
-                f"Loop/Scan node(s) {shown}: ran only the iteration counts these inputs give"
-            )
         if computed:
-            shown = ", ".join(computed[:5]) + (f" and {len(computed) - 5} more" if len(computed) > 5 else "")
-            self.uncovered.append(
-                f"If node(s) {shown}: the condition is computed in the model, so only the branch these "
-                "inputs select was run"
+            items.append(
+                f"If node(s) {_shown(computed)}: the condition is computed in the model, so only the branch "
+                "these inputs select was run, and the other was not checked locally"
             )
+        items += [check.describe() for check in local if check.status == UNCOVERED]
+        return items
+
+    def _local_checks(self, folded: ModelSource, atol: float | None, rtol: float | None) -> list[LocalCheck]:
+        """Every subgraph the fold changed, checked on values captured from the original."""
+        original = _as_model(self._reference_source)
+        if original is None or not any(True for _ in control_nodes(original.graph)):
+            return []
+        folded_model = _as_model(folded)
+        if folded_model is None:
+            return []
+        provider = "cuda" if self.provider == "cuda" else "cpu"
+        return check_subgraphs(
+            original,
+            folded_model,
+            [case.feeds for case in self.cases],
+            open_session=lambda model, role: ort_session(model, provider, role)[0],
+            atol=atol,
+            rtol=rtol,
+            exact=self.exact,
+            reference_limit_bytes=self.exact_limit_bytes or (1 << 30),
+            capture_limit_bytes=self.local_limit_bytes,
+        )
 
     def _reference_outputs(self) -> tuple[list[list[np.ndarray]], float]:
         """The original's float64 outputs per run (computed once), and the seconds they took."""
@@ -257,6 +297,7 @@ class Verifier:
                 reference=self._reference_outputs,
             )
         outputs = self._nothing_compared(outputs)
+        local = self._local_checks(folded, atol, rtol) if failure is None else []
         first = self.cases[0]
         return VerificationResult(
             outputs=outputs,
@@ -266,9 +307,10 @@ class Verifier:
             input_source=self.input_source,
             notes=list(self.notes),
             runs=[case.describe() for case in self.cases],
-            uncovered=list(self.uncovered),
+            uncovered=self._uncovered(local),
             reference=reference,
             mode=self.exact,
+            local=local,
         )
 
     def _nothing_compared(self, outputs: list[OutputComparison]) -> list[OutputComparison]:
@@ -316,6 +358,10 @@ def _all_failed(names: list[str], expected: list[np.ndarray], note: str) -> list
     ]
 
 
+def _shown(labels: list[str]) -> str:
+    return ", ".join(labels[:5]) + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:200]
@@ -332,13 +378,6 @@ def _as_model(source: ModelSource) -> ModelProto | None:
         return load_model(source, lazy=True).model
     except BnfoldError:
         return None
-
-
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for _, subgraph in subgraphs_of(node):
-            yield from _all_nodes(subgraph)
 
 
 # -- sessions ------------------------------------------------------------------------------------

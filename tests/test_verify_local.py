@@ -1,0 +1,420 @@
+"""Folds inside subgraphs that end-to-end runs never reach are checked locally (bnfold.verify_local).
+
+Each model here hides a Conv -> BN where no verification input runs it: the branch of an ``If`` whose
+condition is computed (and never true for these inputs), a ``Loop`` whose trip count is computed as 0,
+an ``If`` nested in a loop body. A correct fold passes and is reported as checked locally; the same
+fold with one weight scaled by 1.01 fails (API, ``bnfold verify`` and ``bnfold MODEL -o OUT``: exit 1,
+nothing written), though every end-to-end output still matches.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import bnfold.pipeline as pipeline_module
+from bnfold import fold_onnx, verify
+from bnfold.cli import cli
+from bnfold.verify import Verifier
+from tests.builders import bn_node, bn_params, make_model, tensor
+
+CHANNELS = 3
+
+
+def conv_bn_graph(name: str, source: str, output: str, seed: int, extra_nodes=(), extra_inputs=()):
+    """``output = BN(Conv(source, W))``, ``W`` read from the enclosing scope, BN parameters its own."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        *extra_nodes,
+        helper.make_node("Conv", [source, "W"], [f"{name}_h"], name=f"{name}_conv"),
+        bn_node(f"{name}_h", output, prefix=f"{name}_bn"),
+    ]
+    return helper.make_graph(
+        nodes,
+        name,
+        list(extra_inputs),
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
+        bn_params(rng, CHANNELS, prefix=f"{name}_bn"),
+    )
+
+
+def never_true(source: str, output: str, prefix: str) -> list:
+    """``output = ReduceSum(source) > 1e9``: computed, and False for every verification input."""
+    return [
+        helper.make_node("ReduceSum", [source], [f"{prefix}_sum"], keepdims=0),
+        helper.make_node("Greater", [f"{prefix}_sum", "big"], [output]),
+    ]
+
+
+def identity_graph(name: str, source: str, output: str):
+    return helper.make_graph(
+        [helper.make_node("Identity", [source], [output])],
+        name,
+        [],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
+    )
+
+
+def shared_initializers(seed: int = 0) -> list:
+    rng = np.random.default_rng(seed)
+    return [
+        tensor("W", rng.standard_normal((CHANNELS, CHANNELS, 1, 1)), np.float32),
+        tensor("big", np.array(1e9), np.float32),
+    ]
+
+
+def model_with(nodes, output: str = "y"):
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", CHANNELS, 4, 4])]
+    outputs = [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", CHANNELS, 4, 4])]
+    return make_model(nodes, inputs, outputs, shared_initializers())
+
+
+def untaken_branch_model():
+    """``y = If(sum(x) > 1e9, then: BN(Conv(x)), else: x)``: the then-branch never runs."""
+    node = helper.make_node(
+        "If",
+        ["cond"],
+        ["y"],
+        name="gate",
+        then_branch=conv_bn_graph("then", "x", "then_out", 1),
+        else_branch=identity_graph("else", "x", "else_out"),
+    )
+    return model_with([*never_true("x", "cond", "gate"), node])
+
+
+def loop_body(name: str, nested=None):
+    """A loop body ``v_out = BN(Conv(v))`` (or the ``nested`` nodes producing ``v_out``)."""
+    formal = [
+        helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
+        helper.make_tensor_value_info("condition_in", TensorProto.BOOL, []),
+        helper.make_tensor_value_info("v", TensorProto.FLOAT, ["N", CHANNELS, 4, 4]),
+    ]
+    if nested is None:
+        return conv_bn_graph(
+            name,
+            "v",
+            "v_out",
+            2,
+            extra_nodes=[helper.make_node("Identity", ["condition_in"], ["condition_out"])],
+            extra_inputs=formal,
+        )
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["condition_in"], ["condition_out"]), *nested],
+        name,
+        formal,
+        [helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)],
+    )
+    return graph
+
+
+def with_condition_output(graph):
+    """The body's outputs: the condition, then ``v_out`` with its rank (Loop's shape inference needs one)."""
+    del graph.output[:]
+    graph.output.extend(
+        [
+            helper.make_tensor_value_info("condition_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, ["N", CHANNELS, 4, 4]),
+        ]
+    )
+    return graph
+
+
+def zero_trip_loop_model():
+    """``y = Loop(trips, v=x)`` with ``trips`` computed as 0: the body never runs end to end."""
+    trips = [
+        *never_true("x", "run", "trips"),
+        helper.make_node("Cast", ["run"], ["trips"], to=TensorProto.INT64),
+    ]
+    node = helper.make_node(
+        "Loop", ["trips", "", "x"], ["y"], name="repeat", body=with_condition_output(loop_body("body"))
+    )
+    return model_with([*trips, node])
+
+
+def nested_if_in_loop_model():
+    """A Loop that runs twice; in its body an If whose computed condition never holds."""
+    inner = helper.make_node(
+        "If",
+        ["inner_cond"],
+        ["v_out"],
+        name="inner",
+        then_branch=conv_bn_graph("then", "v", "then_out", 3),
+        else_branch=identity_graph("else", "v", "else_out"),
+    )
+    body = with_condition_output(loop_body("body", nested=[*never_true("v", "inner_cond", "inner"), inner]))
+    trips = helper.make_node("Constant", [], ["trips"], value=numpy_helper.from_array(np.array(2, np.int64)))
+    node = helper.make_node("Loop", ["trips", "", "x"], ["y"], name="repeat", body=body)
+    return model_with([trips, node])
+
+
+def corrupted(model, *attributes: str, factor: float = 1.01):
+    """A copy of ``model`` with the weight of the Conv in the subgraph ``attributes`` leads to (each
+    the attribute of the first node holding it) scaled by ``factor``."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    for name in attributes:
+        holder = next(node for node in graph.node if any(entry.name == name for entry in node.attribute))
+        graph = next(entry.g for entry in holder.attribute if entry.name == name)
+    conv = next(node for node in graph.node if node.op_type == "Conv")
+    weight = next(tensor for tensor in graph.initializer if tensor.name == conv.input[1])
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(factor), weight.name))
+    return copy
+
+
+def checks_by_label(result):
+    return {check.subgraph: check for check in result.local}
+
+
+# -- If: the branch the inputs never select -----------------------------------------------------------
+def test_a_correct_fold_in_an_untaken_branch_passes_and_is_checked_locally():
+    original = untaken_branch_model()
+    folded = fold_onnx(original)
+    assert folded.report.summary().folded == 1
+
+    result = verify(original, folded.model, provider="cpu")
+
+    assert result.passed
+    checks = checks_by_label(result)
+    assert checks["If node gate then-branch"].status == "checked"
+    assert checks["If node gate then-branch"].runs == 2
+    assert checks["If node gate else-branch"].status == "unchanged"
+    text = result.to_text()
+    assert "covered locally: If node gate then-branch: checked locally on captured values (2 run(s))" in text
+    assert not any("If node(s) gate" in item for item in result.uncovered)
+    as_json = json.loads(json.dumps(result.to_dict()))
+    assert {entry["subgraph"]: entry["status"] for entry in as_json["local"]} == {
+        "If node gate then-branch": "checked",
+        "If node gate else-branch": "unchanged",
+    }
+
+
+def test_a_corrupted_fold_in_an_untaken_branch_fails_though_every_output_matches():
+    original = untaken_branch_model()
+    wrong = corrupted(fold_onnx(original).model, "then_branch")
+
+    result = verify(original, wrong, provider="cpu")
+
+    assert all(output.passed for output in result.outputs)  # end to end, nothing shows
+    assert not result.passed and not result
+    check = checks_by_label(result)["If node gate then-branch"]
+    assert [output.name for output in check.outputs if not output.passed] == ["then_out"]
+    assert "If node gate then-branch: then_out" in result.to_text()
+    assert "MISMATCH in then_out" in result.to_text()
+    assert result.to_dict()["passed"] is False
+
+
+@pytest.mark.parametrize("exact", ["auto", "always", "strict"])
+def test_a_corrupted_untaken_branch_fails_in_every_judgment_mode(exact):
+    original = untaken_branch_model()
+    wrong = corrupted(fold_onnx(original).model, "then_branch")
+    assert not verify(original, wrong, provider="cpu", exact=exact).passed
+
+
+def test_cli_verify_fails_a_corrupted_untaken_branch_and_names_it(tmp_path):
+    original = untaken_branch_model()
+    onnx.save(original, str(tmp_path / "a.onnx"))
+    onnx.save(corrupted(fold_onnx(original).model, "then_branch"), str(tmp_path / "b.onnx"))
+
+    ran = CliRunner().invoke(cli, ["verify", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")])
+
+    assert ran.exit_code == 1, ran.output
+    assert "If node gate then-branch" in ran.output
+    assert "MISMATCH in then_out" in ran.output
+
+
+def corrupting_fold(monkeypatch, *attributes: str) -> None:
+    """Make the file pipeline's fold write a wrong weight into the subgraph ``attributes``."""
+    real = pipeline_module.fold_onnx
+
+    def wrong_fold(model, **options):
+        result = real(model, **options)
+        result.model.CopyFrom(corrupted(result.model, *attributes))
+        return result
+
+    monkeypatch.setattr(pipeline_module, "fold_onnx", wrong_fold)
+
+
+@pytest.mark.parametrize(
+    ("build", "attributes"),
+    [
+        (untaken_branch_model, ("then_branch",)),
+        (zero_trip_loop_model, ("body",)),
+        (nested_if_in_loop_model, ("body", "then_branch")),
+    ],
+)
+def test_cli_fold_with_a_corrupted_subgraph_fold_exits_1_and_writes_nothing(
+    monkeypatch, tmp_path, build, attributes
+):
+    source, output = tmp_path / "model.onnx", tmp_path / "folded.onnx"
+    onnx.save(build(), str(source))
+    corrupting_fold(monkeypatch, *attributes)
+
+    ran = CliRunner().invoke(cli, [str(source), "-o", str(output), "--provider", "cpu"])
+
+    assert ran.exit_code == 1, ran.output
+    assert "checked locally" in ran.output and "MISMATCH" in ran.output
+    assert not output.exists()
+
+
+def test_cli_fold_of_an_untaken_branch_writes_the_verified_model(tmp_path):
+    source, output = tmp_path / "model.onnx", tmp_path / "folded.onnx"
+    onnx.save(untaken_branch_model(), str(source))
+
+    ran = CliRunner().invoke(cli, [str(source), "-o", str(output), "--provider", "cpu", "--json"])
+
+    assert ran.exit_code == 0, ran.output
+    assert output.exists()
+    report = json.loads(ran.stdout)
+    local = report["verification"]["local"]
+    assert ("If node gate then-branch", "checked", True) in [
+        (entry["subgraph"], entry["status"], entry["passed"]) for entry in local
+    ]
+
+
+# -- Loop bodies ------------------------------------------------------------------------------------
+def test_a_loop_body_that_never_runs_is_checked_locally_at_iteration_zero():
+    original = zero_trip_loop_model()
+    folded = fold_onnx(original)
+    assert folded.report.summary().folded == 1
+
+    good = verify(original, folded.model, provider="cpu")
+    bad = verify(original, corrupted(folded.model, "body"), provider="cpu")
+
+    assert good.passed
+    assert checks_by_label(good)["Loop node repeat body"].status == "checked"
+    assert "covered locally: Loop node repeat body" in good.to_text()
+    assert all(output.passed for output in bad.outputs)
+    assert not bad.passed
+    assert not checks_by_label(bad)["Loop node repeat body"].passed
+
+
+def test_an_if_nested_in_a_loop_body_is_checked_from_values_captured_in_the_body():
+    original = nested_if_in_loop_model()
+    folded = fold_onnx(original)
+    assert folded.report.summary().folded == 1
+
+    good = verify(original, folded.model, provider="cpu")
+    bad = verify(original, corrupted(folded.model, "body", "then_branch"), provider="cpu")
+
+    nested = "Loop node repeat body > If node inner then-branch"
+    assert good.passed
+    assert checks_by_label(good)[nested].status == "checked"
+    assert checks_by_label(good)["Loop node repeat body"].status == "checked"
+    assert all(output.passed for output in bad.outputs)
+    assert not bad.passed
+    assert not checks_by_label(bad)[nested].passed
+    assert checks_by_label(bad)["Loop node repeat body"].passed  # iteration 0 takes the else branch
+
+
+# -- Scan bodies ------------------------------------------------------------------------------------
+def scan_model():
+    """``Scan`` over the batch axis of ``x`` with a state; the body is ``s_out = BN(Conv(s + slice))``,
+    whose output the model drops (only the scanned-out identity is a graph output)."""
+    rng = np.random.default_rng(4)
+    body = helper.make_graph(
+        [
+            helper.make_node("Add", ["state", "slice"], ["sum"]),
+            helper.make_node("Unsqueeze", ["sum", "zero"], ["batched"]),
+            helper.make_node("Conv", ["batched", "W"], ["body_h"], name="body_conv"),
+            bn_node("body_h", "bn_out", prefix="body_bn"),
+            helper.make_node("Squeeze", ["bn_out", "zero"], ["state_out"]),
+            helper.make_node("Identity", ["slice"], ["scanned_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("slice", TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("scanned_out", TensorProto.FLOAT, None),
+        ],
+        [*bn_params(rng, CHANNELS, prefix="body_bn"), tensor("zero", np.array([0]), np.int64)],
+    )
+    initial = helper.make_node(
+        "Constant", [], ["initial"], value=tensor("initial_value", np.ones((CHANNELS, 4, 4)), np.float32)
+    )
+    node = helper.make_node(
+        "Scan", ["initial", "x"], ["final", "y"], name="scan", body=body, num_scan_inputs=1
+    )
+    return model_with([initial, node])
+
+
+def test_a_scan_body_is_checked_on_its_first_slice():
+    original = scan_model()
+    folded = fold_onnx(original)
+    assert folded.report.summary().folded == 1
+
+    good = verify(original, folded.model, provider="cpu")
+    bad = verify(original, corrupted(folded.model, "body"), provider="cpu")
+
+    assert good.passed and checks_by_label(good)["Scan node scan body"].status == "checked"
+    assert all(output.passed for output in bad.outputs)  # the state is not a graph output
+    assert not bad.passed
+
+
+# -- what cannot be checked stays uncovered ----------------------------------------------------------
+def sequence_branch_model():
+    """The then-branch reads a sequence from the enclosing graph: no standalone input can take it."""
+    zero = helper.make_node(
+        "Constant", [], ["position"], value=numpy_helper.from_array(np.array(0, np.int64))
+    )
+    pick = helper.make_node("SequenceAt", ["sequence", "position"], ["picked"])
+    node = helper.make_node(
+        "If",
+        ["cond"],
+        ["y"],
+        name="gate",
+        then_branch=conv_bn_graph("then", "picked", "then_out", 5, extra_nodes=[zero, pick]),
+        else_branch=identity_graph("else", "x", "else_out"),
+    )
+    build = helper.make_node("SequenceConstruct", ["x"], ["sequence"])
+    return model_with([build, *never_true("x", "cond", "gate"), node])
+
+
+def test_a_branch_reading_a_sequence_stays_uncovered_with_the_reason():
+    original = sequence_branch_model()
+    folded = fold_onnx(original)
+    assert folded.report.summary().folded == 1
+
+    result = verify(original, folded.model, provider="cpu")
+
+    assert result.passed
+    check = checks_by_label(result)["If node gate then-branch"]
+    assert check.status == "uncovered"
+    assert "'sequence', a sequence value" in check.reason
+    assert any(
+        item.startswith("If node gate then-branch: changed by the fold, not checked locally")
+        for item in result.uncovered
+    )
+    assert any("If node(s) gate: the condition is computed" in item for item in result.uncovered)
+
+
+def test_captured_values_over_the_limit_are_skipped_with_a_note():
+    original = untaken_branch_model()
+    folded = fold_onnx(original).model
+
+    result = Verifier(original, provider="cpu", local_limit_bytes=64).compare(folded)
+
+    check = checks_by_label(result)["If node gate then-branch"]
+    assert check.status == "uncovered"
+    assert "limit 0.0 MiB" in check.reason and "the values it needs take" in check.reason
+    assert (
+        "not covered: If node gate then-branch: changed by the fold, not checked locally" in result.to_text()
+    )
+
+
+def test_identical_models_need_no_local_check_and_keep_the_coverage_note():
+    original = untaken_branch_model()
+
+    result = verify(original, original, provider="cpu")
+
+    assert result.passed
+    assert {check.status for check in result.local} == {"unchanged"}
+    assert any("If node(s) gate: the condition is computed" in item for item in result.uncovered)
