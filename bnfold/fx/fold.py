@@ -36,7 +36,7 @@ from bnfold.fx.rules import RULES
 from bnfold.fx.subgraphs import lift_constants, localize_constants
 from bnfold.fx.trace import as_args, is_exported_module, trace
 from bnfold.fx.view import FxView
-from bnfold.report import Report
+from bnfold.report import Outcome, Report
 from bnfold.verify import VerificationResult
 
 __all__ = ["ModuleFoldResult", "fold_module", "rule_names"]
@@ -139,11 +139,24 @@ def fold_module(
     graph_module.recompile()
     result = ModuleFoldResult(module=graph_module, report=report, tracer=traced.tracer)
     if checking:
+        uncovered = [*uncovered, *_subgraph_coverage(report)]
         result.verification = _check(graph_module, runs, uncovered, reference, atol, rtol, exact)
         report.extras["verification"] = result.verification.to_dict()
         if not result.verification:
             logger.warning("folded module does not match the original:\n%s", result.verification.to_text())
     return result
+
+
+def _subgraph_coverage(report: Report) -> list[str]:
+    """What the runs may not reach: folds inside subgraphs run only when the model takes them there."""
+    changed = (Outcome.FOLDED, Outcome.MERGED)
+    graphs = sorted({d.graph for d in report.decisions if d.graph != "main" and d.outcome in changed})
+    if not graphs:
+        return []
+    return [
+        f"folds inside control-flow subgraphs ({', '.join(graphs)}) are checked only where these runs "
+        "take the model (a torch.cond branch runs only when its predicate selects it)"
+    ]
 
 
 def _exported_input_ranks(graph_module: fx.GraphModule) -> dict[str, int]:

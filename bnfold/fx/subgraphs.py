@@ -31,6 +31,7 @@ attributes directly, and a normalization whose statistics arrive as operands is 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -170,7 +171,14 @@ def subgraph_modules(graph_module: fx.GraphModule) -> list[tuple[str, fx.GraphMo
 
 def localize_constants(graph_module: fx.GraphModule) -> int:
     """Make the subgraphs of ``graph_module`` (and theirs, recursively) read the model's parameters
-    and buffers as their own constants instead of operands; returns how many operands went."""
+    and buffers as their own constants instead of operands; returns how many operands went.
+
+    Every subgraph module is replaced by a copy first: the fold edits subgraphs, which may be the
+    caller's own (``ExportedProgram.module()`` shares them with the program). In torch.export's
+    form they hold no tensors, so the copies are cheap.
+    """
+    for target, _ in subgraph_modules(graph_module):
+        _own_copy(graph_module, target)
     moved = sum(_localize_call(graph_module, call) for call in _own_calls(graph_module))
     if moved:
         graph_module.graph.lint()
@@ -229,6 +237,14 @@ def _localize_call(graph_module: fx.GraphModule, call: HigherOrderCall) -> int:
     for target in {operand.target for operand in unread}:
         _drop_if_unread(graph_module, target)
     return len(moved)
+
+
+def _own_copy(graph_module: fx.GraphModule, target: str) -> fx.GraphModule:
+    """Replace the subgraph at ``target`` by a copy of it, and return the copy."""
+    copied = copy.deepcopy(resolve_attr(graph_module, target))
+    path, _, name = target.rpartition(".")
+    setattr(resolve_attr(graph_module, path) if path else graph_module, name, copied)
+    return copied
 
 
 def _free(subgraph: fx.GraphModule, target: str) -> bool:

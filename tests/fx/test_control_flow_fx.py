@@ -113,6 +113,9 @@ def test_cond_branches_fold_and_a_conv_shared_with_the_outer_graph_is_copied() -
     assert_same_function(result, model, *both_branches((2, 3, 6, 6)))
     assert_unchanged(model, before)
     assert result.verification
+    # The verification runs take one branch each: it says so rather than claim both.
+    (line,) = [line for line in result.verification.uncovered if "control-flow subgraphs" in line]
+    assert "(false_graph_0, true_graph_0)" in line
 
 
 def test_a_branch_that_reads_a_conv_the_outer_graph_folded_keeps_the_original() -> None:
@@ -130,6 +133,22 @@ def test_a_branch_that_reads_a_conv_the_outer_graph_folded_keeps_the_original() 
     assert len(originals) == 1  # the false branch's operand: the conv's weight as it was
     assert_same_function(result, model, *both_branches((2, 3, 6, 6)))
     assert_unchanged(model, before)  # in place or not, the user's tensors are never written
+
+
+def test_an_exported_program_with_cond_is_folded_without_touching_its_subgraphs() -> None:
+    """ExportedProgram.module() shares the branch modules with the program: the fold edits copies."""
+    model = nets.randomized(SharedConvCond())
+    example = torch.randn(2, 3, 6, 6)
+    program = torch.export.export(model, (example,))
+    branches = {name: str(module.graph) for name, module in program.graph_module.named_children()}
+    result = bnfold.fold_module(program, example)
+
+    assert len(result.report.folded) == 3
+    assert {name: str(module.graph) for name, module in program.graph_module.named_children()} == branches
+    assert_same_function(result, model, *both_branches((2, 3, 6, 6))[:2])  # static batch size
+    with torch.no_grad():
+        for values in both_branches((2, 3, 6, 6))[:2]:
+            torch.testing.assert_close(program.module()(values), model(values))
 
 
 class BranchBNs(nn.Module):
