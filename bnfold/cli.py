@@ -21,7 +21,7 @@ from bnfold.core.table import ONNX, RULE_TABLE
 from bnfold.core.table import rule_names as table_rule_names
 from bnfold.errors import BnfoldError, InternalError
 from bnfold.onnx import load_model
-from bnfold.onnx.io import write_atomically
+from bnfold.onnx.io import WeightStore, write_atomically
 from bnfold.onnx.outputs import STDOUT
 from bnfold.pipeline import check_report_path, fold_file, naming
 from bnfold.progress import Progress, TerminalProgress, step
@@ -187,6 +187,27 @@ def _output_options() -> list:
     ]
 
 
+class ByteSize(click.ParamType):
+    """A size in bytes: a number, optionally with K, M or G (powers of 1024), e.g. ``64M``."""
+
+    name = "size"
+    _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+        unit = text[-1:] if text[-1:] in "KMG" and text[-1:] else ""
+        number = text[: len(text) - len(unit)]
+        try:
+            size = float(number) * self._UNITS[unit]
+        except ValueError:
+            self.fail(f"{value!r} is not a size (a number of bytes, or with K, M or G: 64M)", param, ctx)
+        if size < 0:
+            self.fail(f"{value!r} is negative", param, ctx)
+        return int(size)
+
+
 def _start(quiet: bool, verbose: bool) -> Progress | None:
     """Logging for ``-v``, and progress lines on stderr when it is a terminal (never with ``-q``)."""
     if verbose:
@@ -266,6 +287,15 @@ def cli() -> None:
     metavar="N",
     help="Time the model before and after in ONNX Runtime (default optimizations, median of N runs).",
 )
+@click.option(
+    "--memory-budget",
+    "memory_budget",
+    type=ByteSize(),
+    default=None,
+    metavar="SIZE",
+    help="Keep up to SIZE of new weights in memory (e.g. 64M, 2G; default 512M); the rest go to a "
+    "temporary file, deleted when bnfold exits.",
+)
 @_verification_options
 @_trust_option
 def fold(
@@ -291,6 +321,7 @@ def fold(
     as_json,
     verbose,
     benchmark_runs,
+    memory_budget,
     trust_pt2,
 ) -> None:
     """Fold BatchNormalization nodes of MODEL into Conv/ConvTranspose/Gemm/MatMul.
@@ -327,6 +358,7 @@ def fold(
         digest_output=as_json or None,
         progress=_start(quiet, verbose),
         trust_code=trust_pt2,
+        store=None if memory_budget is None else WeightStore(memory_budget=memory_budget),
     )
     if as_json:
         click.echo(result.report.to_json())

@@ -245,6 +245,12 @@ def _describe(result: FileFoldResult) -> None:
     }
     if result.latency is not None:
         extras["latency"] = result.latency.to_dict()
+    if result.store is not None:  # a lazy fold: where its new weights were kept
+        extras["new_weights"] = {
+            "memory_budget_bytes": result.store.memory_budget,
+            "in_memory_bytes": result.store.memory_bytes,
+            "spilled_bytes": result.store.spill_bytes,
+        }
 
 
 def _fold_onnx_file(

@@ -4,6 +4,7 @@ copy every untouched tensor's bytes from the input file (inline or external data
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
 import bnfold.onnx.io as io
-import bnfold.onnx.io.store as store_module
 from bnfold import fold_onnx
 from bnfold.errors import ModelLoadError
 from bnfold.onnx.io import WeightStore, load_model, read_tensor, save_model, saving, store_tensor
@@ -388,14 +388,24 @@ def test_a_store_lives_as_long_as_its_owner(tmp_path):
 
 
 @pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
-def test_the_cli_verifies_a_fold_whose_weights_are_in_memory_and_spilled(external, tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module, "DEFAULT_MEMORY_BUDGET", 32 * 32 * 9 * 4)  # W1 in memory, W2 spilled
+def test_the_cli_verifies_a_fold_whose_weights_are_in_memory_and_spilled(external, tmp_path):
     original = bn_after_both_convs()
     source = saved_in(tmp_path / "in", original, external)
     before = snapshot(source.parent)
     output = tmp_path / "folded.onnx"
 
-    ran = in_process(source, "-o", output, "--provider", "cpu", "--report", tmp_path / "report.json")
+    budget = str(32 * 32 * 9 * 4)  # W1 in memory, W2 spilled
+    ran = in_process(
+        source,
+        "-o",
+        output,
+        "--provider",
+        "cpu",
+        "--report",
+        tmp_path / "report.json",
+        "--memory-budget",
+        budget,
+    )
 
     assert ran.code == 0, ran.output
     report = (tmp_path / "report.json").read_text()
@@ -490,9 +500,7 @@ def test_models_over_the_limit_from_a_lazy_load_get_external_data(tmp_path, monk
 
 PEAK = """
 import sys
-import bnfold.onnx.io.store
 from bnfold.cli import main
-bnfold.onnx.io.store.DEFAULT_MEMORY_BUDGET = 36 * 2**20  # one new weight in memory, the rest spilled
 try:
     main(sys.argv[1:])
 finally:
@@ -512,7 +520,19 @@ def test_folding_a_large_external_model_keeps_its_weights_out_of_memory(tmp_path
     output = tmp_path / "folded.onnx"
 
     ran = subprocess.run(
-        [sys.executable, "-c", PEAK, str(source), "-o", str(output), "--no-verify", "-q"],
+        # --memory-budget 36M: one new weight in memory, the rest spilled
+        [
+            sys.executable,
+            "-c",
+            PEAK,
+            str(source),
+            "-o",
+            str(output),
+            "--no-verify",
+            "-q",
+            "--memory-budget",
+            "36M",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -544,3 +564,30 @@ def test_a_lazy_model_whose_source_was_saved_over_says_so_instead_of_reading_oth
     assert not (tmp_path / "again.onnx").exists()
     # The file written in place is complete and loads again.
     assert "BatchNormalization" not in op_types(load_model(source).model)
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [("0", 0), ("4096", 4096), ("64K", 2**16), ("36M", 36 * 2**20), ("2G", 2 * 2**30), ("1.5MiB", 3 * 2**19)],
+)
+def test_memory_budget_sizes_read_as_people_write_them(size, expected):
+    from bnfold.cli import ByteSize
+
+    assert ByteSize().convert(size, None, None) == expected
+
+
+def test_the_cli_memory_budget_decides_what_is_spilled(tmp_path):
+    source = tmp_path / "model.onnx"
+    onnx.save_model(bn_after_both_convs(), source)
+    weight_bytes = 32 * 32 * 9 * 4
+    for budget, spilled in (("0", 2), ("36K", 1), ("1G", 0)):
+        report = tmp_path / f"report{budget}.json"
+        ran = in_process(
+            source, "-o", tmp_path / "out.onnx", "-q", "--memory-budget", budget, "--report", report
+        )
+        assert ran.code == 0, ran.output
+        kept = json.loads(report.read_text())["new_weights"]
+        assert kept["spilled_bytes"] == spilled * weight_bytes
+        assert kept["in_memory_bytes"] == (2 - spilled) * weight_bytes
+    ran = in_process(source, "-o", tmp_path / "bad.onnx", "--memory-budget", "lots")
+    assert ran.code == 2 and "is not a size" in ran.output
