@@ -17,6 +17,7 @@ import threading
 
 import click
 
+from bnfold.cli_types import ByteSize
 from bnfold.core.table import ONNX, RULE_TABLE
 from bnfold.core.table import rule_names as table_rule_names
 from bnfold.errors import BnfoldError, InternalError
@@ -185,27 +186,6 @@ def _output_options() -> list:
         ),
         click.option("-v", "--verbose", is_flag=True, help="Log each step and decision (debug logs)."),
     ]
-
-
-class ByteSize(click.ParamType):
-    """A size in bytes: a number, optionally with K, M or G (powers of 1024), e.g. ``64M``."""
-
-    name = "size"
-    _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
-
-    def convert(self, value, param, ctx) -> int:
-        if isinstance(value, int):
-            return value
-        text = str(value).strip().upper().removesuffix("B").removesuffix("I")
-        unit = text[-1:] if text[-1:] in "KMG" and text[-1:] else ""
-        number = text[: len(text) - len(unit)]
-        try:
-            size = float(number) * self._UNITS[unit]
-        except ValueError:
-            self.fail(f"{value!r} is not a size (a number of bytes, or with K, M or G: 64M)", param, ctx)
-        if size < 0:
-            self.fail(f"{value!r} is negative", param, ctx)
-        return int(size)
 
 
 def _start(quiet: bool, verbose: bool) -> Progress | None:

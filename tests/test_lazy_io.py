@@ -571,7 +571,7 @@ def test_a_lazy_model_whose_source_was_saved_over_says_so_instead_of_reading_oth
     [("0", 0), ("4096", 4096), ("64K", 2**16), ("36M", 36 * 2**20), ("2G", 2 * 2**30), ("1.5MiB", 3 * 2**19)],
 )
 def test_memory_budget_sizes_read_as_people_write_them(size, expected):
-    from bnfold.cli import ByteSize
+    from bnfold.cli_types import ByteSize
 
     assert ByteSize().convert(size, None, None) == expected
 
