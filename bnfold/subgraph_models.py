@@ -165,8 +165,10 @@ def formal_values(site: Site, values: Mapping[str, Any], opset: int) -> list[np.
     if node.op_type == "If":
         return []
     if node.op_type == "Loop":
-        condition = np.array(True) if len(node.input) < 2 or not node.input[1] else values[node.input[1]]
-        carried = [_tensor(values[name], name) for name in node.input[2:]]
+        condition = (
+            np.array(True) if len(node.input) < 2 or not node.input[1] else _value(values, node.input[1])
+        )
+        carried = [_tensor(_value(values, name), name) for name in node.input[2:]]
         return [np.array(0, dtype=np.int64), np.asarray(condition).reshape(()), *carried]
     if node.op_type == "Scan":
         if opset < 9:
@@ -175,13 +177,13 @@ def formal_values(site: Site, values: Mapping[str, Any], opset: int) -> list[np.
             )
         attributes = {entry.name: helper.get_attribute_value(entry) for entry in node.attribute}
         count = int(attributes["num_scan_inputs"])
-        states = [_tensor(values[name], name) for name in node.input[: len(node.input) - count]]
+        states = [_tensor(_value(values, name), name) for name in node.input[: len(node.input) - count]]
         scanned = node.input[len(node.input) - count :]
         axes = list(attributes.get("scan_input_axes", [0] * count))
         directions = list(attributes.get("scan_input_directions", [0] * count))
         slices = []
         for index, name in enumerate(scanned):
-            value = _tensor(values[name], name)
+            value = _tensor(_value(values, name), name)
             axis = axes[index] + value.ndim if axes[index] < 0 else axes[index]
             if not 0 <= axis < value.ndim or value.shape[axis] == 0:
                 raise Unsupported(
@@ -190,6 +192,12 @@ def formal_values(site: Site, values: Mapping[str, Any], opset: int) -> list[np.
             slices.append(np.take(value, -1 if directions[index] else 0, axis=axis))
         return [*states, *slices]
     raise Unsupported(f"{node.op_type} is not a control-flow op bnfold checks locally")
+
+
+def _value(values: Mapping[str, Any], name: str) -> Any:
+    if name not in values:
+        raise Unsupported(f"the value of its input {name!r} could not be captured")
+    return values[name]
 
 
 def _tensor(value: Any, name: str) -> np.ndarray:
@@ -247,8 +255,8 @@ def standalone_model(
             raise Unsupported(
                 f"it reads {name!r}, which the enclosing graph of the original does not compute"
             )
-    for output in standalone.output:
-        _drop_shape(output.type)  # subgraph output declarations are not enforced, and may be stale
+    for value in [*standalone.output, *standalone.value_info]:
+        _drop_shape(value.type)  # declarations in a subgraph are not enforced, and may be stale
     model = ModelProto()
     model.ir_version = max(scope.ir_version, 4)  # initializers need not be listed as inputs
     model.opset_import.extend(scope.opset_import)

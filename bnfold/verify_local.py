@@ -19,10 +19,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from onnx import GraphProto, ModelProto
+from onnx import GraphProto, ModelProto, TensorProto, numpy_helper
 
 from bnfold.comparison import OutputComparison, judge_runs
 from bnfold.input_limits import available_memory
+from bnfold.onnx.io import read_tensor
 from bnfold.subgraph_models import (
     Site,
     Unsupported,
@@ -211,6 +212,15 @@ def _capture(
                 wanted[name] = None
     fetch = [name for name in wanted if name in computed]
     captured = [{name: run[name] for name in wanted if name in run} for run in runs]
+    # A node input that is a constant of this scope (a Loop's condition or initial carried value)
+    # feeds the subgraph's formal inputs: its value, read once.
+    for site, _, _, _ in pending:
+        for name in site.node.input:
+            tensor = graph_initializer(original.graph, name) if name else None
+            if isinstance(tensor, TensorProto) and name not in captured[0]:
+                value = _initializer_value(tensor)
+                for values in captured:
+                    values[name] = value
     if fetch:
         with extra_outputs(original, fetch):
             try:
@@ -343,6 +353,15 @@ def _failed(name: str, expected: Any, note: str) -> OutputComparison:
         note,
         within_tolerance=False,
     )
+
+
+def _initializer_value(tensor: TensorProto) -> np.ndarray:
+    try:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            return read_tensor(tensor)
+        return numpy_helper.to_array(tensor)
+    except (ValueError, OSError, TypeError) as error:
+        raise Unsupported(f"its input {tensor.name!r} cannot be read ({_first_line(error)})") from None
 
 
 def _first_line(error: BaseException) -> str:

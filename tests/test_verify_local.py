@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold.pipeline as pipeline_module
@@ -152,9 +154,10 @@ def nested_if_in_loop_model():
     return model_with([trips, node])
 
 
-def corrupted(model, *attributes: str, factor: float = 1.01):
-    """A copy of ``model`` with the weight of the Conv in the subgraph ``attributes`` leads to (each
-    the attribute of the first node holding it) scaled by ``factor``."""
+def corrupted(model, *attributes: str, factor: float = 1.01, change=None):
+    """A copy of ``model`` with the Conv in the subgraph ``attributes`` leads to (each the attribute
+    of the first node holding it) made wrong: its weight scaled by ``factor``, or its initializers
+    ``(weight, bias)`` replaced by what ``change(weight, bias)`` returns."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     graph = copy.graph
@@ -162,8 +165,16 @@ def corrupted(model, *attributes: str, factor: float = 1.01):
         holder = next(node for node in graph.node if any(entry.name == name for entry in node.attribute))
         graph = next(entry.g for entry in holder.attribute if entry.name == name)
     conv = next(node for node in graph.node if node.op_type == "Conv")
-    weight = next(tensor for tensor in graph.initializer if tensor.name == conv.input[1])
-    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(factor), weight.name))
+    tensors = [
+        next(tensor for tensor in graph.initializer if tensor.name == name) for name in conv.input[1:3]
+    ]
+    values = [numpy_helper.to_array(tensor) for tensor in tensors]
+    if change is None:
+        values[0] = values[0] * np.float32(factor)
+    else:
+        values = list(change(*values))
+    for stored, value in zip(tensors, values, strict=True):
+        stored.CopyFrom(numpy_helper.from_array(value.astype(np.float32), stored.name))
     return copy
 
 
@@ -418,3 +429,112 @@ def test_identical_models_need_no_local_check_and_keep_the_coverage_note():
     assert result.passed
     assert {check.status for check in result.local} == {"unchanged"}
     assert any("If node(s) gate: the condition is computed" in item for item in result.uncovered)
+
+
+# -- generated: every place a fold can hide, every way a fold can be wrong ---------------------------
+def if_in_untaken_branch_model():
+    """An If whose never-taken then-branch holds another If, whose never-taken then-branch folds."""
+    inner = helper.make_node(
+        "If",
+        ["inner_cond"],
+        ["outer_then_out"],
+        name="inner",
+        then_branch=conv_bn_graph("then", "x", "then_out", 6),
+        else_branch=identity_graph("else", "x", "else_out"),
+    )
+    outer_then = helper.make_graph(
+        [*never_true("x", "inner_cond", "inner"), inner],
+        "outer_then",
+        [],
+        [helper.make_tensor_value_info("outer_then_out", TensorProto.FLOAT, None)],
+    )
+    node = helper.make_node(
+        "If",
+        ["cond"],
+        ["y"],
+        name="gate",
+        then_branch=outer_then,
+        else_branch=identity_graph("outer_else", "x", "outer_else_out"),
+    )
+    return model_with([*never_true("x", "cond", "gate"), node])
+
+
+PLACES = {
+    "untaken If branch": (untaken_branch_model, ("then_branch",)),
+    "Loop body that never runs": (zero_trip_loop_model, ("body",)),
+    "If in a Loop body": (nested_if_in_loop_model, ("body", "then_branch")),
+    "Scan body": (scan_model, ("body",)),
+    "If in an untaken If branch": (if_in_untaken_branch_model, ("then_branch", "then_branch")),
+}
+
+
+def wrong_way(kind: str, size: float, channel: int):
+    """One way to get a fold wrong: a weight scaled, a bias shifted, two output channels swapped."""
+
+    def change(weight, bias):
+        weight, bias = weight.copy(), bias.copy()
+        if kind == "scale":
+            weight[channel] *= 1 + size
+        elif kind == "shift":
+            bias[channel] += size * max(1.0, float(np.abs(bias).max()))
+        else:
+            other = (channel + 1) % CHANNELS
+            weight[[channel, other]] = weight[[other, channel]]
+            bias[[channel, other]] = bias[[other, channel]]
+        return weight, bias
+
+    return change
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    place=st.sampled_from(sorted(PLACES)),
+    kind=st.sampled_from(["none", "scale", "shift", "swap"]),
+    size=st.floats(0.005, 0.05),
+    sign=st.sampled_from([-1.0, 1.0]),
+    channel=st.integers(0, CHANNELS - 1),
+)
+def test_a_fold_no_input_reaches_passes_exactly_when_it_is_right(place, kind, size, sign, channel):
+    build, attributes = PLACES[place]
+    original = build()
+    folded = fold_onnx(original)
+    assert folded.report.summary().folded == 1
+    model = (
+        folded.model
+        if kind == "none"
+        else corrupted(folded.model, *attributes, change=wrong_way(kind, sign * size, channel))
+    )
+
+    result = verify(original, model, provider="cpu")
+
+    assert all(output.passed for output in result.outputs)  # end to end, nothing shows either way
+    assert result.passed is (kind == "none"), result.to_text()
+    deepest = next(
+        check
+        for check in result.local
+        if check.subgraph.count(">") == len(attributes) - 1 and check.status == "checked"
+    )
+    assert deepest.passed is (kind == "none")
+
+
+def test_a_loop_started_from_constants_is_checked_with_their_values():
+    """The Loop's condition and initial carried value are initializers, not computed values."""
+    rng = np.random.default_rng(7)
+    model = zero_trip_loop_model()
+    loop = model.graph.node[-1]
+    loop.input[:] = ["trips", "always", "start"]
+    model.graph.initializer.extend(
+        [
+            tensor("always", np.array(True), np.bool_),
+            tensor("start", rng.standard_normal((2, CHANNELS, 4, 4)), np.float32),
+        ]
+    )
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 2
+    folded = fold_onnx(model)
+    assert folded.report.summary().folded == 1
+
+    good = verify(model, folded.model, provider="cpu")
+    bad = verify(model, corrupted(folded.model, "body"), provider="cpu")
+
+    assert good.passed and checks_by_label(good)["Loop node repeat body"].status == "checked"
+    assert not bad.passed and all(output.passed for output in bad.outputs)
