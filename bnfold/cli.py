@@ -383,11 +383,7 @@ def verify_command(
         loaded = [load_model(original, lazy=True), load_model(folded, lazy=True)]
     if report_path:  # nor over the models' external data
         check_report_path(report_path, *(path for model in loaded for path in model.external_files))
-    with (
-        step(progress, "verifying: running each model, then comparing"),
-        naming(original, when="the original model"),
-        naming(folded, when="the folded model"),
-    ):
+    with naming(original, when="the original model"), naming(folded, when="the folded model"):
         result = verify(
             original,
             folded,
@@ -398,6 +394,7 @@ def verify_command(
             seed=seed,
             atol=atol,
             rtol=rtol,
+            progress=progress,  # each session and run is a step
         )
     report = Report(
         source=str(original),

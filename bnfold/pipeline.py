@@ -301,11 +301,16 @@ def _fold_onnx_file(
     # its session is freed before the folded model's is made: one model's worth of memory at a time.
     verifier = None
     if verify:
-        with step(progress, "running the original model in ONNX Runtime"):
-            with naming(source, when="the original model"):
-                verifier = Verifier(
-                    source, provider=provider, input_shapes=shapes, inputs=inputs, seed=seed, exact=exact
-                )
+        with naming(source, when="the original model"):  # (its session and each run are steps)
+            verifier = Verifier(
+                source,
+                provider=provider,
+                input_shapes=shapes,
+                inputs=inputs,
+                seed=seed,
+                exact=exact,
+                progress=progress,
+            )
     with step(progress, "folding"), naming(source):
         result = fold_onnx(
             loaded.model,
@@ -327,9 +332,8 @@ def _fold_onnx_file(
 
     verification = None
     if verifier is not None:
-        with step(progress, "verifying: running the folded model, comparing"):
-            with naming(source, when="the original model"), _folded_is_ours():
-                verification = verifier.compare(folded_model, atol=atol, rtol=rtol)
+        with naming(source, when="the original model"), _folded_is_ours():
+            verification = verifier.compare(folded_model, atol=atol, rtol=rtol)
         del verifier
         report.extras["verification"] = verification.to_dict()
 

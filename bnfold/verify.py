@@ -38,6 +38,7 @@ from bnfold.comparison import (
 from bnfold.errors import BnfoldError, FoldedModelRejectedError, InputSpecError, ProviderUnavailableError
 from bnfold.onnx.graph import subgraphs_of
 from bnfold.onnx.io import has_data_on_disk, load_model, save_model
+from bnfold.progress import Progress, step
 from bnfold.subgraph_models import control_nodes
 from bnfold.verify_inputs import (
     InputCase,
@@ -88,6 +89,7 @@ def verify(
     atol: float | None = None,
     rtol: float | None = None,
     exact: str = "auto",
+    progress: Progress | None = None,
 ) -> VerificationResult:
     """Run ``original`` and ``folded`` on the same inputs and compare every output.
 
@@ -102,9 +104,18 @@ def verify(
     float64 (see :mod:`bnfold.comparison`); ``always`` computes that evaluation for every output
     (and lets it pass an output over a given ``atol``/``rtol`` too); ``strict`` uses the tolerance
     alone. With ``atol``/``rtol`` given, ``auto`` uses the tolerance alone.
+
+    ``progress`` is told about each step: each model's ONNX Runtime session, each run, the float64
+    evaluation (see :mod:`bnfold.progress`).
     """
     verifier = Verifier(
-        original, provider=provider, input_shapes=input_shapes, inputs=inputs, seed=seed, exact=exact
+        original,
+        provider=provider,
+        input_shapes=input_shapes,
+        inputs=inputs,
+        seed=seed,
+        exact=exact,
+        progress=progress,
     )
     return verifier.compare(folded, atol=atol, rtol=rtol)
 
@@ -116,6 +127,7 @@ class Verifier:
     folded model's session never coexists with the original's: peak memory is one model's worth.
     The float64 reference (when needed) is evaluated from ``reference_source`` — by default the
     original itself; pass the original's path when you will edit the ModelProto in place.
+    ``progress`` is told about each session, each run and the float64 evaluation.
     """
 
     def __init__(
@@ -130,6 +142,7 @@ class Verifier:
         reference_source: ModelSource | None = None,
         exact_limit_bytes: int | None = None,
         local_limit_bytes: int | None = None,
+        progress: Progress | None = None,
     ) -> None:
         if provider not in PROVIDERS:
             raise BnfoldError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
@@ -144,16 +157,19 @@ class Verifier:
         self.seed = seed
         self.exact_limit_bytes = exact_limit_bytes
         self.local_limit_bytes = local_limit_bytes
+        self.progress = progress
         self.uncovered: list[str] = []
         self.notes: list[str] = []
-        session, self.provider = ort_session(original, provider, "original")
+        with self._step("loading the original model into ONNX Runtime"):
+            session, self.provider = ort_session(original, provider, "original")
         self.input_names = [meta.name for meta in session.get_inputs()]
         self.output_names = [meta.name for meta in session.get_outputs()]
         if inputs is not None:
             self.cases = [InputCase(given_inputs(session, inputs), None)]
             self.input_source = "real" if isinstance(inputs, Mapping) else f"file {inputs}"
             self.uncovered.append("dynamic dimensions and seeds: the given inputs were run as they are")
-            self.cases[0].expected = run_session(session, self.cases[0].feeds, "original")
+            with self._run_step("original", self.cases[0], 1):
+                self.cases[0].expected = run_session(session, self.cases[0].feeds, "original")
         else:
             self.input_source = "random"
             self.cases = self._run_random_cases(session, input_shapes or {}, seed)
@@ -168,14 +184,16 @@ class Verifier:
     def _run_random_cases(self, session, shapes: Mapping[str, list[int]], seed: int) -> list[InputCase]:
         metas = session.get_inputs()
         first = InputCase(random_inputs(session, shapes, seed, boolean=True), seed)
-        first.expected = run_session(session, first.feeds, "original")
+        with self._run_step("original", first, 1):
+            first.expected = run_session(session, first.feeds, "original")
         primary = {name: list(value.shape) for name, value in first.feeds.items()}
         other_shapes = second_shapes(metas, primary)
         second = None
         if other_shapes != primary:
             candidate = InputCase(random_inputs(session, other_shapes, seed + 1, boolean=False), seed + 1)
             try:
-                candidate.expected = session.run(None, candidate.feeds)
+                with self._run_step("original", candidate, 2):
+                    candidate.expected = session.run(None, candidate.feeds)
                 second = candidate
             except Exception as error:  # the model rejects the second size: say so, run the first
                 self.uncovered.append(
@@ -184,7 +202,8 @@ class Verifier:
                 )
         if second is None:
             second = InputCase(random_inputs(session, primary, seed + 1, boolean=False), seed + 1)
-            second.expected = run_session(session, second.feeds, "original")
+            with self._run_step("original", second, 2):
+                second.expected = run_session(session, second.feeds, "original")
         return [first, second]
 
     def _structure_notes(self, original: ModelSource) -> None:
@@ -239,17 +258,18 @@ class Verifier:
         if folded_model is None:
             return []
         provider = "cuda" if self.provider == "cuda" else "cpu"
-        return check_subgraphs(
-            original,
-            folded_model,
-            [case.feeds for case in self.cases],
-            open_session=lambda model, role: ort_session(model, provider, role)[0],
-            atol=atol,
-            rtol=rtol,
-            exact=self.exact,
-            reference_limit_bytes=self.exact_limit_bytes or (1 << 30),
-            capture_limit_bytes=self.local_limit_bytes,
-        )
+        with self._step("checking the subgraphs of If/Loop/Scan nodes on captured values"):
+            return check_subgraphs(
+                original,
+                folded_model,
+                [case.feeds for case in self.cases],
+                open_session=lambda model, role: ort_session(model, provider, role)[0],
+                atol=atol,
+                rtol=rtol,
+                exact=self.exact,
+                reference_limit_bytes=self.exact_limit_bytes or (1 << 30),
+                capture_limit_bytes=self.local_limit_bytes,
+            )
 
     def _reference_outputs(self) -> tuple[list[list[np.ndarray]], float]:
         """The original's float64 outputs per run (computed once), and the seconds they took."""
@@ -257,9 +277,10 @@ class Verifier:
 
         if self._reference is None:
             limit = DEFAULT_LIMIT_BYTES if self.exact_limit_bytes is None else self.exact_limit_bytes
-            run = evaluate_float64(
-                self._reference_source, [case.feeds for case in self.cases], limit_bytes=limit
-            )
+            with self._step("evaluating the original model in float64"):
+                run = evaluate_float64(
+                    self._reference_source, [case.feeds for case in self.cases], limit_bytes=limit
+                )
             self._reference = (run.outputs, run.seconds)
         return self._reference
 
@@ -271,12 +292,14 @@ class Verifier:
         rtol: float | None = None,
     ) -> VerificationResult:
         """Run ``folded`` on the original's inputs and judge every output (see :func:`verify`)."""
-        folded_session, _ = ort_session(folded, "cuda" if self.provider == "cuda" else "cpu", "folded")
+        with self._step("loading the folded model into ONNX Runtime"):
+            folded_session, _ = ort_session(folded, "cuda" if self.provider == "cuda" else "cpu", "folded")
         _check_same_signature(self.input_names, self.output_names, folded_session)
         actual, failure = [], None
-        for case in self.cases:
+        for number, case in enumerate(self.cases, 1):
             try:
-                actual.append(folded_session.run(None, case.feeds))
+                with self._run_step("folded", case, number):
+                    actual.append(folded_session.run(None, case.feeds))
             except Exception as error:  # inputs the original runs: the folded model must run them too
                 shapes = shapes_text(case.describe()["input_shapes"])
                 failure = (
@@ -312,6 +335,13 @@ class Verifier:
             mode=self.exact,
             local=local,
         )
+
+    def _step(self, text: str) -> contextlib.AbstractContextManager[None]:
+        return step(self.progress, f"verifying: {text}")
+
+    def _run_step(self, role: str, case: InputCase, number: int) -> contextlib.AbstractContextManager[None]:
+        shapes = shapes_text(case.describe()["input_shapes"])
+        return self._step(f"run {number} of the {role} model ({shapes})")
 
     def _nothing_compared(self, outputs: list[OutputComparison]) -> list[OutputComparison]:
         """Every output empty in every run (a batch of 0, a static 0-sized dimension) compared

@@ -361,6 +361,32 @@ def test_progress_shows_on_a_terminal_only(source, tmp_path):
     assert "bnfold:" not in piped.stderr
 
 
+def test_progress_shows_each_verification_session_and_run(source, tmp_path):
+    output = tmp_path / "folded.onnx"
+
+    code, folding = run_with_terminal_stderr(source, "-o", output)
+    verify_code, verifying = run_with_terminal_stderr("verify", source, output, "--exact-reference")
+
+    assert code == 0 and verify_code == 0, folding + verifying
+    shapes = "x=1x4x5x5"
+    for terminal in (folding, verifying):
+        steps = [
+            "verifying: loading the original model into ONNX Runtime",
+            f"verifying: run 1 of the original model ({shapes})",
+            f"verifying: run 2 of the original model ({shapes})",
+            "verifying: loading the folded model into ONNX Runtime",
+            f"verifying: run 1 of the folded model ({shapes})",
+            f"verifying: run 2 of the folded model ({shapes})",
+        ]
+        positions = [terminal.find(f"bnfold: {text} ... done in ") for text in steps]
+        assert -1 not in positions and positions == sorted(positions), terminal
+        # One line per step: no step's line is broken by another's.
+        lines = [line for line in terminal.splitlines() if line.startswith("bnfold:")]
+        assert lines and all(" ... done in " in line and line.endswith(" s") for line in lines), terminal
+    assert "bnfold: verifying: evaluating the original model in float64 ... done in" in verifying
+    assert "float64" not in folding  # within tolerance: no float64 evaluation was needed
+
+
 def test_verbose_logs_steps_and_decisions(source, tmp_path):
     ran = as_process(source, "-o", tmp_path / "folded.onnx", "-v")
 
