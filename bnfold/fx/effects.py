@@ -137,12 +137,13 @@ def _in_place_name(name: str) -> bool:
 
 
 def _first_argument(node: fx.Node) -> Any:
-    """The argument an in-place function writes into: its first, given by position or by keyword
-    (``nn.init.zeros_(tensor=h)``, ``F.relu(input=h, inplace=True)``); every keyword argument when
-    the function's first parameter is unknown (over-approximated: it can only refuse a fold)."""
-    if node.args or node.op != "call_function":
-        return node.args[0] if node.args else None
-    name = _first_parameter(node.target)
+    """The argument an in-place function or module writes into: its first, given by position or by
+    keyword (``nn.init.zeros_(tensor=h)``, ``F.relu(input=h, inplace=True)``, ``self.act(input=h)``);
+    every keyword argument where the first parameter is unknown (a module's, or a function without a
+    signature: over-approximated, it can only refuse a fold)."""
+    if node.args:
+        return node.args[0]
+    name = _first_parameter(node.target) if node.op == "call_function" else None
     if name is not None:
         return node.kwargs.get(name)
     return list(node.kwargs.values())

@@ -63,18 +63,21 @@ def test_write_between_bn_and_the_conv_after_it_is_refused(write: str) -> None:
     same_at(result, model, (2, 4, 5, 5), *([(1, 4, 3, 7)] if write != "setitem" else []))
 
 
-def test_inplace_activation_module_between_bn_and_conv_is_refused() -> None:
+@pytest.mark.parametrize("given", ["module", "GraphModule, called by keyword"])
+def test_inplace_activation_module_between_bn_and_conv_is_refused(given: str) -> None:
     class ModuleWrite(nets.MutatedBetweenBNAndConv):
         def __init__(self) -> None:
             super().__init__()
             self.act = torch.nn.ReLU(inplace=True)
-            self.write = self.act
+            self.write = self.act if given == "module" else (lambda tensor: self.act(input=tensor))
 
     model = nets.randomized(ModuleWrite())
     # Shift the statistics so the in-place ReLU changes values the conv would read.
     with torch.no_grad():
         model.bn.running_mean.fill_(0.3)
-    result = bnfold.fold_module(model, torch.randn(2, 4, 5, 5))
+    # A GraphModule is folded as given: plain symbolic_trace keeps nn.ReLU a leaf call, `act(input=h)`.
+    given_model = model if given == "module" else torch.fx.symbolic_trace(model)
+    result = bnfold.fold_module(given_model, torch.randn(2, 4, 5, 5))
     assert [d.reason for d in result.report.decisions] == [Reason.MUTATED_IN_PLACE]
     same_at(result, model, (2, 4, 5, 5))
 
