@@ -67,7 +67,7 @@ class FxView(FoldState):
             identity = NodeIdentity(call.name, call.op_type, node.name)
         else:
             label = node.target if isinstance(node.target, str) else function_label(node.target)
-            identity = NodeIdentity(node.name, "add" if "add" in str(label) else str(label), node.name)
+            identity = NodeIdentity(node.name, report_op_type(str(label)), node.name)
         self._identities[node] = identity
         return identity
 
@@ -126,3 +126,18 @@ class FxView(FoldState):
     def layer_node(self, node: Any, kinds: tuple[str, ...] = tuple(LAYOUTS)) -> fx.Node | None:
         """``node`` when it is a Conv / ConvTranspose / Linear of one of ``kinds`` (module or function)."""
         return node if isinstance(node, fx.Node) and layer_kind(self, node) in kinds else None
+
+
+# The report names elementwise nodes by their ONNX ops, so that both backends' reports (and their
+# summaries, which count folded Mul/Add apart from BNs) read the same.
+_REPORT_OPS = {
+    **dict.fromkeys(("mul", "imul", "div", "truediv", "itruediv"), "Mul"),
+    **dict.fromkeys(("add", "iadd", "sub", "isub"), "Add"),
+}
+
+
+def report_op_type(label: str) -> str:
+    """``Mul`` for a multiply or divide, ``Add`` for an add or subtract (``operator.add``,
+    ``torch.add``, ``Tensor.add_``, ``aten.add.Tensor``), else the label itself."""
+    name = label.removeprefix("aten.").split(".")[0].rstrip("_").lower()
+    return _REPORT_OPS.get(name, label)

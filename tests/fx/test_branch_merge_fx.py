@@ -66,7 +66,7 @@ def test_repvgg_block_becomes_one_conv(dims: int, tracer: str) -> None:
         ("identity", Outcome.FOLDED, "branch-merge", "convs.0"),
     ]
     merged = [(d.op_type, d.rule, d.into) for d in result.report.merged]
-    assert merged == [("add", "branch-merge", "convs.0")] * 2  # conv3 + conv1, then + bn(x)
+    assert merged == [("Add", "branch-merge", "convs.0")] * 2  # conv3 + conv1, then + bn(x)
     assert len(convs_left(result.module)) == 1
     assert result.verification
     names = sorted(result.module.state_dict())
