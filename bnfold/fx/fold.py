@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_leaves
 
 from bnfold.comparison import ReferenceUnavailable
 from bnfold.core.driver import run_rules
@@ -31,6 +32,7 @@ from bnfold.fx.compare import (
     module_outputs,
     output_names,
 )
+from bnfold.fx.local_check import check_subgraphs, snapshot_subgraphs
 from bnfold.fx.no_ops import remove_no_ops
 from bnfold.fx.rules import RULES
 from bnfold.fx.subgraphs import lift_constants, localize_constants
@@ -38,6 +40,7 @@ from bnfold.fx.trace import as_args, is_exported_module, trace
 from bnfold.fx.view import FxView
 from bnfold.report import Outcome, Report
 from bnfold.verify import VerificationResult
+from bnfold.verify_local import UNCOVERED, LocalCheck
 
 __all__ = ["ModuleFoldResult", "fold_module", "rule_names"]
 
@@ -118,6 +121,7 @@ def fold_module(
     # torch.cond branches (and loop / map bodies) get their parameters as operands: make them
     # constants of each subgraph, so the rules fold there too (the driver visits subgraphs last).
     localize_constants(traced.graph_module)
+    originals = snapshot_subgraphs(traced.graph_module) if checking else {}
     context = FxView(traced.graph_module, root=working, trusted_shapes=traced.trusted_shapes)
     report = Report(source=type(model).__name__)
     report.extras["tracer"] = traced.tracer
@@ -128,6 +132,17 @@ def fold_module(
         context.refresh()
         report.extras["eval_no_ops_removed"] = removed
     run_rules(context, rules, report, skipped=skipped)
+    local = []
+    if originals and _changed_graphs(report):
+        local = check_subgraphs(
+            context.graph_module,
+            originals,
+            _changed_graphs(report),
+            [tuple(tree_leaves(run.args)) for run in runs],
+            atol=atol,
+            rtol=rtol,
+            exact=exact,
+        )
     lift_constants(context.graph_module)  # back to torch.export's form: subgraph tensors as operands
     if traced.trusted_shapes and (report.folded or report.merged):
         context.assumed_ranks.update(_exported_input_ranks(context.graph_module))
@@ -139,24 +154,32 @@ def fold_module(
     graph_module.recompile()
     result = ModuleFoldResult(module=graph_module, report=report, tracer=traced.tracer)
     if checking:
-        uncovered = [*uncovered, *_subgraph_coverage(report)]
+        uncovered = [*uncovered, *_subgraph_coverage(report, local)]
         result.verification = _check(graph_module, runs, uncovered, reference, atol, rtol, exact)
+        result.verification.local = local
         report.extras["verification"] = result.verification.to_dict()
         if not result.verification:
             logger.warning("folded module does not match the original:\n%s", result.verification.to_text())
     return result
 
 
-def _subgraph_coverage(report: Report) -> list[str]:
-    """What the runs may not reach: folds inside subgraphs run only when the model takes them there."""
+def _changed_graphs(report: Report) -> list[str]:
+    """The subgraphs (by path) in which a fold changed something."""
     changed = (Outcome.FOLDED, Outcome.MERGED)
-    graphs = sorted({d.graph for d in report.decisions if d.graph != "main" and d.outcome in changed})
-    if not graphs:
-        return []
-    return [
-        f"folds inside control-flow subgraphs ({', '.join(graphs)}) are checked only where these runs "
-        "take the model (a torch.cond branch runs only when its predicate selects it)"
-    ]
+    return sorted({d.graph for d in report.decisions if d.graph != "main" and d.outcome in changed})
+
+
+def _subgraph_coverage(report: Report, local: list[LocalCheck]) -> list[str]:
+    """What the runs may not reach: changed subgraphs that a local check did not cover, and why."""
+    lines = [check.describe() for check in local if check.status == UNCOVERED]
+    checked = {check.path[0] for check in local}
+    graphs = [graph for graph in _changed_graphs(report) if graph not in checked]
+    if graphs:
+        lines.append(
+            f"folds inside control-flow subgraphs ({', '.join(graphs)}) are checked only where these "
+            "runs take the model (a torch.cond branch runs only when its predicate selects it)"
+        )
+    return lines
 
 
 def _exported_input_ranks(graph_module: fx.GraphModule) -> dict[str, int]:

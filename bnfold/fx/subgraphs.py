@@ -46,6 +46,7 @@ __all__ = [
     "higher_order_calls",
     "lift_constants",
     "localize_constants",
+    "own_calls",
     "subgraph_modules",
 ]
 
@@ -65,6 +66,7 @@ class _Layout:
     constant: int
     varying: tuple[int, ...] = ()
     varargs: bool = False
+    sliced: tuple[int, ...] = ()  # varying lists whose subgraph input is one slice along axis 0
 
 
 def _layouts() -> dict[object, _Layout]:
@@ -74,9 +76,9 @@ def _layouts() -> dict[object, _Layout]:
         # while_loop(cond_graph, body_graph, carried_inputs, additional_inputs)
         "while_loop": _Layout(subgraphs=(0, 1), constant=3, varying=(2,)),
         # map_impl(body_graph, mapped_xs, pos_args)
-        "map_impl": _Layout(subgraphs=(0,), constant=2, varying=(1,)),
+        "map_impl": _Layout(subgraphs=(0,), constant=2, varying=(1,), sliced=(1,)),
         # scan(combine_graph, init, xs, additional_inputs)
-        "scan": _Layout(subgraphs=(0,), constant=3, varying=(1, 2)),
+        "scan": _Layout(subgraphs=(0,), constant=3, varying=(1, 2), sliced=(2,)),
         # wrap_with_set_grad_enabled(enabled, graph, *operands): `with torch.no_grad():` regions
         "wrap_with_set_grad_enabled": _Layout(subgraphs=(1,), constant=2, varargs=True),
         # wrap_with_autocast(device_type, dtype, enabled, cache_enabled, graph, *operands)
@@ -119,6 +121,18 @@ class HigherOrderCall:
                 return None
             count += len(value)
         return count
+
+    def subgraph_inputs(self, args: tuple) -> list:
+        """What one run of a subgraph takes, from the call's evaluated ``args``: the varying values
+        (a mapped tensor's first slice; a loop's initial carried values), then the constants."""
+        assert self.layout is not None
+        inputs: list = []
+        for position in self.layout.varying:
+            values = list(args[position])
+            inputs += [value[0] for value in values] if position in self.layout.sliced else values
+        if self.layout.varargs:
+            return inputs + list(args[self.layout.constant :])
+        return inputs + list(args[self.layout.constant])
 
     def append_constant_operand(self, operand: fx.Node) -> None:
         """Add ``operand`` after the constant operands (the subgraphs get a last placeholder for it)."""
@@ -179,7 +193,7 @@ def localize_constants(graph_module: fx.GraphModule) -> int:
     """
     for target, _ in subgraph_modules(graph_module):
         _own_copy(graph_module, target)
-    moved = sum(_localize_call(graph_module, call) for call in _own_calls(graph_module))
+    moved = sum(_localize_call(graph_module, call) for call in own_calls(graph_module))
     if moved:
         graph_module.graph.lint()
         graph_module.recompile()
@@ -188,7 +202,7 @@ def localize_constants(graph_module: fx.GraphModule) -> int:
     return moved
 
 
-def _own_calls(graph_module: fx.GraphModule) -> list[HigherOrderCall]:
+def own_calls(graph_module: fx.GraphModule) -> list[HigherOrderCall]:
     """The calls of a known layout whose subgraph modules no other call (nor the same call twice) uses:
     only those may have their operands changed."""
     calls = list(higher_order_calls(graph_module))
@@ -318,7 +332,7 @@ def lift_constants(graph_module: fx.GraphModule) -> int:
     lifted = 0
     for _, subgraph in subgraph_modules(graph_module):
         lifted += lift_constants(subgraph)
-    for call in _own_calls(graph_module):
+    for call in own_calls(graph_module):
         lifted += _lift_call(graph_module, call)
     if lifted:
         graph_module.graph.lint()

@@ -7,6 +7,8 @@ Every fold is checked against the original module for both predicate values and 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -19,6 +21,8 @@ from torch._higher_order_ops.while_loop import while_loop  # noqa: E402
 
 import bnfold  # noqa: E402
 from bnfold import Reason  # noqa: E402
+from bnfold.fx.rules import RULES  # noqa: E402
+from bnfold.fx.rules_output import LayerThenBN  # noqa: E402
 from bnfold.fx.subgraphs import localize_constants  # noqa: E402
 from tests.fx import nets  # noqa: E402
 
@@ -113,9 +117,48 @@ def test_cond_branches_fold_and_a_conv_shared_with_the_outer_graph_is_copied() -
     assert_same_function(result, model, *both_branches((2, 3, 6, 6)))
     assert_unchanged(model, before)
     assert result.verification
-    # The verification runs take one branch each: it says so rather than claim both.
-    (line,) = [line for line in result.verification.uncovered if "control-flow subgraphs" in line]
-    assert "(false_graph_0, true_graph_0)" in line
+    # Each run takes one branch; both are checked locally on the operands the cond received.
+    local = [(check.subgraph, check.status, check.runs, check.passed) for check in result.verification.local]
+    runs = len(result.verification.runs)
+    assert local == [
+        ("cond true_graph_0", "checked", runs, True),
+        ("cond false_graph_0", "checked", runs, True),
+    ]
+    assert not any("control-flow" in line for line in result.verification.uncovered)
+
+
+class MisfoldInFalseBranch(LayerThenBN):
+    """conv-bn, but a wrong weight in ``false_graph_0``: a bug only a local check can see when the
+    verification inputs all take the true branch."""
+
+    def plan(self, view, site):
+        plan = super().plan(view, site)
+        return replace(plan, weight=plan.weight * 1.01) if view.path == "false_graph_0" else plan
+
+
+class NeverFalse(SharedConvCond):
+    """A predicate no input makes false: the false branch never runs end to end."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.cond(
+            inputs.abs().sum() >= 0,
+            lambda values: self.true_bn(self.conv(values)),
+            lambda values: self.false_bn(self.conv(values)) * 2,
+            (inputs,),
+        )
+
+
+def test_a_wrong_fold_in_a_branch_no_run_takes_fails_the_local_check() -> None:
+    model = nets.randomized(NeverFalse())
+    rules = [MisfoldInFalseBranch("conv-bn", ("conv",), ("module", "custom")), *RULES[1:]]
+    result = fold(model, torch.randn(2, 3, 6, 6), rules=rules)
+
+    assert [d.graph for d in result.report.folded] == ["true_graph_0", "false_graph_0"]
+    assert all(output.passed for output in result.verification.outputs)  # end to end: fine
+    checks = {check.subgraph: check.passed for check in result.verification.local}
+    assert checks == {"cond true_graph_0": True, "cond false_graph_0": False}
+    assert not result.verification
+    assert "MISMATCH" in result.verification.to_text()
 
 
 def test_a_branch_that_reads_a_conv_the_outer_graph_folded_keeps_the_original() -> None:
@@ -285,6 +328,8 @@ def test_loop_map_scan_and_region_bodies_fold(model: nn.Module, shape: tuple[int
     result = fold(model, torch.randn(*shape), tracer="export")
 
     assert rows(result) == [("bn", graph, "folded", "conv-bn")]
+    checked = [check.subgraph.split()[-1] for check in result.verification.local if check.status == "checked"]
+    assert checked == [graph] and result.verification
     generator = torch.Generator().manual_seed(2)
     inputs = [torch.randn(batch, *shape[1:], generator=generator) for batch in (shape[0], shape[0] + 2)]
     assert_same_function(result, model, *inputs)
@@ -316,6 +361,14 @@ def test_a_cond_inside_a_cond_branch_folds() -> None:
     result = fold(model, torch.randn(2, 3, 4, 4))
 
     assert rows(result) == [("bn", "true_graph_0/true_graph_0", "folded", "conv-bn")]
+    # The inner cond runs only inside the outer true branch: its operands come from a local run of it.
+    statuses = {check.subgraph: check.status for check in result.verification.local}
+    assert statuses == {
+        "cond true_graph_0/true_graph_0": "checked",
+        "cond true_graph_0/false_graph_0": "unchanged",
+        "cond false_graph_0": "unchanged",
+    }
+    assert result.verification
     generator = torch.Generator().manual_seed(3)
     inputs = []
     for batch in (2, 5):
