@@ -125,9 +125,13 @@ def export(
     Verification runs at the example inputs and at a second size of every dynamic axis
     (``dynamic_axes`` / ``dynamic_shapes``), judged as :func:`bnfold.verify` judges: ``exact``
     ``auto`` evaluates the module in float64 for an output over tolerance, ``always``, ``strict``.
-    ``path=None`` does everything but write (a dry run). ``skip_rules`` takes rule names of either
-    backend (``bnfold.fx.rule_names()``, ``bnfold.onnx.rule_names()``). ``rewrite_standalone``
-    rewrites each BN left after both folds as Mul + Add (see ``fold_onnx``).
+    A module symbolic_trace cannot trace is traced by torch.export with the ``dynamic_axes`` kept
+    symbolic; where torch.export cannot keep them so, or where its graph reads a size (which the
+    torchscript exporter would record as a constant), ``export`` refuses rather than write a file
+    that holds the example's sizes. ``path=None`` does everything but write (a dry run).
+    ``skip_rules`` takes rule names of either backend (``bnfold.fx.rule_names()``,
+    ``bnfold.onnx.rule_names()``). ``rewrite_standalone`` rewrites each BN left after both folds as
+    Mul + Add (see ``fold_onnx``).
     """
     if exporter not in EXPORTERS:
         raise BnfoldError(f"unknown exporter {exporter!r}; choose from {', '.join(EXPORTERS)}")
@@ -146,13 +150,26 @@ def export(
     args = as_args(example_inputs)
     if args is None:
         raise BnfoldError("export needs example_inputs")
-    folded = fold_module(model, args, skip_rules=torch_skips, dynamic_shapes=dynamic_shapes, verify=False)
+    names_in = list(input_names) if input_names else _io_names("input", len(args))
+    # A fold that falls back to torch.export keeps the axes the file will call dynamic symbolic (the
+    # export refuses a model that needs one fixed), instead of specialising to the example's sizes.
+    trace_shapes = dynamic_shapes
+    if dynamic_axes and dynamic_shapes is None:
+        trace_shapes = _axes_as_dynamic_shapes(dynamic_axes, names_in, args)
+    try:
+        folded = fold_module(model, args, skip_rules=torch_skips, dynamic_shapes=trace_shapes, verify=False)
+    except BnfoldError as error:
+        if trace_shapes is dynamic_shapes:
+            raise
+        fold_module(model, args, skip_rules=torch_skips, verify=False)  # fails too: its error says why
+        raise _axes_not_dynamic(dynamic_axes, names_in, args, error) from None
+    if exporter == "torchscript" and dynamic_axes:
+        _check_sizes_stay_dynamic(folded)
     expected = module_outputs(model, args)
     runs, uncovered = [], []
     if verify:  # the original's outputs now: the checks run on the exported file later
-        axes = _export_axes(dynamic_axes, dynamic_shapes, input_names or _io_names("input", len(args)), args)
+        axes = _export_axes(dynamic_axes, dynamic_shapes, names_in, args)
         runs, uncovered = covered_runs(model, args, axes=axes)
-    names_in = list(input_names) if input_names else _io_names("input", len(args))
     names_out = list(output_names) if output_names else _default_output_names(len(expected))
     # The exporter runs the module: on copies, so that one writing into its inputs leaves the runs' own.
     exported = _export(
@@ -257,6 +274,81 @@ def _exported_layer(graph: onnx.GraphProto, module: str) -> onnx.NodeProto | Non
 
     by_scope = [node for node in layers if module in scopes(node)]
     return by_scope[0] if len(by_scope) == 1 else None
+
+
+def _axes_as_dynamic_shapes(
+    dynamic_axes: Mapping[str, Any], input_names: Sequence[str], args: tuple[Any, ...]
+) -> tuple[Any, ...] | None:
+    """``dynamic_axes`` of the positional inputs as torch.export ``dynamic_shapes`` (a ``Dim`` per
+    axis; axes given one name share one ``Dim``, as they share one size in the file)."""
+    dims: dict[str, Any] = {}
+    entries: list[Any] = []
+    for name in list(input_names)[: len(args)]:
+        entry = dynamic_axes.get(name)
+        named = entry if isinstance(entry, Mapping) else {axis: None for axis in entry or ()}
+        shape: dict[int, Any] = {}
+        for axis, label in named.items():
+            key = str(label) if label else f"{name}_{axis}"
+            identifier = "".join(c if c.isalnum() else "_" for c in key)
+            identifier = identifier if identifier[:1].isalpha() else f"d_{identifier}"
+            shape[int(axis)] = dims.setdefault(identifier, torch.export.Dim(identifier))
+        entries.append(shape or None)
+    return tuple(entries) if any(entry is not None for entry in entries) else None
+
+
+def _axes_not_dynamic(
+    dynamic_axes: Mapping[str, Any], input_names: Sequence[str], args: tuple[Any, ...], error: BnfoldError
+) -> BnfoldError:
+    """The refusal when torch.export traces the module at the example's sizes but not with the
+    ``dynamic_axes`` symbolic: a file exported from that graph would hold the example's sizes."""
+    ones = []
+    for value, name in zip(args, input_names, strict=False):
+        for axis in dynamic_axes.get(name) or ():
+            if isinstance(value, torch.Tensor) and int(axis) < value.dim() and value.shape[int(axis)] == 1:
+                ones.append(f"{name} axis {axis}")
+    message = str(error)  # "cannot trace the model (...; torch.export: REASON); ..."
+    reason = message.split("torch.export: ", 1)[-1].rsplit("); ", 1)[0]
+    advice = (
+        f"the example has size 1 on {', '.join(ones)}, which torch.export treats as fixed: give an "
+        "example of size 2 or more there"
+        if ones
+        else "the module's code fixes them (e.g. a branch on a size), so they cannot be dynamic in the file"
+    )
+    return BnfoldError(
+        "dynamic_axes: symbolic_trace cannot trace the module and torch.export cannot keep those axes "
+        f"dynamic ({reason}); {advice}, or drop dynamic_axes"
+    )
+
+
+_SIZE_READS = ("sym_size", "sym_numel", "sym_stride", "sym_storage_offset")
+
+
+def _check_sizes_stay_dynamic(folded: ModuleFoldResult) -> None:
+    """Refuse a graph the torchscript exporter would record with the example's sizes.
+
+    torch.onnx's torchscript exporter runs the module with the example inputs and records its ops; a
+    torch.export graph reads sizes with ``aten.sym_size`` and the like, whose results the recording
+    keeps as constants. A file that declares ``dynamic_axes`` would then compute with the example's
+    sizes at every other size. (symbolic_trace graphs read sizes with ``Tensor.size``, which the
+    exporter records as an op.)
+    """
+    if folded.tracer != "torch.export":
+        return
+    reads = sorted(
+        {
+            node.name
+            for node in folded.module.graph.nodes
+            if node.op == "call_function"
+            and getattr(getattr(node.target, "_overloadpacket", None), "__name__", "") in _SIZE_READS
+        }
+    )
+    if reads:
+        shown = ", ".join(reads[:3]) + (f" and {len(reads) - 3} more" if len(reads) > 3 else "")
+        raise BnfoldError(
+            "dynamic_axes: the module was traced with torch.export (symbolic_trace cannot trace it) "
+            f"and its graph reads input sizes ({shown}), which the torchscript exporter would record "
+            "as the example's sizes; use exporter='dynamo' with dynamic_shapes, or drop dynamic_axes"
+        )
 
 
 def _export_axes(dynamic_axes, dynamic_shapes, input_names, args) -> dict[int, set[int]]:

@@ -182,3 +182,76 @@ def test_export_writes_provenance_of_both_folds(exporter: str, tmp_path: Path) -
     annotated = [node for node in written.graph.node if node.doc_string]
     assert len(annotated) == len(torch_folds) + len(onnx_folds)
     assert "BatchNormalization" not in op_types(path)
+
+
+class SizeReadingNet(nn.Module):
+    """A branch on the width (symbolic_trace cannot trace it) and a flatten that reads the batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.shape[-1] > 8:
+            inputs = inputs[..., :6, :6]
+        features = self.bn(self.conv(inputs))
+        return self.fc(features.view(inputs.shape[0], -1))
+
+
+def test_dynamic_axes_of_a_torch_export_fold_stay_dynamic_in_the_file(tmp_path: Path) -> None:
+    model = nets.randomized(nets.ShapeBranchNet())  # symbolic_trace fails: torch.export folds it
+    path = tmp_path / "dynamic.onnx"
+    axes = {"input": {0: "batch"}, "output": {0: "batch"}}
+
+    result = bnfold.export(model, torch.randn(2, 3, 10, 10), path, dynamic_axes=axes)
+
+    assert result.fold.tracer == "torch.export" and result.written and result.verification
+    for batch in (1, 5):
+        inputs = torch.randn(batch, 3, 10, 10)
+        (output,) = run_onnx(path, input=inputs.numpy())
+        with torch.no_grad():
+            np.testing.assert_allclose(output, model(inputs).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("model", "example", "axes", "message"),
+    [
+        # The width branch fixes the width: it cannot be a dynamic axis of the file.
+        (nets.ShapeBranchNet(), (2, 3, 10, 10), {0: "batch", 3: "width"}, "the module's code fixes them"),
+        # torch.export treats an example size of 1 as fixed.
+        (nets.ShapeBranchNet(), (1, 3, 10, 10), {0: "batch"}, "size 1 on input axis 0"),
+        # The graph reads the batch size: the torchscript exporter would record the example's.
+        (SizeReadingNet(), (2, 3, 10, 10), {0: "batch"}, "reads input sizes"),
+    ],
+)
+def test_dynamic_axes_a_torch_export_fold_cannot_keep_are_refused(
+    model: nn.Module, example: tuple[int, ...], axes: dict, message: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "dynamic.onnx"
+
+    with pytest.raises(BnfoldError, match="dynamic_axes") as raised:
+        bnfold.export(nets.randomized(model), torch.randn(*example), path, dynamic_axes={"input": axes})
+
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+    assert list(tmp_path.iterdir()) == []
+    # Without dynamic_axes the same module exports, verified at the example's sizes.
+    assert bnfold.export(nets.randomized(model), torch.randn(*example), path).written
+
+
+def test_a_size_reading_module_exports_dynamic_with_the_dynamo_exporter(tmp_path: Path) -> None:
+    """What the refusal above advises works: the dynamo exporter keeps the size read as an op."""
+    model = nets.randomized(SizeReadingNet())
+    path = tmp_path / "dynamic.onnx"
+    batch = torch.export.Dim("batch")
+
+    result = bnfold.export(
+        model, torch.randn(2, 3, 10, 10), path, exporter="dynamo", opset=18, dynamic_shapes=({0: batch},)
+    )
+
+    assert result.written and result.verification
+    inputs = torch.randn(5, 3, 10, 10)
+    (output,) = run_onnx(path, input=inputs.numpy())
+    with torch.no_grad():
+        np.testing.assert_allclose(output, model(inputs).numpy(), rtol=1e-4, atol=1e-5)
