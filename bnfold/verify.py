@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -107,6 +108,11 @@ def verify(
 
     ``progress`` is told about each step: each model's ONNX Runtime session, each run, the float64
     evaluation (see :mod:`bnfold.progress`).
+
+    Folds in subgraphs no run reaches (an ``If`` branch not selected, a loop body that does not run)
+    are checked locally: each subgraph the fold changed runs standalone, original and folded, on
+    values captured from the original, judged the same way (``result.local``; see
+    :mod:`bnfold.verify_local`). A local mismatch fails the verification.
     """
     verifier = Verifier(
         original,
@@ -251,6 +257,8 @@ class Verifier:
 
     def _local_checks(self, folded: ModelSource, atol: float | None, rtol: float | None) -> list[LocalCheck]:
         """Every subgraph the fold changed, checked on values captured from the original."""
+        from bnfold.reference import DEFAULT_LIMIT_BYTES
+
         original = _as_model(self._reference_source)
         if original is None or not any(True for _ in control_nodes(original.graph)):
             return []
@@ -267,7 +275,9 @@ class Verifier:
                 atol=atol,
                 rtol=rtol,
                 exact=self.exact,
-                reference_limit_bytes=self.exact_limit_bytes or (1 << 30),
+                reference_limit_bytes=DEFAULT_LIMIT_BYTES
+                if self.exact_limit_bytes is None
+                else self.exact_limit_bytes,
                 capture_limit_bytes=self.local_limit_bytes,
             )
 
@@ -320,7 +330,12 @@ class Verifier:
                 reference=self._reference_outputs,
             )
         outputs = self._nothing_compared(outputs)
+        started = time.perf_counter()
         local = self._local_checks(folded, atol, rtol) if failure is None else []
+        checked = sum(check.status == CHECKED for check in local)
+        notes = list(self.notes)
+        if checked:
+            notes.append(f"local checks: {checked} subgraph(s) in {time.perf_counter() - started:.2f} s")
         first = self.cases[0]
         return VerificationResult(
             outputs=outputs,
@@ -328,7 +343,7 @@ class Verifier:
             seed=self.seed if first.seed is not None else 0,
             input_shapes=first.describe()["input_shapes"],
             input_source=self.input_source,
-            notes=list(self.notes),
+            notes=notes,
             runs=[case.describe() for case in self.cases],
             uncovered=self._uncovered(local),
             reference=reference,
