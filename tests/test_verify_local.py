@@ -9,7 +9,9 @@ nothing written), though every end-to-end output still matches.
 
 from __future__ import annotations
 
+import importlib
 import json
+import weakref
 
 import numpy as np
 import onnx
@@ -24,6 +26,8 @@ from bnfold import fold_onnx, verify
 from bnfold.cli import cli
 from bnfold.verify import Verifier
 from tests.builders import bn_node, bn_params, make_model, tensor
+
+verify_module = importlib.import_module("bnfold.verify")  # bnfold.verify is also the function
 
 CHANNELS = 3
 
@@ -538,3 +542,37 @@ def test_a_loop_started_from_constants_is_checked_with_their_values():
 
     assert good.passed and checks_by_label(good)["Loop node repeat body"].status == "checked"
     assert not bad.passed and all(output.passed for output in bad.outputs)
+
+
+def counted_sessions(monkeypatch) -> list[int]:
+    """Patch bnfold.verify's session maker; return the list of live sessions at each creation."""
+    live: list[weakref.ref] = []
+    counts: list[int] = []
+    real = verify_module.ort_session
+
+    def counting(model, provider, role):
+        session, used = real(model, provider, role)
+        live.append(weakref.ref(session))
+        counts.append(sum(reference() is not None for reference in live))
+        return session, used
+
+    monkeypatch.setattr(verify_module, "ort_session", counting)
+    return counts
+
+
+def test_subgraphs_the_fold_left_alone_cost_no_session(monkeypatch):
+    original = untaken_branch_model()
+    counts = counted_sessions(monkeypatch)
+
+    assert verify(original, original, provider="cpu").passed
+    assert counts == [1, 1]  # the original and the folded model, nothing more
+
+
+def test_a_local_check_costs_one_capture_run_and_two_small_sessions_one_at_a_time(monkeypatch):
+    original = untaken_branch_model()
+    folded = fold_onnx(original).model
+    counts = counted_sessions(monkeypatch)
+
+    assert verify(original, folded, provider="cpu").passed
+    # original, folded, the original with capture outputs, the two standalone branches
+    assert counts == [1, 1, 1, 1, 1]
