@@ -132,6 +132,26 @@ class SharedConv(nn.Module):
         return self.bn(self.conv(x)) + self.conv(torch.relu(x))
 
 
+class CondBranches(nn.Module):
+    """torch.cond with a conv -> BN in each branch: torch folds inside the branches (the parameters
+    torch.export passes as operands made constants), ONNX inside the If's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.other = nn.Conv2d(3, 4, 1)
+        self.other_bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.cond(
+            x.sum() > 0,
+            lambda v: self.bn(self.conv(v)),
+            lambda v: torch.relu(self.other_bn(self.other(v))),
+            (x,),
+        )
+
+
 @dataclass
 class Case:
     name: str
@@ -145,6 +165,8 @@ class Case:
     affine_folded: int = 0
     # Where the backends differ on purpose (the README's "Against the ONNX path"): the torch result.
     torch_differs: dict[str, object] | None = None
+    # "dynamo" for torch.cond, which only the dynamo exporter writes (as If); checked on x and -x.
+    exporter: str = "torchscript"
 
 
 CASES = [
@@ -220,6 +242,7 @@ CASES = [
         folded={"conv-bn": 1},  # ONNX copies the shared weight for the call site it folds into
         torch_differs={"folded": {}, "kept": 1, "reason": "shared-module"},  # torch keeps it (README)
     ),
+    Case("cond-branches", CondBranches, (2, 3, 6, 6), folded={"conv-bn": 2}, exporter="dynamo"),
 ]
 
 
@@ -249,11 +272,19 @@ def test_both_backends_fold_the_same_bns(case: Case, tmp_path: Path):
     torch.manual_seed(0)
     module = randomize_statistics(case.build(), negative_gamma=case.negative_gamma)
     x = torch.randn(*case.input_shape)
+    checked = (x, -x) if case.exporter == "dynamo" else (x,)  # -x: the other branch of a cond
     with torch.no_grad():
-        expected = module(x).numpy()
+        expected_outputs = [module(values).numpy() for values in checked]
 
     torch_result = fold_module(module, (x,))
-    path = export_onnx(module, x, tmp_path / f"{case.name}.onnx")
+    path = tmp_path / f"{case.name}.onnx"
+    if case.exporter == "dynamo":  # optimize=False keeps every BN (in the If branches too)
+        program = torch.onnx.export(
+            module, (x,), dynamo=True, optimize=False, opset_version=18, verbose=False
+        )
+        program.save(str(path))
+    else:
+        export_onnx(module, x, path)
     onnx_result = fold_onnx(onnx.load(path))
 
     onnx_folded, onnx_kept, onnx_affine, _ = outcomes(onnx_result.report)
@@ -270,10 +301,11 @@ def test_both_backends_fold_the_same_bns(case: Case, tmp_path: Path):
         assert torch_kept == case.torch_differs["kept"]
         assert case.torch_differs["reason"] in torch_reasons
 
-    with torch.no_grad():
-        np.testing.assert_allclose(torch_result.module(x).numpy(), expected, rtol=1e-4, atol=1e-5)
-    (folded_output,) = run(onnx_result.model, {onnx_result.model.graph.input[0].name: x.numpy()})
-    np.testing.assert_allclose(folded_output, expected, rtol=1e-4, atol=1e-5)
+    for values, expected in zip(checked, expected_outputs, strict=True):
+        with torch.no_grad():
+            np.testing.assert_allclose(torch_result.module(values).numpy(), expected, rtol=1e-4, atol=1e-5)
+        (folded_output,) = run(onnx_result.model, {onnx_result.model.graph.input[0].name: values.numpy()})
+        np.testing.assert_allclose(folded_output, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_the_table_covers_every_rule_both_backends_implement():
