@@ -404,8 +404,7 @@ def _fold_torch_source(
     shapes = {name: list(shape) for name, shape in (input_shapes or {}).items()}
     with step(progress, f"loading {source}"):
         module, example_inputs = load_torch_source(source, shapes or None, trust_code=trust_code)
-    with step(progress, "folding in torch, exporting, folding the ONNX model, verifying"):
-        exported = export(module, example_inputs, None, **options)
+    exported = export(module, example_inputs, None, progress=progress, **options)  # (its steps)
     report = exported.report
     report.source = source
     source_files = [file_info(source)] if Path(source).is_file() else []

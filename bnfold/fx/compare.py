@@ -23,6 +23,7 @@ from torch import nn
 from bnfold.comparison import ReferenceUnavailable, judge_runs
 from bnfold.errors import InputSpecError
 from bnfold.fx.trace import describe_inputs, first_line, input_copies, preserved_buffers
+from bnfold.progress import Progress, step
 from bnfold.verify import (
     OutputComparison,
     VerificationResult,
@@ -30,6 +31,7 @@ from bnfold.verify import (
     ort_session,
     run_session,
 )
+from bnfold.verify_inputs import shapes_text
 
 DEFAULT_LIMIT_BYTES = 1 << 30  # as bnfold.reference's (not imported: it loads onnx.reference)
 
@@ -159,11 +161,18 @@ def compare_runs_with_onnx(
     exact: str = "auto",
     reference: Callable[[], tuple[list[list[np.ndarray]], float]] | None = None,
     uncovered: Sequence[str] = (),
+    progress: Progress | None = None,
 ) -> VerificationResult:
-    """Run ``onnx_model`` on every run's inputs and judge it against the module's outputs."""
+    """Run ``onnx_model`` on every run's inputs and judge it against the module's outputs
+    (``progress`` is told about the session and each run)."""
     # bnfold.verify owns ONNX Runtime sessions: providers, CUDA checks, optimizations off.
-    session, used_provider = ort_session(onnx_model, provider, "exported")
-    actual = [run_session(session, _onnx_feeds(session, run), "exported") for run in runs]
+    with step(progress, "verifying: loading the exported model into ONNX Runtime"):
+        session, used_provider = ort_session(onnx_model, provider, "exported")
+    actual = []
+    for number, run in enumerate(runs, 1):
+        shapes = shapes_text(run.describe()["input_shapes"])
+        with step(progress, f"verifying: run {number} of the exported model ({shapes})"):
+            actual.append(run_session(session, _onnx_feeds(session, run), "exported"))
     names = [meta.name for meta in session.get_outputs()]
     del session
     for run, outputs in zip(runs, actual, strict=True):

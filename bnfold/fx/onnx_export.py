@@ -39,6 +39,7 @@ from bnfold.fx.fold import ModuleFoldResult, fold_module
 from bnfold.fx.trace import as_args, input_copies
 from bnfold.onnx import fold_onnx, save_model
 from bnfold.onnx.io import check_output_path
+from bnfold.progress import Progress, step
 from bnfold.provenance import (
     ABSORBING,
     absorption_line,
@@ -111,6 +112,7 @@ def export(
     force: bool = False,
     external_data: bool | None = None,
     exact: str = "auto",
+    progress: Progress | None = None,
 ) -> ExportResult:
     """Fold ``model`` (eval mode), export it to ONNX at ``path``, and prove the file computes what it did.
 
@@ -131,7 +133,8 @@ def export(
     that holds the example's sizes. ``path=None`` does everything but write (a dry run).
     ``skip_rules`` takes rule names of either backend (``bnfold.fx.rule_names()``,
     ``bnfold.onnx.rule_names()``). ``rewrite_standalone`` rewrites each BN left after both folds as
-    Mul + Add (see ``fold_onnx``).
+    Mul + Add (see ``fold_onnx``). ``progress`` is told about each step (the folds, the export,
+    the module's runs, the exported model's session and each of its runs; :mod:`bnfold.progress`).
     """
     if exporter not in EXPORTERS:
         raise BnfoldError(f"unknown exporter {exporter!r}; choose from {', '.join(EXPORTERS)}")
@@ -157,7 +160,10 @@ def export(
     if dynamic_axes and dynamic_shapes is None:
         trace_shapes = _axes_as_dynamic_shapes(dynamic_axes, names_in, args)
     try:
-        folded = fold_module(model, args, skip_rules=torch_skips, dynamic_shapes=trace_shapes, verify=False)
+        with step(progress, "folding in torch"):
+            folded = fold_module(
+                model, args, skip_rules=torch_skips, dynamic_shapes=trace_shapes, verify=False
+            )
     except BnfoldError as error:
         if trace_shapes is dynamic_shapes:
             raise
@@ -165,19 +171,29 @@ def export(
         raise _axes_not_dynamic(dynamic_axes, names_in, args, error) from None
     if exporter == "torchscript" and dynamic_axes:
         _check_sizes_stay_dynamic(folded)
-    expected = module_outputs(model, args)
-    runs, uncovered = [], []
-    if verify:  # the original's outputs now: the checks run on the exported file later
-        axes = _export_axes(dynamic_axes, dynamic_shapes, names_in, args)
-        runs, uncovered = covered_runs(model, args, axes=axes)
+    with step(progress, "running the module on the verification inputs"):
+        expected = module_outputs(model, args)
+        runs, uncovered = [], []
+        if verify:  # the original's outputs now: the checks run on the exported file later
+            axes = _export_axes(dynamic_axes, dynamic_shapes, names_in, args)
+            runs, uncovered = covered_runs(model, args, axes=axes)
     names_out = list(output_names) if output_names else _default_output_names(len(expected))
     # The exporter runs the module: on copies, so that one writing into its inputs leaves the runs' own.
-    exported = _export(
-        folded.module, input_copies(args), names_in, names_out, opset, exporter, dynamic_axes, dynamic_shapes
-    )
-    onnx_result = fold_onnx(
-        exported, skip_rules=onnx_skips, inplace=True, rewrite_standalone=rewrite_standalone
-    )
+    with step(progress, f"exporting to ONNX ({exporter} exporter)"):
+        exported = _export(
+            folded.module,
+            input_copies(args),
+            names_in,
+            names_out,
+            opset,
+            exporter,
+            dynamic_axes,
+            dynamic_shapes,
+        )
+    with step(progress, "folding the exported ONNX model"):
+        onnx_result = fold_onnx(
+            exported, skip_rules=onnx_skips, inplace=True, rewrite_standalone=rewrite_standalone
+        )
     onnx_model = onnx_result.model
     try:
         onnx.checker.check_model(onnx_model)
@@ -195,7 +211,8 @@ def export(
 
         def reference():
             if not cache:
-                cache.append(float64_outputs(module_copier(model), runs))
+                with step(progress, "verifying: evaluating the module in float64"):
+                    cache.append(float64_outputs(module_copier(model), runs))
             return cache[0]
 
         verification = compare_runs_with_onnx(
@@ -207,11 +224,13 @@ def export(
             exact=exact,
             reference=reference,
             uncovered=uncovered,
+            progress=progress,
         )
         report.extras["verification"] = verification.to_dict()
     written = destination is not None and (verification is None or verification.passed or force)
     if written:
-        save_model(onnx_model, destination, external_data=external_data)
+        with step(progress, f"saving {destination}"):
+            save_model(onnx_model, destination, external_data=external_data)
     elif destination is not None:
         logger.warning(
             "not writing %s: the ONNX model does not match the module\n%s",

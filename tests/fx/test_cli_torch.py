@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import subprocess
@@ -14,8 +15,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import bnfold  # noqa: E402
 import bnfold.fx  # noqa: E402
 from bnfold.sources import TORCH_RULE_NAMES, is_torch_source  # noqa: E402
+from bnfold.verify_inputs import shapes_text  # noqa: E402
 from tests.builders import op_types, run  # noqa: E402
 from tests.fx import nets  # noqa: E402
 from tests.test_cli import in_process  # noqa: E402
@@ -120,6 +123,51 @@ def test_pt2_fold_names_its_source_in_the_provenance(tmp_path: Path) -> None:
     assert metadata["bnfold.rules_applied"] == "conv-bn"
     (conv,) = [node for node in onnx.load(str(out)).graph.node if node.op_type == "Conv"]
     assert conv.doc_string.startswith("bnfold: absorbed BatchNorm2d") and "by conv-bn" in conv.doc_string
+
+
+class RecordingProgress:
+    """Records each step's text, and fails on a step begun inside another (a terminal shows one
+    step per line, so steps must not nest)."""
+
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+        self.open = False
+
+    @contextlib.contextmanager
+    def step(self, text: str):
+        assert not self.open, f"{text!r} begun inside {self.steps[-1]!r}"
+        self.steps.append(text)
+        self.open = True
+        try:
+            yield
+        finally:
+            self.open = False
+
+
+def test_progress_names_each_step_of_a_pytorch_fold(tmp_path: Path) -> None:
+    path, out = tmp_path / "model.pt2", tmp_path / "folded.onnx"
+    program = torch.export.export(nets.randomized(nets.ConvBN()), (torch.randn(2, 4, 5, 5),))
+    torch.export.save(program, str(path))
+    progress = RecordingProgress()
+
+    result = bnfold.fold_file(path, out, trust_code=True, progress=progress, provider="cpu")
+
+    assert result.written and result.verification
+    runs = len(result.verification.runs)
+    assert runs == 2
+    assert progress.steps == [
+        f"loading {path}",
+        "folding in torch",
+        "running the module on the verification inputs",
+        "exporting to ONNX (torchscript exporter)",
+        "folding the exported ONNX model",
+        "verifying: loading the exported model into ONNX Runtime",
+        *(
+            f"verifying: run {number} of the exported model ({shapes_text(run['input_shapes'])})"
+            for number, run in enumerate(result.verification.runs, 1)
+        ),
+        f"saving {out}",
+    ]
 
 
 def test_rewrite_standalone_bn_leaves_no_bn(factory: str, tmp_path: Path) -> None:
