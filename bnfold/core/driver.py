@@ -14,7 +14,7 @@ How a node is handled:
   refuses with ``rule-disabled``. Before the first plan, ``view.check_norm`` may refuse for every
   rule at once. The first plan that does not refuse is applied; if all refuse, the norm is kept
   with the first refusal and the others in its detail; if no rule finds a site, it is kept with
-  ``no-foldable-producer``.
+  ``view.check_norm``'s refusal (training mode, unusable statistics), else ``no-foldable-producer``.
 - any other node: its sites are tried in rule order and the first plan that succeeds is applied.
   A refusal is reported only for the normalizations the site carries (an identity-branch BN).
 - after the fixed point, sites with ``after_fixed_point`` (standalone rewrites) are tried on the
@@ -124,6 +124,12 @@ class _Run:
 
     def _fold_norm(self, norm: Any, found: list[tuple[Rule, Site]]) -> Decision:
         if not found:
+            try:
+                self.view.check_norm(norm)
+            except Refuse as refusal:
+                # The norm's own reason (training mode, unusable statistics) first: nothing could use
+                # it wherever it sat, and the no-site remedy (a standalone rewrite) would not either.
+                return self._kept(norm, refusal)
             return self._kept(norm, Refuse(Reason.NO_FOLDABLE_PRODUCER, self.view.no_site_detail(norm)))
         checked = False
         refusals: list[tuple[Rule, Refuse]] = []

@@ -53,3 +53,17 @@ def test_a_kept_bn_says_why_no_exact_fold_exists_and_what_to_do(module, expected
     assert decision.detail.startswith(expected), decision.detail
     assert decision.detail.endswith("; " + REMEDY_TORCH)
     assert result.verification, result.verification.to_text()
+
+
+class BatchStatisticsAfterRelu(torch.nn.Module):
+    """``F.batch_norm(relu(x), None, None, training=True)``: batch statistics, in eval mode too."""
+
+    def forward(self, x):
+        return torch.nn.functional.batch_norm(torch.relu(x), None, None, training=True)
+
+
+def test_a_bn_no_rule_can_use_gives_its_own_reason_not_a_remedy() -> None:
+    result = bnfold.fold_module(BatchStatisticsAfterRelu().eval(), torch.randn(2, 4, 5, 5))
+    (decision,) = result.report.decisions
+    assert (decision.outcome, decision.reason) == (Outcome.KEPT, Reason.NO_RUNNING_STATISTICS)
+    assert "rewrite" not in decision.detail, decision.detail

@@ -126,3 +126,32 @@ def test_a_kept_bn_says_why_no_exact_fold_exists_and_what_to_do(build):
     assert decision.detail.startswith(expected) and "--rewrite-standalone-bn" not in decision.detail
     for before, after in zip(run(model, feeds), run(rewritten.model, feeds), strict=True):
         np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "variance", "reason"),
+    [
+        ({"training_mode": 1}, 1.0, Reason.TRAINING_MODE),
+        ({}, -1.0, Reason.NONPOSITIVE_VARIANCE),
+    ],
+    ids=["training mode", "negative variance"],
+)
+@pytest.mark.parametrize("rewrite_standalone", [False, True])
+def test_a_bn_no_rule_can_use_gives_its_own_reason_not_a_remedy(
+    attributes, variance, reason, rewrite_standalone
+):
+    # Between a Relu and the output no rule finds a site, but this BN could not be folded or rewritten
+    # anywhere: the report says why (not "no-foldable-producer ... --rewrite-standalone-bn turns it
+    # into Mul + Add", which that rewrite would not do).
+    rng = np.random.default_rng(2)
+    initializers = bn_params(rng, C, np.float32)
+    initializers[3] = tensor("bn_var", np.full(C, variance), np.float32)
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="r"), bn_node("r", "y", **attributes)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, C, 5, 5])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    result = fold_onnx(
+        make_model(nodes, inputs, outputs, initializers), rewrite_standalone=rewrite_standalone
+    )
+    (decision,) = result.report.decisions
+    assert (decision.outcome, decision.reason) == (Outcome.KEPT, reason)
+    assert "rewrite" not in decision.detail, decision.detail
