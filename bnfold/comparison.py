@@ -67,6 +67,7 @@ scale; at most 5% of it) cannot judge a fold."""
 
 
 EXACT_MODES = ("auto", "always", "strict")
+_SHOWN_LOCAL = 10  # subgraphs checked locally that the text lists one by one
 
 
 class ReferenceUnavailable(Exception):
@@ -404,7 +405,14 @@ class VerificationResult:
         runs = self.runs or [{"seed": self.seed, "input_shapes": self.input_shapes}]
         described = "; ".join(_describe_run(run) for run in runs)
         lines = [f"covered: {len(runs)} run(s): {described}"]
-        lines += [f"covered locally: {check.describe()}" for check in self.local if check.status == "checked"]
+        checked = [check for check in self.local if check.status == "checked"]
+        shown = [check for check in checked if not check.passed]  # every mismatch, then the first passes
+        shown += [check for check in checked if check.passed][: max(0, _SHOWN_LOCAL - len(shown))]
+        lines += [f"covered locally: {check.describe()}" for check in shown]
+        if len(checked) > len(shown):
+            lines.append(
+                f"covered locally: {len(checked) - len(shown)} more subgraph(s), listed in the JSON result"
+            )
         unchanged = sum(check.status == "unchanged" for check in self.local)
         if unchanged:
             lines.append(f"covered: {unchanged} subgraph(s) unchanged by the fold")

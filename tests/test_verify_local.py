@@ -576,3 +576,29 @@ def test_a_local_check_costs_one_capture_run_and_two_small_sessions_one_at_a_tim
     assert verify(original, folded, provider="cpu").passed
     # original, folded, the original with capture outputs, the two standalone branches
     assert counts == [1, 1, 1, 1, 1]
+
+
+def test_many_checked_subgraphs_are_summed_up_in_the_text_and_listed_in_the_json():
+    nodes, source = [*never_true("x", "cond", "gate")], "x"
+    for index in range(12):
+        output = "y" if index == 11 else f"y{index}"
+        then = conv_bn_graph(f"then{index}", source, f"then{index}_out", index)
+        otherwise = identity_graph(f"else{index}", source, f"else{index}_out")
+        nodes.append(
+            helper.make_node(
+                "If", ["cond"], [output], name=f"gate{index}", then_branch=then, else_branch=otherwise
+            )
+        )
+        source = output
+    original = model_with(nodes)
+    folded = fold_onnx(original)
+    assert folded.report.summary().folded == 12
+
+    result = verify(original, folded.model, provider="cpu")
+
+    assert result.passed
+    text = result.to_text()
+    assert text.count("covered locally: If node") == 10
+    assert "covered locally: 2 more subgraph(s), listed in the JSON result" in text
+    assert "local checks: 12 subgraph(s) in" in text
+    assert sum(entry["status"] == "checked" for entry in result.to_dict()["local"]) == 12
