@@ -33,3 +33,7 @@ def main() -> None:
     from bnfold.cli import main as run_cli
 
     run_cli()
+
+
+if __name__ == "__main__":  # python -m bnfold.console
+    main()

@@ -784,6 +784,23 @@ def test_python_dash_m_runs_the_cli():
     assert ran.stdout.startswith("bnfold, version ")
 
 
+@pytest.mark.parametrize("module", ["bnfold", "bnfold.console"])
+def test_python_dash_m_bnfold_folds_like_the_command(module, model_path, tmp_path):
+    # `python -m bnfold` where the environment's scripts are not on PATH; bnfold.console is the
+    # command's own entry point (it used to do nothing when run with -m).
+    version = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("bnfold, version "), version.stderr
+
+    folded = subprocess.run(
+        [sys.executable, "-m", module, str(model_path), "-o", str(tmp_path / "out.onnx"), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert folded.returncode == 0, folded.stderr
+    assert "BatchNormalization" not in op_types(onnx.load(tmp_path / "out.onnx"))
+
+
 def test_help_lists_the_subcommands():
     ran = in_process("--help")
 
