@@ -34,6 +34,7 @@ __all__ = [
     "compare_output",
     "judge_against_reference",
     "judge_runs",
+    "failed_outputs",
     "ReferenceUnavailable",
     "EXACT_MODES",
     "default_tolerances",
@@ -257,6 +258,30 @@ def compare_output(
         mismatched=mismatched,
         within_tolerance=mismatched == 0,
     )
+
+
+def failed_outputs(names: Sequence[str], expected: Sequence[Any], note: str) -> list[OutputComparison]:
+    """Every output failed for ``note`` (a model that could not run inputs the original ran: there is
+    nothing to compare, and that is a mismatch, not a pass); shapes and dtypes from ``expected``."""
+    inf = float("inf")
+    return [
+        OutputComparison(
+            name,
+            np.asarray(value).dtype.name,
+            list(np.asarray(value).shape),
+            False,
+            inf,
+            inf,
+            inf,
+            0.0,
+            0.0,
+            inf,
+            int(np.asarray(value).size),
+            note,
+            within_tolerance=False,
+        )
+        for name, value in zip(names, expected, strict=True)
+    ]
 
 
 def is_float(dtype: np.dtype) -> bool:

@@ -34,6 +34,7 @@ from bnfold.comparison import (
     VerificationResult,
     compare_output,
     default_tolerances,
+    failed_outputs,
     judge_runs,
 )
 from bnfold.errors import BnfoldError, FoldedModelRejectedError, InputSpecError, ProviderUnavailableError
@@ -318,7 +319,7 @@ class Verifier:
                 break
         del folded_session
         if failure is not None:
-            outputs, reference = _all_failed(self.output_names, self.cases[0].expected, failure), None
+            outputs, reference = failed_outputs(self.output_names, self.cases[0].expected, failure), None
         else:
             outputs, reference = judge_runs(
                 self.output_names,
@@ -379,28 +380,6 @@ class Verifier:
                 )
         note = "compared nothing: the output is empty in every run"
         return [dataclasses.replace(output, passed=False, note=note) for output in outputs]
-
-
-def _all_failed(names: list[str], expected: list[np.ndarray], note: str) -> list[OutputComparison]:
-    inf = float("inf")
-    return [
-        OutputComparison(
-            name,
-            np.asarray(value).dtype.name,
-            list(np.asarray(value).shape),
-            False,
-            inf,
-            inf,
-            inf,
-            0.0,
-            0.0,
-            inf,
-            int(np.asarray(value).size),
-            note,
-            within_tolerance=False,
-        )
-        for name, value in zip(names, expected, strict=True)
-    ]
 
 
 def _shown(labels: list[str]) -> str:

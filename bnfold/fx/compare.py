@@ -20,7 +20,7 @@ import torch
 from onnx import ModelProto
 from torch import nn
 
-from bnfold.comparison import ReferenceUnavailable, judge_runs
+from bnfold.comparison import ReferenceUnavailable, failed_outputs, judge_runs
 from bnfold.errors import InputSpecError
 from bnfold.fx.trace import describe_inputs, first_line, input_copies, preserved_buffers
 from bnfold.progress import Progress, step
@@ -164,17 +164,41 @@ def compare_runs_with_onnx(
     progress: Progress | None = None,
 ) -> VerificationResult:
     """Run ``onnx_model`` on every run's inputs and judge it against the module's outputs
-    (``progress`` is told about the session and each run)."""
+    (``progress`` is told about the session and each run).
+
+    The first run's inputs are the caller's: a failure there is an :class:`InputSpecError`. A later
+    run (a second size of the dynamic axes, which the module ran) that the ONNX model cannot run is
+    a mismatch: every output fails, saying so.
+    """
     # bnfold.verify owns ONNX Runtime sessions: providers, CUDA checks, optimizations off.
     with step(progress, "verifying: loading the exported model into ONNX Runtime"):
         session, used_provider = ort_session(onnx_model, provider, "exported")
-    actual = []
+    actual, failure = [], ""
     for number, run in enumerate(runs, 1):
         shapes = shapes_text(run.describe()["input_shapes"])
+        feeds = _onnx_feeds(session, run)
         with step(progress, f"verifying: run {number} of the exported model ({shapes})"):
-            actual.append(run_session(session, _onnx_feeds(session, run), "exported"))
+            if number == 1:
+                actual.append(run_session(session, feeds, "exported"))
+                continue
+            try:
+                actual.append(session.run(None, feeds))
+            except Exception as error:  # onnxruntime raises several unrelated types
+                failure = f"the ONNX model fails on {shapes}, which the module runs ({first_line(error)})"
+                break
     names = [meta.name for meta in session.get_outputs()]
     del session
+    if failure:
+        return VerificationResult(
+            outputs=failed_outputs(names, [_comparable(value) for value in runs[0].expected], failure),
+            provider=used_provider,
+            seed=0,
+            input_shapes=runs[0].describe()["input_shapes"],
+            input_source=input_source,
+            runs=[run.describe() for run in runs],
+            uncovered=list(uncovered),
+            mode=exact,
+        )
     for run, outputs in zip(runs, actual, strict=True):
         if len(outputs) != len(run.expected):
             raise InputSpecError(

@@ -154,3 +154,40 @@ def test_the_second_size_of_a_size_one_axis_catches_a_shape_reliant_difference()
     same_at_example = torch.equal(module_outputs(wrong, (example,))[0], runs[0].expected[0])
     differs_at_second = not torch.allclose(module_outputs(wrong, runs[1].args)[0], runs[1].expected[0])
     assert same_at_example and differs_at_second
+
+
+def test_an_onnx_model_failing_at_the_second_size_is_a_mismatch_not_an_input_error() -> None:
+    """The second run (a second size of a dynamic axis, which the module runs) fails in ONNX Runtime
+    when the file fixed the batch size in a Reshape: every output fails, saying why."""
+    from onnx import TensorProto, helper
+
+    from bnfold.fx.compare import compare_runs_with_onnx, covered_runs
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Flatten(), nn.Linear(12, 3, bias=False)).eval()
+    weight = module[1].weight.detach().numpy().T.copy()
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["input", "shape"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "weight"], ["output"]),
+        ],
+        "baked_batch",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3])],
+        [
+            numpy_helper.from_array(weight, "weight"),
+            helper.make_tensor("shape", TensorProto.INT64, [2], [2, 12]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    runs, _ = covered_runs(module, (torch.randn(2, 3, 4),), axes={0: {0}})
+
+    result = compare_runs_with_onnx(runs, model)
+
+    assert [run["input_shapes"] for run in result.runs] == [{"input_0": [2, 3, 4]}, {"input_0": [1, 3, 4]}]
+    assert not result.passed
+    (output,) = result.outputs
+    assert output.note.startswith("the ONNX model fails on input_0=1x3x4, which the module runs")
+    # At the example's batch the same file matches: the first run alone passes.
+    assert compare_runs_with_onnx(runs[:1], model).passed
