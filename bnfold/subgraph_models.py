@@ -156,7 +156,7 @@ def default_opset(model: ModelProto) -> int:
     return 0
 
 
-def formal_values(site: Site, values: Mapping[str, Any], opset: int) -> list[np.ndarray]:
+def formal_values(site: Site, values: Mapping[str, Any], opset: int) -> list[Any]:
     """Values for the subgraph's own inputs at its first step, from the captured ``values`` of the
     node's inputs: nothing for an If branch; iteration 0, the condition (True when the Loop has none)
     and the initial carried values for a Loop body; the initial states and the first slice of each
@@ -168,7 +168,7 @@ def formal_values(site: Site, values: Mapping[str, Any], opset: int) -> list[np.
         condition = (
             np.array(True) if len(node.input) < 2 or not node.input[1] else _value(values, node.input[1])
         )
-        carried = [_tensor(_value(values, name), name) for name in node.input[2:]]
+        carried = [_carried(_value(values, name), name) for name in node.input[2:]]
         return [np.array(0, dtype=np.int64), np.asarray(condition).reshape(()), *carried]
     if node.op_type == "Scan":
         if opset < 9:
@@ -200,6 +200,13 @@ def _value(values: Mapping[str, Any], name: str) -> Any:
     return values[name]
 
 
+def _carried(value: Any, name: str) -> np.ndarray | list:
+    """A loop-carried value: a tensor, or a sequence of tensors (a list of arrays)."""
+    if isinstance(value, list) and all(isinstance(item, np.ndarray) for item in value):
+        return value
+    return _tensor(value, name)
+
+
 def _tensor(value: Any, name: str) -> np.ndarray:
     if not isinstance(value, np.ndarray):
         kind = "sequence" if isinstance(value, list) else type(value).__name__
@@ -207,9 +214,14 @@ def _tensor(value: Any, name: str) -> np.ndarray:
     return value
 
 
-def _input_info(name: str, value: Any) -> ValueInfoProto:
+def _input_info(name: str, value: Any, declared: TypeProto | None = None) -> ValueInfoProto:
     """A graph input for ``value``: its element type and rank, every dimension left free (the runs
-    of a check may have different sizes)."""
+    of a check may have different sizes); a list of arrays is a sequence of tensors (the element
+    type of an empty one from the subgraph's ``declared`` type)."""
+    if isinstance(value, list) and all(isinstance(item, np.ndarray) for item in value):
+        return helper.make_tensor_sequence_value_info(
+            name, _sequence_element_type(name, value, declared), None
+        )
     value = _tensor(value, name)
     try:
         element_type = helper.np_dtype_to_tensor_dtype(value.dtype)
@@ -221,11 +233,26 @@ def _input_info(name: str, value: Any) -> ValueInfoProto:
     return info
 
 
+def _sequence_element_type(name: str, value: list, declared: TypeProto | None) -> int:
+    if value:
+        try:
+            return helper.np_dtype_to_tensor_dtype(value[0].dtype)
+        except (KeyError, TypeError, ValueError):
+            raise Unsupported(
+                f"it reads {name!r}, a sequence of {value[0].dtype}, which a standalone model cannot take"
+            ) from None
+    if declared is not None and declared.HasField("sequence_type"):
+        element = declared.sequence_type.elem_type
+        if element.HasField("tensor_type") and element.tensor_type.elem_type:
+            return element.tensor_type.elem_type
+    raise Unsupported(f"it reads {name!r}, an empty sequence whose element type is not declared")
+
+
 def standalone_model(
     scope: ModelProto,
     site: Site,
     graph: GraphProto,
-    formal: Sequence[np.ndarray],
+    formal: Sequence[Any],
     outer: Mapping[str, Any],
 ) -> ModelProto:
     """``graph`` (the original or the folded version of ``site``'s subgraph, enclosed by ``scope``'s
@@ -242,7 +269,7 @@ def standalone_model(
         )
     del standalone.input[:]
     for declared, value in zip(graph.input, formal, strict=True):
-        standalone.input.append(_input_info(declared.name, value))
+        standalone.input.append(_input_info(declared.name, value, declared.type))
     for name in free_names(graph):
         initializer = graph_initializer(scope.graph, name)
         if isinstance(initializer, TensorProto):

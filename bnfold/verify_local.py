@@ -281,6 +281,12 @@ def _check_site(
         return
     del session
     names = [value.name for value in site.graph.output]
+    odd = [name for run in expected for name, value in zip(names, run, strict=True) if not _comparable(value)]
+    if odd:
+        uncovered(
+            f"its output {odd[0]!r} is neither a tensor nor a sequence of tensors, which is not compared"
+        )
+        return
     failure = None
     if len(folded_graph.output) != len(names):
         failure = f"the folded subgraph has {len(folded_graph.output)} outputs, the original {len(names)}"
@@ -291,16 +297,18 @@ def _check_site(
             del session
         except Exception as error:  # values the original subgraph runs: the folded one must run them too
             failure = f"the folded subgraph fails on values the original runs ({_first_line(error)})"
+        else:
+            failure = _structure_mismatch(names, expected, actual)
     if failure is not None:
         outputs, reference = (
-            [_failed(name, expected[0][index], failure) for index, name in enumerate(names)],
+            [_failed(name, _flat(expected[0][index]), failure) for index, name in enumerate(names)],
             None,
         )
     else:
         outputs, reference = judge_runs(
             names,
-            expected,
-            actual,
+            [[_flat(value) for value in run] for run in expected],
+            [[_flat(value) for value in run] for run in actual],
             atol=context.atol,
             rtol=context.rtol,
             exact=context.exact,
@@ -332,7 +340,45 @@ def _float64_outputs(
     from bnfold.reference import evaluate_float64
 
     run = evaluate_float64(model, feeds, limit_bytes=limit_bytes)
-    return run.outputs, run.seconds
+    return [[_flat(value) for value in outputs] for outputs in run.outputs], run.seconds
+
+
+def _comparable(value: Any) -> bool:
+    return isinstance(value, np.ndarray) or (
+        isinstance(value, list) and all(isinstance(item, np.ndarray) for item in value)
+    )
+
+
+def _flat(value: Any) -> np.ndarray:
+    """A sequence output (a list of arrays) as one flat array of its elements, in order."""
+    if not isinstance(value, list):
+        return np.asarray(value)
+    if not value:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate([np.asarray(item).reshape(-1) for item in value])
+
+
+def _structure_mismatch(names: list[str], expected: list[list[Any]], actual: list[list[Any]]) -> str | None:
+    """Why the folded subgraph's outputs cannot be the original's: a sequence of another length, or
+    elements of other shapes or types (tensors are compared by :func:`judge_runs` itself)."""
+    for run_expected, run_actual in zip(expected, actual, strict=True):
+        for name, before, after in zip(names, run_expected, run_actual, strict=True):
+            if not isinstance(before, list):
+                continue
+            if not isinstance(after, list) or len(after) != len(before):
+                return (
+                    f"its output {name!r} is a sequence of {len(before)} tensors in the original, "
+                    "not in the folded subgraph"
+                )
+            for item_before, item_after in zip(before, after, strict=True):
+                if not isinstance(item_after, np.ndarray) or (item_before.shape, item_before.dtype) != (
+                    item_after.shape,
+                    item_after.dtype,
+                ):
+                    return (
+                        f"its output {name!r} holds tensors of other shapes or types in the folded subgraph"
+                    )
+    return None
 
 
 def _failed(name: str, expected: Any, note: str) -> OutputComparison:
