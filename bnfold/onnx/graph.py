@@ -104,6 +104,17 @@ class ModelContext:
         # Folded weights that carry their float64 value, by (id of the GraphIndex, tensor name):
         # sibling subgraphs (an If's two branches) may each hold a weight "W".
         self.exact_values = ExactValues()
+        # IR version 3 and older required every main-graph initializer to be listed as a graph input
+        # too, and ONNX Runtime treats such a listing as a constant, not an input (from IR 4 on, a
+        # listed initializer is an input with a default that a caller may override: kept as
+        # param-is-graph-input). The ONNX Model Zoo's older models (ResNet-v1 and co.) are IR 3.
+        self.initializers_listed_as_inputs = 0 < model.ir_version < 4
+        self.listed_initializers: set[str] = set()
+        if self.initializers_listed_as_inputs:
+            inputs = {info.name for info in model.graph.input}
+            names = [t.name for t in model.graph.initializer]
+            names += [t.values.name for t in model.graph.sparse_initializer]
+            self.listed_initializers = inputs.intersection(names)
 
     def fresh_name(self, base: str) -> str:
         """A tensor or node name that no graph of the model uses yet (subgraphs included)."""
@@ -121,6 +132,8 @@ class ModelContext:
             index.drop_removed_nodes()
         while self.prune_candidates:
             self._prune_round()
+        if self.initializers_listed_as_inputs:
+            list_initializers_as_inputs(self.model.graph, self.listed_initializers)
 
     def _prune_round(self) -> None:
         used: set[str] = set()
@@ -138,6 +151,28 @@ class ModelContext:
         self.prune_candidates = []
         for index, names in by_graph.values():
             index.prune(names)
+
+
+def list_initializers_as_inputs(graph: GraphProto, listed_before: set[str]) -> None:
+    """Keep an IR < 4 model valid after a fold: its main-graph inputs list exactly its initializers
+    (besides the real inputs), each with the type and shape the initializer now has — a folded
+    weight may be new, renamed or reshaped; one the fold pruned (``listed_before``, gone now) is no
+    longer listed, so it cannot turn into an input the caller must feed."""
+    tensors = {tensor.name: (tensor.data_type, list(tensor.dims)) for tensor in graph.initializer}
+    for sparse in graph.sparse_initializer:
+        tensors[sparse.values.name] = (sparse.values.data_type, list(sparse.dims))
+    listed: set[str] = set()
+    for position in range(len(graph.input) - 1, -1, -1):
+        entry = graph.input[position]
+        if entry.name in listed_before and entry.name not in tensors:
+            del graph.input[position]
+        elif entry.name in tensors:
+            listed.add(entry.name)
+            elem_type, dims = tensors[entry.name]
+            entry.CopyFrom(onnx.helper.make_tensor_value_info(entry.name, elem_type, dims, entry.doc_string))
+    for name, (elem_type, dims) in tensors.items():
+        if name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(name, elem_type, dims))
 
 
 def _used_names(graph: GraphProto, into: set[str]) -> None:
@@ -191,6 +226,11 @@ class GraphIndex:
             self.sparse_initializers = {t.values.name: t for t in graph.sparse_initializer}
             self.graph_inputs = {info.name for info in graph.input}
             self.graph_outputs = {info.name for info in graph.output}
+            if parent is None and context.initializers_listed_as_inputs:
+                # IR < 4: every initializer had to be listed as a main-graph input, and ONNX Runtime
+                # does not let a caller feed them (they are constants); the listing is kept in sync
+                # in ModelContext.finalize.
+                self.graph_inputs -= set(self.initializers) | set(self.sparse_initializers)
         context.graphs.append(self)
 
     # -- structure -------------------------------------------------------------------------------
