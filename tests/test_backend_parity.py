@@ -33,6 +33,7 @@ TORCH_TO_ONNX_FAMILY = {
     "bn-linear": "bn-gemm",
     "functional-bn": "conv-bn",
     "linear-reshape-bn": "gemm-reshape-bn",
+    "linear-affine": "gemm-affine",
 }
 ONNX_FAMILY = {"matmul-bn": "gemm-bn", "bn-matmul": "bn-gemm", "matmul-reshape-bn": "gemm-reshape-bn"}
 
@@ -90,6 +91,19 @@ class LevitLinearBN(nn.Module):
     def forward(self, x):
         features = self.linear(x)
         return self.bn(features.flatten(0, 1)).reshape_as(features)
+
+
+class LinearScaleShift(nn.Module):
+    """A Linear, then a per-feature multiply and add (buffers of shape [F] and [1, F])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 7)
+        self.register_buffer("scale", torch.rand(7) + 0.5)
+        self.register_buffer("shift", torch.randn(1, 7))
+
+    def forward(self, x):
+        return self.linear(x) * self.scale + self.shift
 
 
 class FunctionalBN(nn.Module):
@@ -161,8 +175,9 @@ class Case:
     # BN outcomes by family, the same in both backends unless the case says otherwise.
     folded: dict[str, int] = field(default_factory=dict)
     kept: int = 0
-    # Per-channel Mul/Add folded into a layer (reported as their own rows).
+    # Per-channel Mul/Add folded into a layer (reported as their own rows), by this rule family.
     affine_folded: int = 0
+    affine_family: str = "conv-affine"
     # Where the backends differ on purpose (the README's "Against the ONNX path"): the torch result.
     torch_differs: dict[str, object] | None = None
     # "dynamo" for torch.cond, which only the dynamo exporter writes (as If); checked on x and -x.
@@ -226,6 +241,7 @@ CASES = [
         kept=1,
     ),
     Case("conv-affine", ConvScaleShift, (2, 3, 6, 6), affine_folded=2),
+    Case("linear-affine", LinearScaleShift, (3, 5), affine_folded=2, affine_family="gemm-affine"),
     Case(
         "branch-merge",
         RepVggBlock,
@@ -250,14 +266,15 @@ def family(rule: str) -> str:
     return ONNX_FAMILY.get(rule, TORCH_TO_ONNX_FAMILY.get(rule, rule))
 
 
-def outcomes(report) -> tuple[Counter, int, int, list[str]]:
-    """(folded BNs by rule family, kept BNs, folded Mul/Add rows, kept reasons)."""
+def outcomes(report) -> tuple[Counter, int, Counter, list[str]]:
+    """(folded BNs by rule family, kept BNs, folded Mul/Add rows by rule family, kept reasons)."""
     folded: Counter = Counter()
-    kept, affine = 0, 0
+    kept, affine = 0, Counter()
     reasons = []
     for decision in report.decisions:
         if decision.op_type in ("Mul", "Add"):
-            affine += decision.outcome is Outcome.FOLDED
+            if decision.outcome is Outcome.FOLDED:
+                affine[family(decision.rule)] += 1
             continue
         if decision.outcome in (Outcome.FOLDED, Outcome.MERGED) and decision.op_type != "Add":
             folded[family(decision.rule)] += 1
@@ -290,12 +307,13 @@ def test_both_backends_fold_the_same_bns(case: Case, tmp_path: Path):
     onnx_folded, onnx_kept, onnx_affine, _ = outcomes(onnx_result.report)
     assert dict(onnx_folded) == case.folded, onnx_result.report.to_text()
     assert onnx_kept == case.kept
-    assert onnx_affine == case.affine_folded
+    expected_affine = {case.affine_family: case.affine_folded} if case.affine_folded else {}
+    assert dict(onnx_affine) == expected_affine, onnx_result.report.to_text()
     torch_folded, torch_kept, torch_affine, torch_reasons = outcomes(torch_result.report)
     if case.torch_differs is None:
         assert dict(torch_folded) == case.folded, torch_result.report.to_text()
         assert torch_kept == case.kept
-        assert torch_affine == case.affine_folded
+        assert dict(torch_affine) == expected_affine, torch_result.report.to_text()
     else:
         assert dict(torch_folded) == case.torch_differs["folded"], torch_result.report.to_text()
         assert torch_kept == case.torch_differs["kept"]
@@ -314,7 +332,7 @@ def test_the_table_covers_every_rule_both_backends_implement():
     both = {row.name for row in RULE_TABLE if ONNX in row.backends and TORCH in row.backends}
     torch_only = {row.name for row in RULE_TABLE if row.backends == frozenset({TORCH})}
     covered = {name for case in CASES for name in case.folded} | {
-        "conv-affine" for case in CASES if case.affine_folded
+        case.affine_family for case in CASES if case.affine_folded
     }
     missing = (
         {family(name) for name in both | torch_only}

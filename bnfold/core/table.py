@@ -72,6 +72,7 @@ RULE_TABLE: tuple[RuleInfo, ...] = (
     _row("convtranspose-affine", _AFFINE, "ConvTranspose -> per-channel Mul/Add", ONNX, TORCH),
     _row("gemm-affine", _AFFINE, "Gemm -> per-column Mul/Add", ONNX),
     _row("matmul-affine", _AFFINE, "MatMul [-> Add] -> per-column Mul/Add on 2-D outputs", ONNX),
+    _row("linear-affine", _AFFINE, "Linear -> per-feature mul/add/sub/div (last axis, any rank)", TORCH),
     # Parallel branches of one input summed by an Add, merged into one conv (RepVGG, ACNet, MobileOne).
     _row("branch-merge", _BRANCHES, "RepVGG / ACNet / MobileOne re-parameterization", ONNX, TORCH),
     # A BN nothing absorbed, rewritten as Mul + Add on request.

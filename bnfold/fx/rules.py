@@ -9,7 +9,7 @@ and lives with its family:
 - :mod:`bnfold.fx.rules_reshape` — ``Linear -> flatten/reshape/view -> BN``;
 - :mod:`bnfold.fx.rules_pool` — ``layer -> pool -> BN``;
 - :mod:`bnfold.fx.rules_input_side` — ``BN -> layer`` (input channels);
-- :mod:`bnfold.fx.rules_affine` — ``conv -> mul/add(per-channel constant)``;
+- :mod:`bnfold.fx.rules_affine` — ``layer -> mul/add(per-channel constant)``;
 - :mod:`bnfold.fx.rules_branches` — ``add`` of parallel conv / BN / identity branches.
 
 Reading (:mod:`bnfold.fx.reading`), checks (:mod:`bnfold.fx.checks`) and writing
@@ -49,9 +49,10 @@ RULES: tuple[Rule, ...] = (
     BNThenLayer("bn-conv", "conv"),
     BNThenLayer("bn-convtranspose", "conv_transpose"),
     BNThenLayer("bn-linear", "linear"),
-    # per-channel mul/add/sub/div by a constant after a conv (FrozenBatchNorm2d, scale-and-shift code)
+    # per-channel mul/add/sub/div by a constant after a layer (FrozenBatchNorm2d, scale-and-shift code)
     LayerThenAffine("conv-affine", "conv"),
     LayerThenAffine("convtranspose-affine", "conv_transpose"),
+    LayerThenAffine("linear-affine", "linear"),
     # add of parallel Conv / BN / identity branches of one input -> one Conv (RepVGG, ACNet)
     BranchMerge(),
 )

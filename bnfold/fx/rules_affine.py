@@ -1,15 +1,18 @@
 """Layer-then-affine rules on FX graphs: a per-channel ``*`` / ``+`` / ``-`` / ``/`` by a constant after a
-Conv or ConvTranspose, folded into the layer (the torch side of :mod:`bnfold.onnx.rules_affine`).
+Conv, ConvTranspose or Linear, folded into the layer (the torch side of :mod:`bnfold.onnx.rules_affine`).
 
     Before:  x -Conv(W, b)-> c -mul(s)-> -add(t)-> y      After:  x -Conv(W*s, b*s + t)-> y
 
 What torchvision's FrozenBatchNorm2d or hand-written "scale and shift" code leaves after a conv once
-its constants are parameters or buffers: ``c * scale + shift`` with ``scale`` of shape ``[C, 1, 1]`` or
-``[1, C, 1, 1]`` (or a number). Only constants read from the model (``get_attr``) or Python numbers,
-of the layer's dtype and device, that broadcast along the channel axis alone: the result must have
-the layer output's shape for every input (a ``[1, C, 1, 1]`` constant after an unbatched conv would
-add an axis, so its rank must be proven batched). Refuses (not reported; only folds are): anything
-else reading the layer's output, a layer that cannot be edited, constants of another shape or dtype.
+its constants are parameters or buffers: ``c * scale + shift`` with ``scale`` of shape ``[C, 1, 1]``
+or ``[1, C, 1, 1]`` (or a number); after a Linear, whose features are the last axis of an output of
+any rank, ``[F]``, ``[1, F]``, ``[1, 1, F]`` (or a number). Only constants read from the model
+(``get_attr``) or Python numbers, of the layer's dtype and device, that broadcast along the channel
+axis alone: the result must have the layer output's shape for every input (a ``[1, C, 1, 1]``
+constant after an unbatched conv would add an axis, so its rank must be proven batched; a ``[1, F]``
+constant after a Linear needs an output of rank 2 or more). Refuses (not reported; only folds are):
+anything else reading the layer's output, a layer that cannot be edited, constants of another shape
+or dtype.
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ _OPERATIONS = {
     "add": "add",
     "sub": "sub",
     "div": "div",
+    # torch.export's spelling (alpha / rounding_mode would come as kwargs, which find() refuses)
+    torch.ops.aten.mul.Tensor: "mul",
+    torch.ops.aten.add.Tensor: "add",
+    torch.ops.aten.sub.Tensor: "sub",
+    torch.ops.aten.div.Tensor: "div",
 }
 
 
@@ -164,12 +172,15 @@ def _per_channel(
     tensor = found[1]
     if tensor.dtype != layer.weight.dtype or tensor.device != layer.weight.device:
         raise Refuse(Reason.UNSUPPORTED_DTYPE, f"`{constant.name}` is {tensor.dtype} on {tensor.device}")
-    # The channel axis counted from the end: a conv output [N, C, *spatial] (or [C, *spatial]).
+    # The channel axis counted from the end: a conv output [N, C, *spatial] (or [C, *spatial]), a
+    # Linear output [..., F] (spatial_dims 0: the features are the last axis, at any rank).
     from_end = layer.spatial_dims + 1
     shape = tuple(tensor.shape)
     if len(shape) > from_end:
+        # Leading ones beyond the channel axis broadcast away only where the output has that many axes
+        # (a conv output of rank spatial + 1 is unbatched: a [1, C, 1, 1] constant would add one).
         rank = view.facts.rank(layer.node)
-        if rank is None or rank[0] != layer.spatial_dims + 2 or len(shape) > rank[0]:
+        if rank is None or len(shape) > rank[0]:
             raise Refuse(
                 Reason.SHAPE_DEPENDENT, f"`{constant.name}` {list(shape)} may add axes to the output"
             )

@@ -105,8 +105,9 @@ def test_cond_branches_fold_and_a_conv_shared_with_the_outer_graph_is_copied() -
         ("outer_bn", "main", "folded", "conv-bn"),
         ("true_bn", "true_graph_0", "folded", "conv-bn"),
         ("false_bn", "false_graph_0", "folded", "conv-bn"),
+        ("mul", "false_graph_0", "folded", "conv-affine"),  # the `* 2` (torch.export's aten.mul)
     ]
-    assert [d.into for d in result.report.folded] == ["conv", "conv", "conv"]
+    assert [d.into for d in result.report.folded] == ["conv", "conv", "conv", "conv"]
     # Three folds of one conv: three new weights, none written into another's; the branches get
     # theirs as operands again, as torch.export passes them.
     weights = [value for name, value in result.module.state_dict().items() if name.endswith("conv_weight")]
@@ -153,7 +154,8 @@ def test_a_wrong_fold_in_a_branch_no_run_takes_fails_the_local_check() -> None:
     rules = [MisfoldInFalseBranch("conv-bn", ("conv",), ("module", "custom")), *RULES[1:]]
     result = fold(model, torch.randn(2, 3, 6, 6), rules=rules)
 
-    assert [d.graph for d in result.report.folded] == ["true_graph_0", "false_graph_0"]
+    # the false branch: its BN (misfolded) and its `* 2` (conv-affine)
+    assert [d.graph for d in result.report.folded] == ["true_graph_0", "false_graph_0", "false_graph_0"]
     assert all(output.passed for output in result.verification.outputs)  # end to end: fine
     checks = {check.subgraph: check.passed for check in result.verification.local}
     assert checks == {"cond true_graph_0": True, "cond false_graph_0": False}
@@ -164,7 +166,8 @@ def test_a_wrong_fold_in_a_branch_no_run_takes_fails_the_local_check() -> None:
 def test_a_branch_that_reads_a_conv_the_outer_graph_folded_keeps_the_original() -> None:
     model = nets.randomized(SharedConvCond(false_bn=False))
     before = tensors_of(model)
-    result = fold(model, torch.randn(2, 3, 6, 6), inplace=True)
+    # conv-affine skipped: it would fold the false branch's `conv(x) * 2` (a copy of its own)
+    result = fold(model, torch.randn(2, 3, 6, 6), inplace=True, skip_rules=["conv-affine"])
 
     assert rows(result) == [
         ("outer_bn", "main", "folded", "conv-bn"),
@@ -186,7 +189,7 @@ def test_an_exported_program_with_cond_is_folded_without_touching_its_subgraphs(
     branches = {name: str(module.graph) for name, module in program.graph_module.named_children()}
     result = bnfold.fold_module(program, example)
 
-    assert len(result.report.folded) == 3
+    assert len(result.report.folded) == 4  # three BNs and the false branch's `* 2` (conv-affine)
     assert {name: str(module.graph) for name, module in program.graph_module.named_children()} == branches
     assert_same_function(result, model, *both_branches((2, 3, 6, 6))[:2])  # static batch size
     with torch.no_grad():
@@ -423,7 +426,7 @@ def test_folded_cond_exports_to_onnx_and_matches_on_both_branches() -> None:
     example = torch.randn(2, 3, 6, 6)
     result = bnfold.export(model, example, None, exporter="dynamo", opset=18)
 
-    assert len(result.report.folded) == 3 and not result.report.kept
+    assert len(result.report.folded) == 4 and not result.report.kept  # 3 BNs and the `* 2`
     assert result.onnx_report.decisions == []  # nothing left for the ONNX fold
     op_types = {node.op_type for node in result.model.graph.node}
     assert "If" in op_types
