@@ -99,8 +99,8 @@ _EXPLANATIONS: dict[Reason, str] = {
     Reason.POOL_DOES_NOT_COMMUTE: "the pooling between the layer and the BN gives a different result "
     "on the normalized values (a max with a negative scale in some channel, an average that counts its "
     "zero padding)",
-    Reason.SHARED_MODULE: "the layer or the BN (or one of their parameters) is used at more than one "
-    "call site, which would all see the folded values",
+    Reason.SHARED_MODULE: "the BN (or one of its parameters), or a conv branch-merge would replace, is "
+    "used at more than one call site, which would all see the folded values",
     Reason.NO_RUNNING_STATISTICS: "track_running_stats=False: it normalizes with batch statistics even "
     "in eval mode",
     Reason.UNKNOWN_SHAPE: "the layer's output rank is unknown, so the normalized axis cannot be checked "

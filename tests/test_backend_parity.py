@@ -146,6 +146,19 @@ class SharedConv(nn.Module):
         return self.bn(self.conv(x)) + self.conv(torch.relu(x))
 
 
+class SharedBN(nn.Module):
+    """One BN module after two different convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv1(x)) + self.bn(self.conv2(x))
+
+
 class CondBranches(nn.Module):
     """torch.cond with a conv -> BN in each branch: torch folds inside the branches (the parameters
     torch.export passes as operands made constants), ONNX inside the If's."""
@@ -255,8 +268,14 @@ CASES = [
         "shared-conv",
         SharedConv,
         (2, 4, 6, 6),
-        folded={"conv-bn": 1},  # ONNX copies the shared weight for the call site it folds into
-        torch_differs={"folded": {}, "kept": 1, "reason": "shared-module"},  # torch keeps it (README)
+        folded={"conv-bn": 1},  # both copy the shared layer for the call site they fold into
+    ),
+    Case(
+        "shared-bn",
+        SharedBN,
+        (2, 3, 6, 6),
+        folded={"conv-bn": 2},  # ONNX: two BatchNormalization nodes reading the same statistics
+        torch_differs={"folded": {}, "kept": 2, "reason": "shared-module"},  # torch keeps it (README)
     ),
     Case("cond-branches", CondBranches, (2, 3, 6, 6), folded={"conv-bn": 2}, exporter="dynamo"),
 ]

@@ -67,8 +67,9 @@ def require_not_shared(state: FoldState, batchnorm: BatchNorm) -> None:
 
 
 def require_foldable_pair(state: FoldState, batchnorm: BatchNorm, layer: Layer) -> None:
-    """The checks on the layer that both sides share: sharing, hooks, constants, dtypes."""
-    require_editable(state, layer)
+    """The checks on the layer that both sides share: hooks, constants, dtypes. A layer shared with
+    other call sites gets its own copy when the fold is written (``writing.write_layer_tensors``)."""
+    require_editable(state, layer, copy_if_shared=True)
     require_float_statistics(batchnorm)
 
 
@@ -84,9 +85,16 @@ def require_sole_reader(layer: Layer, reader: fx.Node) -> None:
     return None
 
 
-def require_editable(state: FoldState, layer: Layer) -> None:
-    """Why the layer's weights cannot be replaced: shared, hooked, computed at run time, not float."""
-    _require_unshared(state, layer.name, layer.node, layer.tensors, layer.module)
+def require_editable(state: FoldState, layer: Layer, *, copy_if_shared: bool = False) -> None:
+    """Why the layer's weights cannot be replaced: shared, hooked, computed at run time, not float.
+
+    ``copy_if_shared``: the fold writes a copy of the layer for this call site alone (a module called
+    at other sites, a weight tied to another module), so sharing is no reason to refuse; the copy
+    must still be safe to make: no hooks (a copy would run them, or not, differently), no tensor the
+    model writes in place, no parametrization besides the weight's and bias'.
+    """
+    if not copy_if_shared:
+        _require_unshared(state, layer.name, layer.node, layer.tensors, layer.module)
     if any(id(tensor) in state.effects.written_tensors for tensor in layer.tensors):
         raise Refuse(Reason.WEIGHT_NOT_CONSTANT, f"the model writes into `{layer.name}`'s tensors in place")
     if layer.module is not None and hooks_of(layer.module):

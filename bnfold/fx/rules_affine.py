@@ -95,7 +95,7 @@ class LayerThenAffine:
     def plan(self, view: FxView, site: AffineChain) -> AffinePlan:
         node, operation = site.node, _operation(site.node)
         layer = layer_at(view, site.layer)
-        require_editable(view, layer)
+        require_editable(view, layer, copy_if_shared=True)
         require_sole_reader(layer, node)
         channels = output_channel_count(tuple(layer.weight.shape), layer.layout, layer.groups)
         values, assumes = _per_channel(view, node.args[site.constant_slot], layer, channels)
@@ -124,7 +124,7 @@ class LayerThenAffine:
         return AffinePlan(site, layer, new_weight, new_bias, assumes)
 
     def apply(self, view: FxView, plan: AffinePlan) -> Applied:
-        write_layer_tensors(view, plan.layer, plan.weight, plan.bias)
+        into = write_layer_tensors(view, plan.layer, plan.weight, plan.bias)
         view.assume(plan.assumes)
         node, graph = plan.site.node, view.graph_module.graph
         constant = node.args[plan.site.constant_slot]
@@ -133,7 +133,7 @@ class LayerThenAffine:
         if isinstance(constant, fx.Node) and not constant.users:
             graph.erase_node(constant)  # the tensor stays in the module's state (it may be read elsewhere)
         view.refresh()
-        return Applied(plan.layer.name)
+        return Applied(into)
 
 
 def _operation(node: fx.Node) -> str | None:

@@ -19,6 +19,7 @@ __all__ = [
     "LayerFold",
     "apply_layer_fold",
     "write_layer_tensors",
+    "is_shared",
     "erase_batchnorm",
     "write_functional_tensors",
     "replace_module",
@@ -50,13 +51,13 @@ def apply_layer_fold(state: FoldState, fold: LayerFold) -> str:
     (the only other readers an input-side fold allows: the same shape).
     """
     layer, batchnorm = fold.layer, fold.batchnorm
-    _write_weights(state, layer, fold)
+    into = write_layer_tensors(state, layer, fold.weight, fold.bias)
     state.assume(fold.assumes)
     for output in batchnorm.outputs:
         output.replace_all_uses_with(batchnorm.input)
     erase_batchnorm(state, batchnorm)
     state.refresh()
-    return layer.name
+    return into
 
 
 def erase_batchnorm(state: FoldState, batchnorm: BatchNorm) -> None:
@@ -75,21 +76,60 @@ def erase_batchnorm(state: FoldState, batchnorm: BatchNorm) -> None:
     drop_unused_owner(state.graph_module, batchnorm.call.owner, _BATCHNORM_STATE)
 
 
-def write_layer_tensors(state: FoldState, layer: Layer, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    """Give ``layer`` a new weight and bias: a copy of its module, or new tensors of a functional call."""
+def write_layer_tensors(state: FoldState, layer: Layer, weight: torch.Tensor, bias: torch.Tensor) -> str:
+    """Give ``layer``'s call a new weight and bias; returns where they are (the module's path, or
+    the layer's name for a functional call).
+
+    A layer used only by this call gets a copy of its module at its path (or new tensors at the
+    functional call's attributes). A layer shared with other call sites (a module called twice, a
+    weight tied to another module, a weight read by another node) is never edited in place: this
+    call gets a copy of the module at a fresh path next to it (``conv`` -> ``conv_folded``), or new
+    tensors at fresh attributes, and every other site keeps reading the original.
+    """
     if layer.module is not None:
-        replace_module(state.graph_module, layer.node.target, _folded_module(layer.module, weight, bias))
-        return
-    write_functional_tensors(state, layer, weight, bias)
+        folded = _folded_module(layer.module, weight, bias)
+        target = str(layer.node.target)
+        if is_shared(state, layer):
+            owner, _, name = target.rpartition(".")
+            target = _fresh_attribute(state.graph_module, owner, f"{name}_folded")
+            replace_module(state.graph_module, target, folded)
+            layer.node.target = target
+        else:
+            replace_module(state.graph_module, target, folded)
+        return target
+    if is_shared(state, layer):
+        _write_own_functional_tensors(state, layer, weight, bias)
+    else:
+        write_functional_tensors(state, layer, weight, bias)
+    return layer.name
 
 
-def _write_weights(state: FoldState, layer: Layer, fold: LayerFold) -> None:
-    if layer.module is not None:
-        replace_module(
-            state.graph_module, layer.node.target, _folded_module(layer.module, fold.weight, fold.bias)
-        )
-        return
-    write_functional_tensors(state, layer, fold.weight, fold.bias)
+def is_shared(state: FoldState, layer: Layer) -> bool:
+    """Whether another call site uses ``layer``'s module or any of its tensors."""
+    if layer.module is not None and len(state.uses.module_sites(layer.module)) > 1:
+        return True
+    return bool(state.uses.other_sites(layer.tensors, layer.node))
+
+
+def _write_own_functional_tensors(
+    state: FoldState, layer: Layer, weight: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """New weight and bias tensors at fresh attributes, read by this call alone (the old ones, which
+    other sites read, stay where they are)."""
+    graph_module, graph = state.graph_module, state.graph_module.graph
+    owner = owner_path(layer.weight_arg.target)
+    old_arguments = [layer.weight_arg, layer.bias_arg]
+    for position, role, tensor in ((1, "weight", weight), (2, "bias", bias)):
+        if tensor is None:
+            continue
+        target = _fresh_attribute(graph_module, owner, f"{role}_folded")
+        _set_tensor(graph_module, target, tensor, like=layer.weight)
+        with graph.inserting_before(layer.node):
+            read = graph.get_attr(target)
+        set_argument(layer.node, position, role, read)
+    for old in old_arguments:
+        if isinstance(old, fx.Node) and old.op == "get_attr" and not old.users:
+            graph.erase_node(old)
 
 
 def write_functional_tensors(

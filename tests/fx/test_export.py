@@ -31,14 +31,16 @@ def run_onnx(path: Path, **feeds: np.ndarray) -> list[np.ndarray]:
 
 
 def test_bn_kept_in_torch_is_folded_by_the_onnx_pass(tmp_path: Path) -> None:
-    model = nets.randomized(nets.ConvCalledTwice())
-    example = torch.randn(2, 4, 5, 5)
+    model = nets.randomized(nets.BNCalledTwice())
+    example = torch.randn(2, 3, 5, 5)
     result = bnfold.export(model, example, tmp_path / "model.onnx")
 
-    assert [d.reason for d in result.report.kept] == [Reason.SHARED_MODULE]
-    # In ONNX the two calls are two Conv nodes sharing a weight, which the ONNX fold copies.
-    assert [(d.outcome, d.rule) for d in result.onnx_report.decisions] == [(Outcome.FOLDED, "conv-bn")]
-    assert result.report.extras["onnx_fold"]["summary"]["folded"] == 1
+    assert [d.reason for d in result.report.kept] == [Reason.SHARED_MODULE] * 2
+    # In ONNX the two calls are two BatchNormalization nodes sharing statistics, each folded into its
+    # Conv (and the two convs, parallel branches of one input, then merged).
+    bns = [d for d in result.onnx_report.decisions if d.op_type == "BatchNormalization"]
+    assert [(d.outcome, d.rule) for d in bns] == [(Outcome.FOLDED, "conv-bn")] * 2
+    assert result.report.extras["onnx_fold"]["summary"]["folded"] == 2
     assert "BatchNormalization" not in op_types(tmp_path / "model.onnx")
     assert result.written and result.verification
 
@@ -131,8 +133,8 @@ def test_dry_run_and_skip_rules_of_either_backend(tmp_path: Path) -> None:
 
 
 class ProvenanceNet(nn.Module):
-    """A nested conv -> BN (folds in torch), a conv called twice with a BN after its first call
-    (torch keeps it, the ONNX fold folds it), and a bias-free Linear -> BN (folds in torch)."""
+    """A nested conv -> BN (folds in torch), a conv -> BN pair called twice (torch keeps the shared BN,
+    the ONNX fold folds both calls), and a bias-free Linear -> BN (folds in torch)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -146,7 +148,7 @@ class ProvenanceNet(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         features = torch.relu(self.stage(inputs))
-        features = self.shared_bn(self.shared(features)) + self.shared(-features)
+        features = self.shared_bn(self.shared(features)) + self.shared_bn(self.shared(-features))
         return self.head_bn(self.head(features.mean((2, 3))))
 
 

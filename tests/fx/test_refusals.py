@@ -95,16 +95,8 @@ def rule_disabled():
     return conv_bn()
 
 
-def shared_conv():
-    return nets.randomized(nets.ConvCalledTwice()), torch.randn(2, 4, 5, 5)
-
-
 def shared_bn():
     return nets.randomized(nets.BNCalledTwice()), torch.randn(2, 3, 5, 5)
-
-
-def tied_weights():
-    return nets.randomized(nets.TiedWeights()), torch.randn(3, 6)
 
 
 def no_running_statistics():
@@ -193,7 +185,7 @@ CASES = {
     Reason.CHANNEL_AXIS_MISMATCH: [linear_on_3d_input],
     Reason.FOLD_OVERFLOWS_DTYPE: [float16_overflow],
     Reason.RULE_DISABLED: [rule_disabled],
-    Reason.SHARED_MODULE: [shared_conv, shared_bn, tied_weights],
+    Reason.SHARED_MODULE: [shared_bn],  # a shared layer gets a copy: tests/fx/test_shared_layers_fx.py
     Reason.NO_RUNNING_STATISTICS: [no_running_statistics],
     Reason.UNKNOWN_SHAPE: [linear_without_example_inputs, conv1d_without_example_inputs],
     Reason.HOOKS_REGISTERED: [hook_on_conv, hook_on_bn],
@@ -231,17 +223,17 @@ def test_refusal_keeps_the_bn_with_its_reason(reason: Reason, build) -> None:
         assert result.verification, result.verification.to_text()
 
 
-def test_shared_conv_detail_names_both_call_sites() -> None:
-    model, example = shared_conv()
-    (decision,) = bnfold.fold_module(model, example).report.decisions
-    assert decision.reason is Reason.SHARED_MODULE
-    assert decision.detail == "module `conv` is called at 2 sites (conv, conv_1)"
+def test_shared_bn_detail_names_both_call_sites() -> None:
+    model, example = shared_bn()
+    decisions = bnfold.fold_module(model, example).report.decisions
+    assert [d.reason for d in decisions] == [Reason.SHARED_MODULE] * 2
+    assert {d.detail for d in decisions} == {"module `bn` is called at 2 sites (bn, bn_1)"}
 
 
-def test_shared_conv_is_refused_through_torch_export_too() -> None:
-    model, example = shared_conv()
+def test_shared_bn_is_refused_through_torch_export_too() -> None:
+    model, example = shared_bn()
     result = bnfold.fold_module(model, example, tracer="export")
-    assert [d.reason for d in result.report.decisions] == [Reason.SHARED_MODULE]
+    assert [d.reason for d in result.report.decisions] == [Reason.SHARED_MODULE] * 2
     assert result.verification
 
 
