@@ -125,11 +125,12 @@ class ExactComparison:
             f"RMS error {self.folded_rms:.2g} of the output scale against the original's "
             f"{self.original_rms:.2g}, max {self.folded_max:.2g} against {self.original_max:.2g}"
         )
+        suffix = f"; {self.note}" if self.note else ""
         if self.passed:
-            return f"{relation} the float64 evaluation than the original is ({numbers}): pass"
+            return f"{relation} the float64 evaluation than the original is ({numbers}{suffix}): pass"
         return (
             f"{relation} the float64 evaluation than the original is ({numbers}; allowed "
-            f"{self.margin:g}x the original's, at least {self.floor:.2g}): FAILED"
+            f"{self.margin:g}x the original's, at least {self.floor:.2g}{suffix}): FAILED"
         )
 
 
@@ -337,11 +338,24 @@ def _exact_comparison(reference: np.ndarray, original: np.ndarray, folded: np.nd
         original64 = original.astype(np.float64)
         folded64 = folded.astype(np.float64)
     finite = np.isfinite(reference)
-    scale = float(np.abs(reference[finite]).max()) if finite.any() else 0.0
+    # Where the exact value is finite but the original's is not, the original overflowed its dtype
+    # (values near its largest number, e.g. an If branch run on inputs it never gets): its error
+    # there is unbounded, so any folded value is no further; the other elements are judged, on
+    # their own scale.
+    overflowed = finite & ~np.isfinite(original64)
+    judged = finite & ~overflowed
+    scale = float(np.abs(reference[judged]).max()) if judged.any() else 0.0
     scale = max(scale, np.finfo(np.float64).tiny)
     floor = FLOOR_ULPS * epsilon
-    original_rms, original_max = _errors(reference, original64, finite, scale)
-    folded_rms, folded_max = _errors(reference, folded64, finite, scale)
+    if overflowed.any() and not judged.any():
+        note = (
+            "the original overflows its dtype wherever the float64 evaluation is finite: nothing to judge by"
+        )
+        return ExactComparison(
+            scale, 0.0, 0.0, float("inf"), float("inf"), EXACT_MARGIN, floor, False, False, note
+        )
+    original_rms, original_max = _errors(reference, original64, judged, scale)
+    folded_rms, folded_max = _errors(reference, folded64, judged, scale)
     # Where the exact value is not finite, the folded model must do what the original did.
     with np.errstate(invalid="ignore"):
         unlike = ~finite & ~((original64 == folded64) | (np.isnan(original64) & np.isnan(folded64)))
@@ -359,8 +373,17 @@ def _exact_comparison(reference: np.ndarray, original: np.ndarray, folded: np.nd
     passed = folded_rms <= max(EXACT_MARGIN * original_rms, floor) and folded_max <= max(
         EXACT_MARGIN * original_max, floor
     )
+    notes = []
+    if overflowed.any():
+        notes.append(f"the original overflows at {int(overflowed.sum())} element(s), judged on the others")
+    folded_overflows = int((judged & ~np.isfinite(folded64)).sum())
+    if folded_overflows:
+        notes.append(
+            f"the folded model overflows at {folded_overflows} element(s) where the original does not"
+        )
+    note = "; ".join(notes)
     return ExactComparison(
-        scale, folded_rms, folded_max, original_rms, original_max, EXACT_MARGIN, floor, passed
+        scale, folded_rms, folded_max, original_rms, original_max, EXACT_MARGIN, floor, passed, note=note
     )
 
 

@@ -545,3 +545,33 @@ def test_float64_copy_keeps_scalar_constants_scalar():
     model = make_model(nodes, [x_info], [y_info], [])
     exact = evaluate_float64(model, [{"x": np.array(3.0, np.float32)}]).outputs[0][0]
     assert exact.shape == () and exact == 1.5
+
+
+def test_where_the_original_overflows_the_fold_is_judged_on_the_other_elements():
+    # An If branch run on values it never gets (a local check), or inputs near the dtype's limit:
+    # the float32 original is inf where the float64 value is finite; that is the original's own
+    # error, so a folded value there is no further, and the rest decides.
+    from bnfold.comparison import compare_output, judge_against_reference
+
+    reference = np.array([1.0, 2.0, 3.5e38, -4.0])  # the third is past float32's largest number
+    original = np.array([1.0, 2.0, np.inf, -4.0], np.float32)
+    close = np.array([1.0000001, 2.0, 3.3e38, -4.0], np.float32)
+    wrong = np.array([1.01, 2.0, np.inf, -4.0], np.float32)
+    overflows_more = np.array([np.inf, 2.0, np.inf, -4.0], np.float32)
+
+    judged = judge_against_reference(compare_output("y", original, close), reference, original, close)
+    assert judged.passed and judged.decided_by == "float64 reference"
+    assert "the original overflows at 1 element(s), judged on the others" in judged.exact.describe()
+    for folded in (wrong, overflows_more):
+        judged = judge_against_reference(compare_output("y", original, folded), reference, original, folded)
+        assert not judged.passed, judged.exact.describe()
+    assert "the folded model overflows at 1 element(s) where the original does not" in judged.exact.describe()
+
+    everywhere = np.full(2, np.inf, np.float32)
+    judged = judge_against_reference(
+        compare_output("y", everywhere, np.zeros(2, np.float32)),
+        np.array([1.0, 2.0]),
+        everywhere,
+        np.zeros(2, np.float32),
+    )
+    assert not judged.passed and not judged.exact.usable  # nothing left to judge by: the tolerance decides
