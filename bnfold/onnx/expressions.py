@@ -3,7 +3,9 @@
 The TorchScript exporter deduplicates identical initializers behind ``Identity`` nodes (torchvision
 VGG-BN's zero conv biases), timm's LeViT arrives as ``MatMul(x, Transpose(W))``, float16-stored
 weights come through ``Cast``, and shapes through ``Reshape``/``Squeeze``/``Unsqueeze``/``Concat``/
-``Slice``. When every input of such a node is a constant, so is its output: :func:`evaluate` computes
+``Slice``; the dynamo exporter (``optimize=False``) writes a bias-free conv's bias as
+``Expand(CastLike(0, x), Shape(W)[0:1])``. When every input of such a node is a constant (for
+``CastLike``, its second input's element type is enough), so is its output: :func:`evaluate` computes
 it with numpy, exactly as ONNX defines the operator, only when a fold asks for that tensor (so a lazily
 loaded model reads no weight a fold does not need). A fold that writes such a tensor gives its layer
 a new initializer; the expression keeps feeding its other readers, or is pruned when it has none.
@@ -22,7 +24,21 @@ from bnfold.onnx.nodes import attribute
 
 __all__ = ["EXPRESSION_OPS", "evaluate"]
 
-EXPRESSION_OPS = ("Identity", "Transpose", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Concat", "Slice")
+EXPRESSION_OPS = (
+    "Identity",
+    "Transpose",
+    "Cast",
+    "CastLike",
+    "Reshape",
+    "Squeeze",
+    "Unsqueeze",
+    "Concat",
+    "Slice",
+    "Shape",
+    "Expand",
+)
+# An Expand that would make more elements than this is not evaluated (a bias or a shape is small).
+EXPAND_ELEMENTS_LIMIT = 1 << 24
 
 _INTEGERS = (TensorProto.INT64, TensorProto.INT32)
 
@@ -52,14 +68,35 @@ def _evaluate(node: NodeProto, inputs: Sequence[np.ndarray | None], opset: int) 
     if op == "Transpose":
         perm = attribute(node, "perm", None)
         return np.transpose(data, None if perm is None else [int(axis) for axis in perm])
-    if op == "Cast":
-        to = int(attribute(node, "to", 0))
-        target = np.dtype(helper.tensor_dtype_to_np_dtype(to))
-        if not (is_supported_float(target) or to in _INTEGERS):
+    if op in ("Cast", "CastLike"):
+        if op == "Cast":
+            to = int(attribute(node, "to", 0))
+            target = np.dtype(helper.tensor_dtype_to_np_dtype(to))
+        elif len(inputs) > 1 and inputs[1] is not None:
+            target = np.asarray(inputs[1]).dtype  # only its type is read
+        else:
+            return None
+        if not (is_supported_float(target) or target in (np.dtype(np.int64), np.dtype(np.int32))):
             return None
         if not (is_supported_float(data.dtype) or data.dtype.kind in "iu"):
             return None
         return data.astype(target)
+    if op == "Shape":
+        rank = data.ndim
+        start, end = int(attribute(node, "start", 0)), attribute(node, "end", None)
+        end = rank if end is None else int(end)
+        start, end = (start + rank if start < 0 else start), (end + rank if end < 0 else end)
+        start, end = min(max(start, 0), rank), min(max(end, 0), rank)  # clamped, as ONNX says
+        return np.array(data.shape[start:end], dtype=np.int64)
+    if op == "Expand":
+        if len(inputs) < 2 or inputs[1] is None:
+            return None
+        shape = np.broadcast_shapes(
+            data.shape, tuple(int(size) for size in np.asarray(inputs[1]).reshape(-1))
+        )
+        if int(np.prod(shape, dtype=np.int64)) > EXPAND_ELEMENTS_LIMIT:
+            return None
+        return np.broadcast_to(data, shape).copy()
     if op == "Reshape":
         shape = _second(node, inputs, "shape")
         return _reshape(data, [int(size) for size in shape], bool(attribute(node, "allowzero", 0)))

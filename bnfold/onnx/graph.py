@@ -365,15 +365,28 @@ class GraphIndex:
         self._expression_values[key] = None  # a cycle (an invalid graph) reads as not constant
         inputs: list[np.ndarray | None] = []
         value = None
-        for name in node.input:
+        for slot, name in enumerate(node.input):
             lookup = self.constant(name) if name else None
             if lookup is not None and not lookup.is_constant:
+                if node.op_type == "CastLike" and slot == 1:  # only the element type is read
+                    inputs.append(self._typed_stand_in(name))
+                    continue
                 break
             inputs.append(lookup.value if lookup is not None else None)
         else:
             value = evaluate(node, inputs, self.opset or 0)
         self._expression_values[key] = value
         return value
+
+    def _typed_stand_in(self, name: str) -> np.ndarray | None:
+        """An empty array of ``name``'s element type (from this scope's facts), else None."""
+        elem_type = self.facts(name).elem_type
+        if not elem_type:
+            return None
+        try:
+            return np.empty(0, dtype=onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+        except (KeyError, TypeError, ValueError):
+            return None
 
     def set_constant_input(self, node: NodeProto, slot: int, value: np.ndarray, base_name: str) -> None:
         """Make ``node.input[slot]`` read ``value``.

@@ -108,3 +108,83 @@ def test_an_expression_over_a_graph_input_is_not_a_constant():
         [],
     )
     assert not GraphIndex(model.graph, ModelContext(model)).constant("out").is_constant
+
+
+@given(
+    shape=st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple),
+    start=st.integers(-3, 3),
+    end=st.one_of(st.none(), st.integers(-3, 3)),
+    expand_to=st.lists(st.integers(1, 3), min_size=0, max_size=3),
+)
+def test_shape_and_expand_match_onnx_runtime(shape, start, end, expand_to):
+    attributes = {"start": start} if end is None else {"start": start, "end": end}
+    model_shape = helper.make_node("Shape", ["data"], ["out"], **attributes)
+    check_int64(model_shape, [_data(shape)])
+    # Expand broadcasts both ways: to `expand_to` aligned on the right, keeping the data's sizes
+    target = [1] * max(0, len(shape) - len(expand_to)) + list(expand_to)
+    target = [
+        size if dim == 1 else dim
+        for dim, size in zip(shape[-len(target) :] if target else (), target, strict=False)
+    ]
+    expand = helper.make_node("Expand", ["data", "to"], ["out"])
+    _check(expand, [_data(shape), tensor("to", np.array(target, np.int64), np.int64)], opset=17)
+
+
+def check_int64(node: onnx.NodeProto, initializers: list[onnx.TensorProto]) -> None:
+    model = make_model(
+        [node], [], [helper.make_tensor_value_info("out", TensorProto.INT64, None)], initializers
+    )
+    model.opset_import[0].version = 19
+    lookup = GraphIndex(model.graph, ModelContext(model)).constant("out")
+    (expected,) = run(model, {})
+    assert lookup.is_constant
+    np.testing.assert_array_equal(lookup.value, expected)
+
+
+def test_the_dynamo_exporters_zero_bias_is_a_constant_and_the_bn_folds():
+    # torch.onnx.export(dynamo=True, optimize=False) writes a bias-free conv's bias as
+    # Expand(CastLike(0, x), Expand(Shape(W, 0, 1), [1])): the CastLike reads only x's type.
+    from tests.onnx.helpers import fold_and_compare
+
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("Shape", ["W"], ["channels"], start=0, end=1),
+        helper.make_node("Constant", [], ["one"], value_ints=[1]),
+        helper.make_node("Expand", ["channels", "one"], ["bias_shape"]),
+        helper.make_node("Constant", [], ["zero"], value=tensor("zero_value", np.array(0.0), np.float32)),
+        helper.make_node("CastLike", ["zero", "x"], ["typed_zero"]),
+        helper.make_node("Expand", ["typed_zero", "bias_shape"], ["bias"]),
+        helper.make_node("Conv", ["x", "W", "bias"], ["c"]),
+        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"]),
+    ]
+    initializers = [
+        tensor("W", rng.standard_normal((4, 3, 3, 3)), np.float32),
+        tensor("gamma", rng.uniform(0.5, 1.5, 4), np.float32),
+        tensor("beta", rng.standard_normal(4), np.float32),
+        tensor("mean", rng.standard_normal(4), np.float32),
+        tensor("var", rng.uniform(0.5, 2.0, 4), np.float32),
+    ]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 4, 4])],
+        initializers,
+        opset=20,
+    )
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+
+    result = fold_and_compare(model, {"x": x})
+
+    ops = [node.op_type for node in result.model.graph.node]
+    assert ops == ["Conv"]  # the bias expression is pruned once the conv has its own bias
+
+
+def test_a_castlike_to_an_unknown_type_is_not_a_constant():
+    nodes = [helper.make_node("CastLike", ["zero", "x"], ["out"])]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.UNDEFINED, None)],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [tensor("zero", np.array(0.0), np.float32)],
+    )
+    assert not GraphIndex(model.graph, ModelContext(model)).constant("out").is_constant
