@@ -237,6 +237,8 @@ class Effects:
         root = node
         while self._parent.get(root, root) is not root:
             root = self._parent[root]
+        while node is not root:  # path compression: chains of views stay short across queries
+            self._parent[node], node = root, self._parent[node]
         return root
 
     def _union(self, first: fx.Node, second: fx.Node) -> None:

@@ -42,6 +42,7 @@ __all__ = [
     "output_shape",
     "argument_names",
     "TensorUses",
+    "AttributeCache",
     "reads_only_metadata",
     "value_readers",
 ]
@@ -348,18 +349,26 @@ class TensorUses:
     tensor its module owns. Identity (not name) decides, so a module registered under two names or
     a weight tied between two layers is seen as shared. Torch's own ``fuse`` skips this check and
     silently changes the second call of a conv module that is called twice (pytorch issue 104593).
+
+    Rebuilt after every fold (a fold replaces modules and tensors and rewires readers), so the
+    rebuild is kept cheap: ``attributes`` (an :class:`AttributeCache` the fold keeps) answers each
+    node's target from the dicts it was found in last time, checked entry by entry, and a layer's
+    tensors are read from its own dicts rather than by the recursive ``parameters()``.
     """
 
-    def __init__(self, graph_module: fx.GraphModule) -> None:
+    def __init__(self, graph_module: fx.GraphModule, attributes: AttributeCache | None = None) -> None:
+        attributes = AttributeCache(graph_module) if attributes is None else attributes
         self._sites: dict[int, list[fx.Node]] = defaultdict(list)
         self._module_sites: dict[int, list[fx.Node]] = defaultdict(list)
         for node in graph_module.graph.nodes:
             if node.op == "get_attr":
-                tensor = resolve_attr(graph_module, node.target)
+                tensor = attributes.get(node.target)
                 if isinstance(tensor, torch.Tensor):
                     self._sites[id(tensor)].extend(node.users)
             elif node.op == "call_module":
-                module = graph_module.get_submodule(node.target)
+                module = attributes.get(node.target)
+                if not isinstance(module, nn.Module):
+                    module = graph_module.get_submodule(node.target)  # raises, naming what is missing
                 self._module_sites[id(module)].append(node)
                 for tensor in _owned_tensors(module):
                     self._sites[id(tensor)].append(node)
@@ -380,8 +389,61 @@ class TensorUses:
 
 
 def _owned_tensors(module: nn.Module) -> Iterable[torch.Tensor]:
-    yield from module.parameters()
-    yield from (buffer for buffer in module.buffers() if buffer is not None)
+    """The parameters and buffers of ``module`` and its children, each once (a module without
+    children, every layer a graph calls, is read from its own dicts: what ``parameters()`` and
+    ``buffers()`` give, without their recursion)."""
+    if module._modules:
+        yield from module.parameters()
+        yield from (buffer for buffer in module.buffers() if buffer is not None)
+        return
+    seen: set[int] = set()
+    for store in (module._parameters, module._buffers):
+        for tensor in store.values():
+            if tensor is not None and id(tensor) not in seen:
+                seen.add(id(tensor))
+                yield tensor
+
+
+class AttributeCache:
+    """The object at a dotted path under a module, as :func:`resolve_attr` finds it, remembered
+    with the registry dicts (``_modules``, ``_parameters``, ``_buffers``) each step was found in.
+
+    A remembered answer is used only while every step still holds the same object in the same dict
+    (a fold that replaces a module or a tensor, or deletes one, puts another object there or none),
+    so it is never stale; anything found otherwise (a plain attribute, a property such as a
+    parametrized weight) is looked up every time.
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        self._root = root
+        self._chains: dict[str, tuple[tuple[dict, str, Any], ...]] = {}
+
+    def get(self, target: str) -> Any:
+        chain = self._chains.get(target)
+        if chain is not None and all(store.get(name) is found for store, name, found in chain):
+            return chain[-1][2]
+        value = resolve_attr(self._root, target)
+        chain = self._registered_chain(target)
+        if chain is not None and chain[-1][2] is value:
+            self._chains[target] = chain
+        else:
+            self._chains.pop(target, None)
+        return value
+
+    def _registered_chain(self, target: str) -> tuple[tuple[dict, str, Any], ...] | None:
+        steps = []
+        value: Any = self._root
+        for name in target.split("."):
+            if not isinstance(value, nn.Module):
+                return None
+            for store in (value._modules, value._parameters, value._buffers):
+                if store.get(name) is not None:
+                    break
+            else:
+                return None
+            value = store[name]
+            steps.append((store, name, value))
+        return tuple(steps)
 
 
 # Attributes and methods that read a tensor's metadata (shape, rank, dtype, device), never its values.

@@ -20,7 +20,7 @@ from torch import fx, nn
 from bnfold.affine import Rounded
 from bnfold.core.exact import ExactValues
 from bnfold.fx.effects import Effects
-from bnfold.fx.nodes import TensorUses, resolve_attr
+from bnfold.fx.nodes import AttributeCache, TensorUses, resolve_attr
 from bnfold.fx.shapes import ShapeFacts
 
 __all__ = [
@@ -133,6 +133,7 @@ class FoldState:
         self.facts = ShapeFacts(graph_module, trusted=trusted_shapes, input_ranks=input_ranks)
         self.assumed_ranks: dict[str, int] = {}
         self._uses: TensorUses | None = None
+        self._attributes = AttributeCache(graph_module)  # kept across rebuilds of the uses index
         self._effects: Effects | None = None
         self._known_effects: dict[fx.Node, tuple] = {}
 
@@ -140,7 +141,7 @@ class FoldState:
     def uses(self) -> TensorUses:
         """Who uses which tensor (indexed when first asked after a change)."""
         if self._uses is None:
-            self._uses = TensorUses(self.graph_module)
+            self._uses = TensorUses(self.graph_module, self._attributes)
         return self._uses
 
     @property
