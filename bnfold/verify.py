@@ -43,8 +43,10 @@ from bnfold.onnx.io import has_data_on_disk, load_model, save_model
 from bnfold.progress import Progress, step
 from bnfold.subgraph_models import control_nodes
 from bnfold.verify_inputs import (
+    DEFAULT_SIZE_LADDER,
     InputCase,
     given_inputs,
+    larger_default_shapes,
     parse_input_shapes,
     random_inputs,
     read_input_file,
@@ -191,10 +193,14 @@ class Verifier:
     def _run_random_cases(self, session, shapes: Mapping[str, list[int]], seed: int) -> list[InputCase]:
         metas = session.get_inputs()
         first = InputCase(random_inputs(session, shapes, seed, boolean=True), seed)
-        with self._run_step("original", first, 1):
-            first.expected = run_session(session, first.feeds, "original")
+        grown = False
+        try:
+            with self._run_step("original", first, 1):
+                first.expected = run_session(session, first.feeds, "original")
+        except InputSpecError as error:
+            first, grown = self._first_run_at_larger_sizes(session, shapes, seed, error), True
         primary = {name: list(value.shape) for name, value in first.feeds.items()}
-        other_shapes = second_shapes(metas, primary)
+        other_shapes = second_shapes(metas, primary, grow=grown)
         second = None
         if other_shapes != primary:
             candidate = InputCase(random_inputs(session, other_shapes, seed + 1, boolean=False), seed + 1)
@@ -212,6 +218,30 @@ class Verifier:
             with self._run_step("original", second, 2):
                 second.expected = run_session(session, second.feeds, "original")
         return [first, second]
+
+    def _first_run_at_larger_sizes(
+        self, session, shapes: Mapping[str, list[int]], seed: int, error: InputSpecError
+    ) -> InputCase:
+        """The first run again, with the dynamic dimensions the user did not size at
+        :data:`DEFAULT_SIZE_LADDER`'s sizes (the first axis stays 1): a CNN with a dynamic height and
+        width cannot pool a 1x1 image. The first that the original runs is used, and said; when none
+        runs, the error of the plain run stands (naming ``--input-shape``)."""
+        for size in DEFAULT_SIZE_LADDER:
+            sized = larger_default_shapes(session.get_inputs(), shapes, size)
+            if not sized:
+                break  # no dynamic dimension left to size: the failure is not about sizes
+            case = InputCase(random_inputs(session, sized, seed, boolean=True), seed)
+            try:
+                with self._run_step("original", case, 1):
+                    case.expected = run_session(session, case.feeds, "original")
+            except InputSpecError:
+                continue
+            self.notes.append(
+                f"the original rejects dynamic dimensions at 1 ({_first_line(error)}); ran them at {size} "
+                "(the first axis at 1); pass --input-shape to choose"
+            )
+            return case
+        raise error
 
     def _structure_notes(self, original: ModelSource) -> None:
         """What no choice of inputs reaches: an If whose condition the model computes (unless the

@@ -27,6 +27,8 @@ __all__ = [
     "input_dtype",
     "random_inputs",
     "second_shapes",
+    "larger_default_shapes",
+    "DEFAULT_SIZE_LADDER",
     "given_inputs",
     "read_input_file",
     "parse_input_shapes",
@@ -124,13 +126,45 @@ def random_inputs(
     return feeds
 
 
-def second_shapes(metas: list[Any], primary: Mapping[str, list[int]]) -> dict[str, list[int]]:
+DEFAULT_SIZE_LADDER = (8, 32, 224)
+"""Sizes tried for dynamic dimensions (but the first axis) when the original rejects them at 1."""
+
+
+def larger_default_shapes(
+    metas: list[Any], given: Mapping[str, list[int]], size: int
+) -> dict[str, list[int]]:
+    """Shapes for the inputs the user did not size, with every dynamic dimension at ``size`` except
+    the first axis (a batch: 1); {} when no input has such a dimension past the first axis."""
+    shapes: dict[str, list[int]] = dict(given)
+    grown = False
+    for meta in metas:
+        if meta.name in given:
+            continue
+        dims = []
+        for axis, declared in enumerate(meta.shape):
+            if isinstance(declared, int) and declared >= 0:
+                dims.append(declared)
+            elif axis == 0:
+                dims.append(1)
+            else:
+                dims.append(size)
+                grown = True
+        shapes[meta.name] = dims
+    return shapes if grown else {}
+
+
+def second_shapes(
+    metas: list[Any], primary: Mapping[str, list[int]], *, grow: bool = False
+) -> dict[str, list[int]]:
     """Every dynamic dimension at a second size: 3 where the first run had 1, else 1 (a fold that
-    broadcasts or reshapes with a baked-in size shows at one of the two)."""
+    broadcasts or reshapes with a baked-in size shows at one of the two); with ``grow`` (the model
+    rejects small sizes), one more than the first run's instead of 1."""
     shapes = {}
     for meta in metas:
         shapes[meta.name] = [
-            size if isinstance(declared, int) and declared >= 0 else (3 if size == 1 else 1)
+            size
+            if isinstance(declared, int) and declared >= 0
+            else (3 if size == 1 else (size + 1 if grow else 1))
             for declared, size in zip(meta.shape, primary[meta.name], strict=True)
         ]
     return shapes
