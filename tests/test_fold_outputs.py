@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 from collections import Counter
@@ -170,6 +171,32 @@ def test_report_lists_the_digest_of_the_model_written_to_standard_output(tmp_pat
         run(onnx.load_from_string(written), {"x": x}), run(untouched_weight_model(), {"x": x}), strict=True
     ):
         np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_report_lists_the_digest_of_the_model_written_to_a_fifo(tmp_path):
+    # A FIFO (a pipe into another program) is written to directly, never replaced; the report's
+    # digest is of the bytes that went through it.
+    import threading
+
+    source, report_path, fifo = tmp_path / "model.onnx", tmp_path / "report.json", tmp_path / "pipe"
+    onnx.save_model(untouched_weight_model(), source)
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+
+    ran = as_process(source, "-o", fifo, "--report", report_path, "-q")
+    reader.join(timeout=60)
+
+    assert ran.code == 0, ran.output
+    (written,) = received
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # still the pipe
+    report = json.loads(report_path.read_text())
+    assert report["outputs"] == [
+        {"path": str(fifo), "bytes": len(written), "sha256": hashlib.sha256(written).hexdigest()}
+    ]
+    assert "BatchNormalization" not in [node.op_type for node in onnx.load_from_string(written).graph.node]
 
 
 def test_json_on_stdout_and_text_on_stderr_for_fold_and_verify(source, tmp_path):
