@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from onnx import GraphProto, ModelProto, TensorProto, numpy_helper
 
-from bnfold.comparison import OutputComparison, judge_runs
+from bnfold.comparison import OutputComparison, failed_outputs, judge_runs
 from bnfold.input_limits import available_memory
 from bnfold.onnx.io import read_tensor
 from bnfold.subgraph_models import (
@@ -301,7 +301,7 @@ def _check_site(
             failure = _structure_mismatch(names, expected, actual)
     if failure is not None:
         outputs, reference = (
-            [_failed(name, _flat(expected[0][index]), failure) for index, name in enumerate(names)],
+            failed_outputs(names, [_flat(expected[0][index]) for index in range(len(names))], failure),
             None,
         )
     else:
@@ -379,26 +379,6 @@ def _structure_mismatch(names: list[str], expected: list[list[Any]], actual: lis
                         f"its output {name!r} holds tensors of other shapes or types in the folded subgraph"
                     )
     return None
-
-
-def _failed(name: str, expected: Any, note: str) -> OutputComparison:
-    value = np.asarray(expected)
-    inf = float("inf")
-    return OutputComparison(
-        name,
-        value.dtype.name,
-        list(value.shape),
-        False,
-        inf,
-        inf,
-        inf,
-        0.0,
-        0.0,
-        inf,
-        int(value.size),
-        note,
-        within_tolerance=False,
-    )
 
 
 def _initializer_value(tensor: TensorProto) -> np.ndarray:
