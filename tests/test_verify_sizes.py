@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 import bnfold
 from bnfold.errors import InputSpecError
-from tests.builders import make_model, tensor
+from tests.builders import bn_node, bn_params, make_model, tensor
 from tests.test_cli import in_process
 
 
@@ -20,15 +20,12 @@ def dynamic_image_cnn(pool: int = 2) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     nodes = [
         helper.make_node("Conv", ["x", "W"], ["c"]),
-        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["n"]),
+        bn_node("c", "n"),
         helper.make_node("MaxPool", ["n"], ["y"], kernel_shape=[pool, pool], strides=[pool, pool]),
     ]
     initializers = [
         tensor("W", rng.standard_normal((4, 3, 3, 3)), np.float32),
-        tensor("gamma", rng.uniform(0.5, 1.5, 4), np.float32),
-        tensor("beta", rng.standard_normal(4), np.float32),
-        tensor("mean", rng.standard_normal(4), np.float32),
-        tensor("var", rng.uniform(0.5, 2.0, 4), np.float32),
+        *bn_params(rng, 4),
     ]
     return make_model(
         nodes,

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from bnfold.onnx.graph import GraphIndex, ModelContext
-from tests.builders import make_model, run, tensor
+from tests.builders import bn_node, bn_params, make_model, run, tensor
 
 
 def _check(node: onnx.NodeProto, initializers: list[onnx.TensorProto], opset: int = 17) -> None:
@@ -155,14 +155,11 @@ def test_the_dynamo_exporters_zero_bias_is_a_constant_and_the_bn_folds():
         helper.make_node("CastLike", ["zero", "x"], ["typed_zero"]),
         helper.make_node("Expand", ["typed_zero", "bias_shape"], ["bias"]),
         helper.make_node("Conv", ["x", "W", "bias"], ["c"]),
-        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"]),
+        bn_node("c", "y"),
     ]
     initializers = [
         tensor("W", rng.standard_normal((4, 3, 3, 3)), np.float32),
-        tensor("gamma", rng.uniform(0.5, 1.5, 4), np.float32),
-        tensor("beta", rng.standard_normal(4), np.float32),
-        tensor("mean", rng.standard_normal(4), np.float32),
-        tensor("var", rng.uniform(0.5, 2.0, 4), np.float32),
+        *bn_params(rng, 4),
     ]
     model = make_model(
         nodes,
