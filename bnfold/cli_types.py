@@ -3,6 +3,8 @@ write for them, and the one-line error (exit 2) for what they may not."""
 
 from __future__ import annotations
 
+import math
+
 import click
 
 __all__ = ["ByteSize"]
@@ -23,6 +25,8 @@ class ByteSize(click.ParamType):
         try:
             size = float(number) * self._UNITS[unit]
         except ValueError:
+            size = math.nan
+        if not math.isfinite(size):  # also inf, nan, 1e400
             self.fail(f"{value!r} is not a size (a number of bytes, or with K, M or G: 64M)", param, ctx)
         if size < 0:
             self.fail(f"{value!r} is negative", param, ctx)

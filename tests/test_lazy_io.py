@@ -589,5 +589,9 @@ def test_the_cli_memory_budget_decides_what_is_spilled(tmp_path):
         kept = json.loads(report.read_text())["new_weights"]
         assert kept["spilled_bytes"] == spilled * weight_bytes
         assert kept["in_memory_bytes"] == (2 - spilled) * weight_bytes
-    ran = in_process(source, "-o", tmp_path / "bad.onnx", "--memory-budget", "lots")
-    assert ran.code == 2 and "is not a size" in ran.output
+    for bad in ("lots", "inf", "nan", "1e400G", "-1M"):
+        ran = in_process(source, "-o", tmp_path / "bad.onnx", "--memory-budget", bad)
+        errors = [line for line in ran.output.splitlines() if line.startswith("Error:")]
+        assert ran.code == 2 and len(errors) == 1 and "Traceback" not in ran.output, ran.output
+        assert "is not a size" in ran.output or "is negative" in ran.output, ran.output
+        assert not (tmp_path / "bad.onnx").exists()
